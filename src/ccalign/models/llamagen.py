@@ -1,0 +1,427 @@
+"""LlamaGen class-conditional GPT, numerically the released model, readable top to bottom.
+
+State-dict keys and shapes are those of the released c2i checkpoints, so official weights load
+strictly. Layout of the sequence: position 0 holds the class embedding, position t >= 1 holds
+image token t-1; the output at position t predicts image token t.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class LlamaGenConfig:
+    """Hyper-parameters of one LlamaGen GPT (defaults: the released c2i models' shared values)."""
+
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    grid: int = 16  # image tokens per side: N = grid ** 2
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    multiple_of: int = 256
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    attn_dropout: float = 0.0
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def null_class(self) -> int:
+        """Index of the learned unconditional class (class dropout and CFG's second branch)."""
+        return self.num_classes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+PRESETS: dict[str, dict] = {
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
+    "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),
+}
+
+
+def build(
+    name: str = "custom",
+    *,
+    grid: int,
+    num_classes: int = 1000,
+    vocab_size: int = 16384,
+    **overrides,
+) -> LlamaGen:
+    """Build a LlamaGen GPT by preset name ("GPT-B" .. "GPT-3B") or "custom" (give dim, ...).
+
+    ``grid`` is image_size / 16 for the released VQ-16 models: 16 at 256 px, 24 at 384 px.
+    """
+    if name != "custom" and name not in PRESETS:
+        raise ValueError(f"unknown LlamaGen model {name!r}; choose one of {sorted(PRESETS)} or 'custom'")
+    sizes = dict(PRESETS.get(name, {}))
+    sizes.update(overrides)
+    missing = {"dim", "n_layer", "n_head"} - sizes.keys()
+    if missing:
+        raise ValueError(f"a custom LlamaGen model needs {sorted(missing)}")
+    config = LlamaGenConfig(grid=grid, num_classes=num_classes, vocab_size=vocab_size, **sizes)
+    return LlamaGen(config)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) computed in float32, cast back, times a learned weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_2d_table(grid: int, head_dim: int, base: float, cls_positions: int = 1) -> Tensor:
+    """(cls_positions + grid^2, head_dim/2, 2) table of (cos, sin); class positions are all zero.
+
+    Cell (r, c) gets the angles [r * freqs, c * freqs] with freqs = base^(-k/half), k = 0, 2, ...
+    """
+    half = head_dim // 2
+    freqs = base ** (-torch.arange(0, half, 2, dtype=torch.float32)[: half // 2] / half)
+    steps = torch.arange(grid, dtype=torch.float32)
+    angles_1d = torch.outer(steps, freqs)  # (grid, half/2)
+    rows = angles_1d[:, None, :].expand(grid, grid, -1)
+    cols = angles_1d[None, :, :].expand(grid, grid, -1)
+    angles = torch.cat([rows, cols], dim=-1).reshape(grid * grid, half)
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.cat([torch.zeros(cls_positions, half, 2), table], dim=0)
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2m], x[2m+1]) of x (B, S, H, hd) by the table rows (S, hd/2, 2)."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos = table[None, :, None, :, 0]
+    sin = table[None, :, None, :, 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values (B, H, S, hd), written at given positions; never saved."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        batch = k.shape[0]
+        self.k[:batch].index_copy_(2, positions, k.to(self.k.dtype))
+        self.v[:batch].index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k[:batch], self.v[:batch]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.attn_dropout = cfg.attn_dropout
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: Tensor, rope: Tensor, positions: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        b, s, d = x.shape
+        q, k, v = self.wqkv(x).split(d, dim=-1)
+        q = apply_rope(q.view(b, s, self.n_head, self.head_dim), rope)
+        k = apply_rope(k.view(b, s, self.n_head, self.head_dim), rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(b, s, self.n_head, self.head_dim)))
+        if self.kv_cache is not None and positions is not None:
+            k, v = self.kv_cache.update(positions, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        dropout = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout
+        )
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, d)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.ffn_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaGenConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: Tensor, rope: Tensor, positions=None, mask=None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, positions, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class ClassEmbedding(nn.Module):
+    """num_classes + 1 rows: the last row is the learned null class."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.embedding_table(labels)
+
+
+class LlamaGen(nn.Module):
+    """Class-conditional next-token image model; ``forward`` returns sequence log-likelihoods."""
+
+    def __init__(self, config: LlamaGenConfig):
+        super().__init__()
+        self.config = config
+        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        rope = rope_2d_table(config.grid, config.head_dim, config.rope_base)
+        self.register_buffer("rope", rope, persistent=False)
+        self.reset_parameters()
+
+    # ---- properties used by every consumer (trainer, sampler, data validation) ----
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def null_class(self) -> int:
+        return self.config.null_class
+
+    def reset_parameters(self) -> None:
+        """LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        nn.init.zeros_(self.output.weight)
+
+    # ---- teacher-forced path ----
+    def _embed(self, labels: Tensor, tokens: Tensor) -> Tensor:
+        """[class embedding; embeddings of tokens[:, :-1]] -> (B, N, D)."""
+        cls = self.cls_embedding(labels)[:, None, :]
+        h = torch.cat([cls, self.tok_embeddings(tokens[:, :-1])], dim=1)
+        return self.tok_dropout(h)
+
+    def hidden_states(self, labels: Tensor, tokens: Tensor) -> Tensor:
+        """Final normalised hidden states (B, N, D); position t is the state that predicts token t."""
+        self._check_inputs(labels, tokens)
+        h = self._embed(labels, tokens)
+        rope = self.rope[: h.shape[1]]
+        for layer in self.layers:
+            h = layer(h, rope)
+        return self.norm(h)
+
+    def logits(self, labels: Tensor, tokens: Tensor) -> Tensor:
+        """Teacher-forced float32 logits (B, N, V); position t predicts ``tokens[:, t]``."""
+        return self.output(self.hidden_states(labels, tokens)).float()
+
+    def forward(self, labels: Tensor, tokens: Tensor, chunk_rows: int = 4096) -> Tensor:
+        """Sequence log-likelihood (B,) = sum_t log p(tokens[:, t] | tokens[:, :t], label).
+
+        The vocabulary projection runs in chunks of ``chunk_rows`` token positions and is
+        recomputed in the backward pass, so peak memory holds one chunk of logits, not B x N x V.
+        """
+        return self.token_logprobs(labels, tokens, chunk_rows).sum(dim=1)
+
+    sequence_logprob = forward
+
+    def token_logprobs(self, labels: Tensor, tokens: Tensor, chunk_rows: int = 4096) -> Tensor:
+        """Per-token log-probabilities (B, N) of the given tokens, computed chunk by chunk."""
+        hidden = self.hidden_states(labels, tokens)
+        b, n, d = hidden.shape
+        flat_h, flat_t = hidden.reshape(b * n, d), tokens.reshape(b * n)
+        pieces = []
+        for start in range(0, b * n, chunk_rows):
+            h_chunk = flat_h[start : start + chunk_rows]
+            t_chunk = flat_t[start : start + chunk_rows]
+            if torch.is_grad_enabled() and h_chunk.requires_grad:
+                pieces.append(
+                    checkpoint(
+                        _chunk_logprob, h_chunk, t_chunk, self.output.weight, use_reentrant=False
+                    )
+                )
+            else:
+                pieces.append(_chunk_logprob(h_chunk, t_chunk, self.output.weight))
+        return torch.cat(pieces).view(b, n)
+
+    def _check_inputs(self, labels: Tensor, tokens: Tensor) -> None:
+        if tokens.dim() != 2 or labels.dim() != 1 or labels.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"expected labels (B,) and tokens (B, N); got {tuple(labels.shape)} and "
+                f"{tuple(tokens.shape)}"
+            )
+        if tokens.shape[1] > self.seq_len:
+            raise ValueError(
+                f"{tokens.shape[1]} tokens per image but the model's grid holds {self.seq_len} "
+                f"({self.config.grid}x{self.config.grid}); build the model with the matching grid"
+            )
+
+    # ---- cached generation path (used by ccalign.sample) ----
+    def setup_kv_cache(
+        self, batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> None:
+        """Allocate a static KV cache for ``batch`` rows and the full sequence (class + N)."""
+        ref = self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                batch,
+                self.config.n_head,
+                self.seq_len + 1,
+                self.config.head_dim,
+                dtype or ref.dtype,
+                device or ref.device,
+            )
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def forward_cached(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Run embeddings ``x`` (B, S, D) at sequence ``positions`` (S,) through the cache.
+
+        Returns float32 logits (B, S, V). Each position attends to all cached positions <= itself.
+        """
+        max_len = self.layers[0].attention.kv_cache.k.shape[2]
+        keys = torch.arange(max_len, device=x.device)
+        mask = keys[None, :] <= positions[:, None]  # (S, max_len)
+        rope = self.rope[positions]
+        h = x
+        for layer in self.layers:
+            h = layer(h, rope, positions, mask[None, None])
+        return self.output(self.norm(h)).float()
+
+    def prefill(self, labels: Tensor) -> Tensor:
+        """Feed the class token at position 0; returns logits (B, V) for image token 0."""
+        x = self.cls_embedding(labels)[:, None, :]
+        positions = torch.zeros(1, dtype=torch.long, device=labels.device)
+        return self.forward_cached(x, positions)[:, -1]
+
+    def decode(self, tokens: Tensor, position: Tensor) -> Tensor:
+        """Feed image tokens (B,) at sequence ``position`` (a (1,) tensor); logits (B, V) for the next."""
+        x = self.tok_embeddings(tokens)[:, None, :]
+        return self.forward_cached(x, position)[:, -1]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _chunk_logprob(h: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+    logits = F.linear(h, weight).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+
+# ---- files ----
+CONFIG_METADATA_KEY = "ccalign.llamagen.config"
+IGNORED_KEYS = ("freqs_cis",)
+
+
+def save(model: LlamaGen, path, *, official: bool = False) -> None:
+    """Write weights atomically: safetensors with the config as metadata, or the official layout.
+
+    ``official=True`` writes a torch file ``{"model": state_dict}`` as LlamaGen's trainer does.
+    """
+    from ccalign.io import atomic_save_safetensors, atomic_torch_save
+
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if official:
+        atomic_torch_save({"model": sd}, path)
+    else:
+        meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
+        atomic_save_safetensors(sd, path, metadata=meta)
+
+
+def config_from_file(path) -> LlamaGenConfig | None:
+    """The config a ccalign safetensors file carries, or None for other files."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if CONFIG_METADATA_KEY in meta:
+            return LlamaGenConfig(**json.loads(meta[CONFIG_METADATA_KEY]))
+    return None
+
+
+def load(path, name: str | None = None, *, grid: int | None = None, **overrides) -> LlamaGen:
+    """Build the model a checkpoint file describes and load it strictly.
+
+    ccalign safetensors files carry their config. Official files (dict with "model"/"ema", raw
+    state_dict, FSDP folder with consolidated.pth) need the preset ``name`` and the ``grid``
+    (16 for 256 px, 24 for 384 px) that the file was trained with.
+    """
+    from ccalign.models.checkpoint import load_weights
+
+    config = config_from_file(path)
+    if config is not None:
+        fields = {**config.to_dict(), **overrides}
+        if grid is not None:
+            fields["grid"] = grid
+        model = LlamaGen(LlamaGenConfig(**fields))
+    else:
+        if name is None or grid is None:
+            raise ValueError(
+                f"{path} does not record its architecture: pass the preset name (e.g. 'GPT-L') "
+                "and the grid (16 for 256 px, 24 for 384 px)"
+            )
+        model = build(name, grid=grid, **overrides)
+    return load_weights(model, path, ignore=IGNORED_KEYS)
