@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for name in _command_modules():
         module = importlib.import_module(f"ccalign.commands.{name}")
-        sub = subparsers.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP)
+        sub = subparsers.add_parser(
+            name.replace("_", "-"), help=module.HELP, description=module.HELP
+        )
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
     return parser

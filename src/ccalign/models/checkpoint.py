@@ -20,8 +20,10 @@ class CheckpointMismatchError(ValueError):
 
 
 def _is_state_dict(obj: object) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(v, torch.Tensor) for v in obj.values()
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
     )
 
 
@@ -41,8 +43,8 @@ def extract_state_dict(obj: object, prefer: Iterable[str] = WEIGHT_KEYS) -> dict
                 break
         else:
             raise CheckpointMismatchError(
-                "no model weights found in the checkpoint: expected a state_dict or a dict with one "
-                f"of {list(prefer)}; top-level keys are {sorted(map(str, obj))[:20]}"
+                "no model weights found in the checkpoint: expected a state_dict or a dict "
+                f"with one of {list(prefer)}; top-level keys are {sorted(map(str, obj))[:20]}"
             )
     else:
         raise CheckpointMismatchError(f"checkpoint holds a {type(obj).__name__}, not weights")
@@ -75,7 +77,11 @@ def check_state_dict(
     )
     if missing or unexpected or wrong:
         parts = [f"checkpoint does not fit {type(model).__name__}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
             if items:
                 shown = "\n    ".join(items[:30])
                 more = f"\n    ... and {len(items) - 30} more" if len(items) > 30 else ""

@@ -82,7 +82,9 @@ def build(
     ``grid`` is image_size / 16 for the released VQ-16 models: 16 at 256 px, 24 at 384 px.
     """
     if name != "custom" and name not in PRESETS:
-        raise ValueError(f"unknown LlamaGen model {name!r}; choose one of {sorted(PRESETS)} or 'custom'")
+        raise ValueError(
+            f"unknown LlamaGen model {name!r}; choose one of {sorted(PRESETS)} or 'custom'"
+        )
     sizes = dict(PRESETS.get(name, {}))
     sizes.update(overrides)
     missing = {"dim", "n_layer", "n_head"} - sizes.keys()
@@ -123,7 +125,7 @@ def rope_2d_table(grid: int, head_dim: int, base: float, cls_positions: int = 1)
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2m], x[2m+1]) of x (B, S, H, hd) by the table rows (S, hd/2, 2)."""
+    """Rotate pairs (x[2m], x[2m+1]) of x (B, S, H, hd) by the table rows (S, hd/2, 2)."""
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
     cos = table[None, :, None, :, 0]
     sin = table[None, :, None, :, 1]
@@ -262,7 +264,7 @@ class LlamaGen(nn.Module):
         return self.tok_dropout(h)
 
     def hidden_states(self, labels: Tensor, tokens: Tensor) -> Tensor:
-        """Final normalised hidden states (B, N, D); position t is the state that predicts token t."""
+        """Final normalised hidden states (B, N, D); position t predicts token t."""
         self._check_inputs(labels, tokens)
         h = self._embed(labels, tokens)
         rope = self.rope[: h.shape[1]]
@@ -356,7 +358,7 @@ class LlamaGen(nn.Module):
         return self.forward_cached(x, positions)[:, -1]
 
     def decode(self, tokens: Tensor, position: Tensor) -> Tensor:
-        """Feed image tokens (B,) at sequence ``position`` (a (1,) tensor); logits (B, V) for the next."""
+        """Feed tokens (B,) at sequence ``position`` (a (1,) tensor); logits (B, V) of the next."""
         x = self.tok_embeddings(tokens)[:, None, :]
         return self.forward_cached(x, position)[:, -1]
 
@@ -367,7 +369,6 @@ class LlamaGen(nn.Module):
 def _chunk_logprob(h: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
     logits = F.linear(h, weight).float()
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
 
 
 # ---- files ----

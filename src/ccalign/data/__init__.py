@@ -1,0 +1,1 @@
+"""Data sets: pre-extracted code files, Fashion-MNIST, image folders."""

@@ -1,0 +1,25 @@
+"""The interface every image <-> token codec implements (LlamaGen VQ-16/VQ-8, the small VQ)."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class ImageTokenizer(Protocol):
+    """Images in [-1, 1], shape (B, C, H, W) <-> codes (B, N) in raster order, N = grid ** 2."""
+
+    vocab_size: int  # number of codes
+    grid: int  # codes per side
+    image_size: int  # pixels per side of the images encode() expects and decode() returns
+    channels: int  # 3 for RGB, 1 for grey
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> int64 codes (B, grid * grid)."""
+        ...
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes (B, grid * grid) -> images (B, C, H, W), roughly in [-1, 1] (clamp to convert)."""
+        ...
