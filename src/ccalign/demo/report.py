@@ -1,0 +1,111 @@
+"""What the demo leaves behind: per-class grids, metrics.json, report.md and trade-off plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ccalign.io import atomic_write
+
+METRIC_COLUMNS = (
+    ("fid", "FID ↓", "{:.2f}"),
+    ("accuracy", "acc ↑", "{:.3f}"),
+    ("precision", "prec ↑", "{:.3f}"),
+    ("recall", "recall ↑", "{:.3f}"),
+    ("inception_score", "IS ↑", "{:.2f}"),
+    ("images_per_s", "images/s", "{:.0f}"),
+)
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, per_row: int, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images (N, H, W[, C]) into one row per class (sorted), ``per_row`` columns."""
+    if images.ndim == 3:
+        images = images[..., None]
+    h, w, c = images.shape[1:]
+    classes = np.unique(labels)
+    grid = np.full(
+        (len(classes) * (h + pad) + pad, per_row * (w + pad) + pad, c), 255, dtype=np.uint8
+    )
+    for r, cls in enumerate(classes):
+        for col, idx in enumerate(np.flatnonzero(labels == cls)[:per_row]):
+            y, x = pad + r * (h + pad), pad + col * (w + pad)
+            grid[y : y + h, x : x + w] = images[idx]
+    return grid[..., 0] if c == 1 else grid
+
+
+def save_png(array: np.ndarray, path: Path, scale: int = 1) -> Path:
+    """Write a uint8 image atomically, optionally enlarged with nearest-neighbour pixels."""
+    image = Image.fromarray(array)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_metrics(runs: Sequence[dict], path: Path, meta: dict) -> Path:
+    """``metrics.json``: {"meta": {...}, "runs": [one record per setting]}."""
+    text = json.dumps({"meta": meta, "runs": list(runs)}, indent=2)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def metrics_table(runs: Sequence[dict]) -> str:
+    """A Markdown table: one row per setting, the metrics in METRIC_COLUMNS."""
+    head = "| setting | model | guidance |" + "".join(f" {t} |" for _, t, _ in METRIC_COLUMNS)
+    rule = "|---|---|---|" + "---|" * len(METRIC_COLUMNS)
+    rows = [head, rule]
+    for run in runs:
+        guidance = "none" if run["cfg_scale"] == 1.0 else f"CFG {run['cfg_scale']:g}"
+        cells = "".join(
+            f" {fmt.format(run[key])} |" if run.get(key) is not None else " - |"
+            for key, _, fmt in METRIC_COLUMNS
+        )
+        rows.append(f"| {run['name']} | {run['model']} | {guidance} |{cells}")
+    return "\n".join(rows)
+
+
+def plot_tradeoff(runs: Sequence[dict], path: Path) -> Path:
+    """FID against IS and against accuracy, one curve per family (CFG sweep, CCA lambda sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    families: dict[str, list[dict]] = {}
+    for run in runs:
+        families.setdefault(run.get("family", run["name"]), []).append(run)
+    for ax, key, label in (
+        (axes[0], "inception_score", "IS analogue (classifier) ↑"),
+        (axes[1], "accuracy", "conditional accuracy ↑"),
+    ):
+        for family, members in families.items():
+            members = sorted(members, key=lambda r: r.get("sweep_value", 0.0))
+            xs = [m[key] for m in members]
+            ys = [m["fid"] for m in members]
+            marker = "o-" if len(members) > 1 else "s"
+            ax.plot(xs, ys, marker, label=family)
+            for m, x, y in zip(members, xs, ys, strict=True):
+                if "sweep_label" in m:
+                    ax.annotate(
+                        m["sweep_label"],
+                        (x, y),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
+        ax.set_xlabel(label)
+        ax.set_ylabel("FID (classifier features) ↓")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fidelity-diversity trade-off: CFG scale vs CCA")
+    fig.tight_layout()
+
+    def save(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=110)
+
+    atomic_write(path, save)
+    plt.close(fig)
+    return path
