@@ -163,19 +163,51 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, rope: Tensor, positions: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
+        if self.kv_cache is not None and positions is not None:
+            return self._forward_cached(x, rope, positions, mask)
         b, s, d = x.shape
         q, k, v = self.wqkv(x).split(d, dim=-1)
         q = apply_rope(q.view(b, s, self.n_head, self.head_dim), rope)
         k = apply_rope(k.view(b, s, self.n_head, self.head_dim), rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(b, s, self.n_head, self.head_dim)))
-        if self.kv_cache is not None and positions is not None:
-            k, v = self.kv_cache.update(positions, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)
         dropout = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout
         )
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, d)))
+
+    def _forward_cached(self, x: Tensor, rope: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """Generation step through the KV cache with few kernels (the per-step cost at small batch).
+
+        ``rope`` is (2, S, hd): cos and signed sin spread over the interleaved pairs, so rotating
+        q and k together is x * cos + swap_pairs(x) * sin (what ``apply_rope`` computes).
+        """
+        b, s, d = x.shape
+        qkv = self.wqkv(x).view(b, s, 3, self.n_head, self.head_dim)
+        qk = qkv[:, :, :2].float()
+        swapped = qk.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        cos, sin = rope[:, :, None, None, :]
+        q, k = (qk * cos + swapped * sin).to(x.dtype).transpose(1, 3).unbind(2)
+        k, v = self.kv_cache.update(positions, k, qkv[:, :, 2].transpose(1, 2))
+        k, v, mask = k.to(q.dtype), v.to(q.dtype), mask.to(q.dtype)
+        if q.is_cuda:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = _few_query_attention(q, k, v, mask)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, d)))
+
+
+def _few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v as three batched products: on CPU much cheaper than
+    SDPA's kernel for the one or few queries of a decoding step."""
+    b, h, s, hd = q.shape
+    keys = k.shape[2]
+    scores = torch.baddbmm(
+        mask.reshape(-1, s, keys), q.reshape(b * h, s, hd), k.reshape(b * h, keys, hd).mT,
+        alpha=hd**-0.5,
+    )
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.bmm(weights, v.reshape(b * h, keys, hd)).view(b, h, s, hd)
 
 
 class FeedForward(nn.Module):
@@ -216,6 +248,10 @@ class ClassEmbedding(nn.Module):
 
 class LlamaGen(nn.Module):
     """Class-conditional next-token image model; ``forward`` returns sequence log-likelihoods."""
+
+    # set by setup_kv_cache: additive causal mask over the cache, rotary tables for generation
+    kv_mask: Tensor | None = None
+    kv_rope: Tensor | None = None
 
     def __init__(self, config: LlamaGenConfig):
         super().__init__()
@@ -321,34 +357,41 @@ class LlamaGen(nn.Module):
     def setup_kv_cache(
         self, batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None
     ) -> None:
-        """Allocate a static KV cache for ``batch`` rows and the full sequence (class + N)."""
+        """Allocate a static KV cache for ``batch`` rows and the full sequence (class + N).
+
+        Any ``batch' <= batch`` rows can then be decoded; the cache tensors never move, so a CUDA
+        graph captured over them stays valid until the next ``setup_kv_cache``. On GPU the length
+        is padded to a multiple of 16 (masked keys) so attention kernels get aligned rows.
+        """
         ref = self.output.weight
+        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
+        multiple = 16 if device.type == "cuda" else 1
+        max_len = -(-(self.seq_len + 1) // multiple) * multiple
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
-                batch,
-                self.config.n_head,
-                self.seq_len + 1,
-                self.config.head_dim,
-                dtype or ref.dtype,
-                device or ref.device,
+                batch, self.config.n_head, max_len, self.config.head_dim, dtype, device
             )
+        self.kv_mask = causal_mask_table(max_len, ref.dtype, device)
+        self.kv_rope = interleaved_rope(self.rope).to(device)
 
     def clear_kv_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
+        self.kv_mask = self.kv_rope = None
 
     def forward_cached(self, x: Tensor, positions: Tensor) -> Tensor:
         """Run embeddings ``x`` (B, S, D) at sequence ``positions`` (S,) through the cache.
 
         Returns float32 logits (B, S, V). Each position attends to all cached positions <= itself.
+        Shapes do not depend on the position, so the step can be captured in a CUDA graph.
         """
-        max_len = self.layers[0].attention.kv_cache.k.shape[2]
-        keys = torch.arange(max_len, device=x.device)
-        mask = keys[None, :] <= positions[:, None]  # (S, max_len)
-        rope = self.rope[positions]
+        if self.kv_mask is None:
+            raise RuntimeError("call setup_kv_cache(batch) before prefill/decode")
+        mask = self.kv_mask[positions][None, None]  # (1, 1, S, max_len) additive
+        rope = self.kv_rope[:, positions]  # (2, S, head_dim)
         h = x
         for layer in self.layers:
-            h = layer(h, rope, positions, mask[None, None])
+            h = layer(h, rope, positions, mask)
         return self.output(self.norm(h)).float()
 
     def prefill(self, labels: Tensor) -> Tensor:
@@ -364,6 +407,24 @@ class LlamaGen(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def interleaved_rope(table: Tensor) -> Tensor:
+    """(S, hd/2, 2) (cos, sin) table -> float32 (2, S, hd): [cos, cos] and [-sin, sin] per pair."""
+    cos, sin = table.float().unbind(-1)
+    return torch.stack([cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)])
+
+
+def causal_mask_table(max_len: int, dtype: torch.dtype, device=None) -> Tensor:
+    """(max_len, max_len) additive mask, row i: 0 for keys <= i, -inf after.
+
+    Additive rather than boolean: it is added straight into the scores, and SDPA's fast kernels
+    take it as is (boolean masks send SDPA on CPU to a much slower kernel).
+    """
+    keys = torch.arange(max_len, device=device)
+    visible = keys[None, :] <= keys[:, None]
+    zeros = torch.zeros(max_len, max_len, dtype=dtype, device=device)
+    return zeros.masked_fill(~visible, float("-inf"))
 
 
 def _chunk_logprob(h: Tensor, targets: Tensor, weight: Tensor) -> Tensor:

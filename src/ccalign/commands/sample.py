@@ -1,0 +1,156 @@
+"""`ccalign sample`: draw images from a LlamaGen checkpoint into tokens, PNGs and an ADM .npz.
+
+Runs on one process or under ``torchrun --nproc-per-node G``; a killed run resumes from the
+shards already written when started again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HELP = "sample images from a checkpoint (tokens, PNGs, ADM .npz); resumable, multi-GPU via torchrun"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="model weights (ccalign .safetensors or official .pt)")
+    parser.add_argument("--out", required=True, help="output folder (resumes if it holds a run)")
+    parser.add_argument("--model", help="preset of an official checkpoint, e.g. GPT-L")
+    parser.add_argument(
+        "--grid", type=int, help="tokens per side of an official checkpoint (24 at 384 px)"
+    )
+    what = parser.add_argument_group("what to sample")
+    what.add_argument("--classes", help="class indices, e.g. '1,5,207' or '0-9'")
+    what.add_argument("--per-class", type=int, help="images per class (of --classes, default all)")
+    what.add_argument("--num-samples", type=int, help="total images, cycling through the classes")
+    how = parser.add_argument_group("sampling")
+    how.add_argument("--batch-size", type=int, default=64, help="images per batch (= per shard)")
+    how.add_argument("--seed", type=int, default=0)
+    how.add_argument("--cfg-scale", type=float, default=1.0, help="1.0 = guidance-free")
+    how.add_argument("--cfg-interval", type=int, default=-1, help="guide tokens <= this + 1 only")
+    how.add_argument("--temperature", type=float, default=1.0)
+    how.add_argument("--top-k", type=int, default=0, help="0 = off")
+    how.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    images = parser.add_argument_group("images")
+    images.add_argument("--tokenizer", help="tokenizer file: decode to PNGs and samples.npz")
+    images.add_argument("--resize", type=int, help="resize decoded images (bicubic), e.g. 256")
+    images.add_argument("--no-png", action="store_true", help="write samples.npz but no PNGs")
+    run = parser.add_argument_group("hardware")
+    run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    run.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parse_classes(text: str) -> list[int]:
+    """'1,5,7-9' -> [1, 5, 7, 8, 9]."""
+    classes: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if "-" in part[1:]:
+                low, high = part.split("-", 1)
+                classes.extend(range(int(low), int(high) + 1))
+            else:
+                classes.append(int(part))
+    except ValueError:
+        raise ValueError(f"--classes {text!r}: expected indices like '1,5,207' or '0-9'") from None
+    return classes
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ccalign.models import llamagen
+    from ccalign.sample.engine import Sampler
+    from ccalign.sample.runner import RunConfig, plan_labels, run_sampling
+
+    with _distributed(args.device) as (rank, world_size, device, barrier):
+        model = llamagen.load(args.checkpoint, args.model, grid=args.grid)
+        classes = parse_classes(args.classes) if args.classes else None
+        labels = plan_labels(
+            model.num_classes,
+            classes=classes,
+            per_class=args.per_class,
+            num_samples=args.num_samples,
+        )
+        tokenizer = _load_tokenizer(args.tokenizer, device) if args.tokenizer else None
+        sampling = dict(
+            cfg_scale=args.cfg_scale,
+            cfg_interval=args.cfg_interval,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        )
+        config = RunConfig(
+            labels=labels,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            sampling=sampling,
+            resize=args.resize,
+            decode=tokenizer is not None,
+            source=os.path.abspath(args.checkpoint),
+        )
+        use_graph = False if args.no_cuda_graph or device.type != "cuda" else None
+        sampler = Sampler(
+            model, device=device, cuda_graph=use_graph, compile=args.compile, inplace=True
+        )
+        with torch.no_grad():
+            outputs = run_sampling(
+                sampler,
+                config,
+                args.out,
+                tokenizer=tokenizer,
+                write_png=not args.no_png,
+                rank=rank,
+                world_size=world_size,
+                barrier=barrier,
+                progress=not args.quiet,
+            )
+    if outputs is not None:
+        print(f"{len(labels)} images ({outputs.shards_sampled} batches sampled now)")
+        for name in ("tokens", "samples", "images"):
+            path = getattr(outputs, name)
+            if path is not None:
+                print(f"{name}: {path}")
+    return 0
+
+
+def _load_tokenizer(path: str, device):
+    """The tokenizer behind ``--tokenizer``, loaded only when asked for."""
+    import torch
+
+    from ccalign import tokenizers
+
+    tokenizer = tokenizers.load(path)
+    if isinstance(tokenizer, torch.nn.Module):
+        tokenizer.to(device).eval()
+    return tokenizer
+
+
+@contextmanager
+def _distributed(device_arg: str | None) -> Iterator[tuple]:
+    """(rank, world size, device, barrier): torchrun's when launched by it, else one process."""
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_arg == "cuda" or (device_arg is None and torch.cuda.is_available())
+    if device_arg not in (None, "cuda", "cpu") and not device_arg.startswith("cuda:"):
+        raise ValueError(f"--device {device_arg!r}: use cuda, cuda:N or cpu")
+    if want_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+    if world_size == 1:
+        device = torch.device(device_arg or ("cuda" if want_cuda else "cpu"))
+        yield 0, 1, device, lambda: None
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if want_cuda else "gloo")
+    try:
+        yield dist.get_rank(), world_size, device, dist.barrier
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,288 @@
+"""The sampling engine: static KV cache, class-token prefill, one token per step.
+
+On CPU the decode step runs eagerly. On CUDA the weights are bf16 and each decode step (one per
+row count) is captured once in a CUDA graph, optionally after ``torch.compile`` fuses it; the
+capture (and compile) time is recorded in ``Sampler.setup_seconds``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ccalign.models.llamagen import LlamaGen
+from ccalign.sample.filtering import check_sampling_args, filter_logits, sample_categorical
+from ccalign.sample.guidance import (
+    GuidanceScale,
+    guidance_scales,
+    last_guided_token,
+    mix_guidance,
+)
+
+
+class _DecodeStep:
+    """Feeds ``rows`` tokens at one position; eager, or replaying a captured CUDA graph.
+
+    Inputs live in static tensors (``tokens``, ``position``) so the graph can read them.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[Tensor, Tensor], Tensor],
+        rows: int,
+        scratch_position: int,
+        device: torch.device,
+        use_graph: bool,
+    ):
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        # the warm-up and capture write the cache at a position sampling never reads
+        self.position = torch.full((1,), scratch_position, dtype=torch.long, device=device)
+        self._forward = forward
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: Tensor | None = None
+        if use_graph:
+            self._capture(device)
+
+    def warm_up(self) -> None:
+        """One call at the scratch position (triggers a pending torch.compile)."""
+        self._forward(self.tokens, self.position)
+
+    def _capture(self, device: torch.device) -> None:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: compiles, picks kernels, allocates workspaces
+                self.warm_up()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self._forward(self.tokens, self.position)
+
+    def __call__(self, tokens: Tensor, position: int) -> Tensor:
+        """Logits (rows, V) for the tokens after ``tokens``, which sit at ``position``.
+
+        With a graph the result is a static buffer, overwritten by the next call.
+        """
+        batch = tokens.shape[0]
+        self.tokens[:batch].copy_(tokens)
+        if self.tokens.shape[0] > batch:  # the unconditional half sees the same tokens
+            self.tokens[batch:].copy_(tokens)
+        self.position.fill_(position)
+        if self._graph is None:
+            return self._forward(self.tokens, self.position)
+        self._graph.replay()
+        return self._logits
+
+
+class Sampler:
+    """Draws token grids from a LlamaGen model; reuse one Sampler for many batches.
+
+    ``device`` defaults to the model's; ``dtype`` to bf16 on CUDA and the model's dtype elsewhere.
+    When the model is not already on that device in that dtype, the Sampler keeps a converted
+    copy (``inplace=True`` converts the model itself, saving the memory; the rotary table stays
+    float32). ``cuda_graph`` (default: on for CUDA) captures each decode step; ``compile`` runs it
+    through ``torch.compile`` first (slower start, fused kernels).
+    """
+
+    def __init__(
+        self,
+        model: LlamaGen,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        cuda_graph: bool | None = None,
+        compile: bool = False,
+        inplace: bool = False,
+    ):
+        ref = next(model.parameters())
+        self.device = _resolve_device(device or ref.device)
+        on_cuda = self.device.type == "cuda"
+        self.dtype = dtype or (torch.bfloat16 if on_cuda else ref.dtype)
+        if cuda_graph and not on_cuda:
+            raise ValueError("cuda_graph=True needs a CUDA device; use cuda_graph=None on CPU")
+        self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        self.compile = compile
+        self.model = _model_for_sampling(model, self.device, self.dtype, inplace)
+        self.setup_seconds = 0.0
+        self._cache_rows = 0
+        self._steps: dict[int, _DecodeStep] = {}
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.seq_len
+
+    def generate(
+        self,
+        labels: Tensor | Sequence[int],
+        *,
+        cfg_scale: GuidanceScale = 1.0,
+        cfg_interval: int = -1,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample one image's tokens per label: (B, N) int64 on the sampler's device.
+
+        Guidance mixes uncond + (cond - uncond) * scale on raw logits, then temperature, top-k,
+        top-p and a categorical draw. Rows with the null class run only while a scale != 1.0
+        still lies ahead, so guidance-free sampling runs just the B conditional rows.
+        """
+        check_sampling_args(temperature, top_k, top_p)
+        labels = self._check_labels(labels)
+        _check_generator(generator, self.device)
+        scales = guidance_scales(cfg_scale, self.seq_len, cfg_interval)
+        with torch.inference_mode():  # the leanest per-op path; the cache stays inside it
+            tokens = self._sample(labels, scales, temperature, top_k, top_p, generator)
+        return tokens.clone()  # a normal tensor: usable later in autograd (e.g. scoring)
+
+    def _sample(self, labels, scales, temperature, top_k, top_p, generator) -> Tensor:
+        batch, n = labels.shape[0], self.seq_len
+        last_guided = last_guided_token(scales)
+        self._ensure_cache(2 * batch if last_guided >= 0 else batch)
+        out = torch.empty(batch, n, dtype=torch.long, device=self.device)
+
+        def pick(logits: Tensor, t: int) -> Tensor:
+            cond = logits[:batch]
+            if scales[t] != 1.0:
+                cond = mix_guidance(cond, logits[batch : 2 * batch], scales[t])
+            return sample_categorical(filter_logits(cond, temperature, top_k, top_p), generator)
+
+        with _eval_mode(self.model):
+            logits = self.model.prefill(self._prefill_labels(labels, last_guided >= 0))
+            for t in range(n):
+                out[:, t] = pick(logits, t)
+                if t + 1 < n:
+                    rows = 2 * batch if t + 1 <= last_guided else batch
+                    logits = self._step(rows)(out[:, t], t + 1)
+        return out
+
+    def release(self) -> None:
+        """Free the KV cache and captured graphs (the next generate allocates them again)."""
+        self.model.clear_kv_cache()
+        self._steps.clear()
+        self._cache_rows = 0
+
+    def _prefill_labels(self, labels: Tensor, guided: bool) -> Tensor:
+        if not guided:
+            return labels
+        return torch.cat([labels, torch.full_like(labels, self.model.null_class)])
+
+    def _check_labels(self, labels: Tensor | Sequence[int]) -> Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long).to(self.device).reshape(-1)
+        if labels.numel() == 0:
+            raise ValueError("no labels given: pass at least one class index")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high > self.model.null_class:
+            raise ValueError(
+                f"class labels must lie in [0, {self.model.num_classes - 1}] (or "
+                f"{self.model.null_class} for the null class); got values in [{low}, {high}]"
+            )
+        return labels
+
+    def _ensure_cache(self, rows: int) -> None:
+        if rows > self._cache_rows:
+            self.model.setup_kv_cache(rows, dtype=self.dtype, device=self.device)
+            self._steps.clear()  # graphs captured over the old cache are stale
+            self._cache_rows = rows
+
+    def _step(self, rows: int) -> _DecodeStep:
+        step = self._steps.get(rows)
+        if step is None:
+            start = time.perf_counter()
+            step = self._build_step(rows)
+            self.setup_seconds += time.perf_counter() - start
+            self._steps[rows] = step
+        return step
+
+    def _build_step(self, rows: int) -> _DecodeStep:
+        forward = self.model.decode
+        if self.compile:
+            forward = torch.compile(forward, dynamic=False)
+        with _eval_mode(self.model):
+            step = _DecodeStep(forward, rows, self.seq_len, self.device, self.cuda_graph)
+            if self.compile and not self.cuda_graph:
+                step.warm_up()  # so the compile time is counted in setup_seconds
+        if self.cuda_graph:
+            torch.cuda.synchronize(self.device)
+        return step
+
+
+def generate(
+    model: LlamaGen,
+    labels: Tensor | Sequence[int],
+    *,
+    cfg_scale: GuidanceScale = 1.0,
+    cfg_interval: int = -1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One-off sampling: (B, N) tokens for ``labels``; see ``Sampler.generate``.
+
+    Runs on the model's device and dtype, eagerly. For repeated GPU sampling build a ``Sampler``
+    once: it keeps bf16 weights, the KV cache and the captured decode graphs between calls.
+    """
+    ref = next(model.parameters())
+    sampler = Sampler(model, device=ref.device, dtype=ref.dtype, cuda_graph=False)
+    try:
+        return sampler.generate(
+            labels,
+            cfg_scale=cfg_scale,
+            cfg_interval=cfg_interval,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+    finally:
+        sampler.release()
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("sampling on CUDA was asked for but no GPU is visible; use device='cpu'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _model_for_sampling(
+    model: LlamaGen, device: torch.device, dtype: torch.dtype, inplace: bool
+) -> LlamaGen:
+    """The model itself when it already sits on ``device`` in ``dtype``, else a converted one."""
+    params = list(model.parameters())
+    if all(p.device == device and p.dtype == dtype for p in params):
+        return model
+    rope = model.rope.to(device=device, dtype=torch.float32)
+    model.clear_kv_cache()
+    converted = model if inplace else copy.deepcopy(model)
+    converted.to(device=device, dtype=dtype)
+    converted.rope = rope
+    return converted.requires_grad_(False)
+
+
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"the generator lives on {generator.device} but sampling runs on {device}; "
+            f"create it with torch.Generator(device={str(device)!r})"
+        )
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while sampling; the caller's train/eval flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -1,0 +1,113 @@
+"""From tokens to pictures: decoding through an ImageTokenizer, uint8 conversion, grids."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from ccalign.tokenizers.base import ImageTokenizer
+
+
+def check_tokenizer(tokenizer: ImageTokenizer, seq_len: int, vocab_size: int) -> None:
+    """Raise when the tokenizer cannot decode a model's tokens (grid or codebook mismatch)."""
+    if tokenizer.grid**2 != seq_len:
+        raise ValueError(
+            f"the tokenizer decodes {tokenizer.grid}x{tokenizer.grid} = {tokenizer.grid**2} "
+            f"tokens per image but the model samples {seq_len}; use the tokenizer the model was "
+            "trained with"
+        )
+    if tokenizer.vocab_size < vocab_size:
+        raise ValueError(
+            f"the model samples codes up to {vocab_size - 1} but the tokenizer has only "
+            f"{tokenizer.vocab_size}; use the tokenizer the model was trained with"
+        )
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images (B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, LlamaGen/ADM's rounding."""
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def decode_tokens(
+    tokenizer: ImageTokenizer,
+    tokens: Tensor,
+    *,
+    size: int | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Tokens (B, N) -> uint8 images (B, H, W, C); ``size`` resizes bicubically (384 -> 256)."""
+    device = _tokenizer_device(tokenizer)
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            images = tokenizer.decode(tokens[start : start + batch_size].to(device)).float()
+            if size is not None and images.shape[-1] != size:
+                images = F.interpolate(images, size=(size, size), mode="bicubic")
+            pieces.append(to_uint8(images).cpu().numpy())
+    return np.concatenate(pieces)
+
+
+def image_grid(
+    images: np.ndarray | Sequence[np.ndarray], nrow: int | None = None, padding: int = 2
+) -> Image.Image:
+    """uint8 images (B, H, W, C) tiled into one picture, ``nrow`` per row (default: square-ish)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (B, H, W, C); got {images.dtype} {images.shape}")
+    count, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / nrow)
+    canvas = np.full(
+        (rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8
+    )
+    for i, image in enumerate(images):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        canvas[top : top + h, left : left + w] = image
+    return to_pil(canvas)
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """One uint8 (H, W, C) array as a PIL image (grey when C == 1)."""
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _tokenizer_device(tokenizer: ImageTokenizer) -> torch.device:
+    if isinstance(tokenizer, torch.nn.Module):
+        for tensor in tokenizer.parameters():
+            return tensor.device
+        for tensor in tokenizer.buffers():
+            return tensor.device
+    return torch.device("cpu")
+
+
+def sample_grid(
+    model_or_sampler,
+    tokenizer: ImageTokenizer,
+    labels: Tensor | Sequence[int],
+    *,
+    nrow: int | None = None,
+    size: int | None = None,
+    seed: int | None = None,
+    **sampling,
+) -> Image.Image:
+    """Sample one image per label and return them tiled in one picture (handy in a notebook).
+
+    ``sampling`` takes ``Sampler.generate``'s settings (cfg_scale, top_k, ...); ``seed`` makes the
+    picture reproducible.
+    """
+    from ccalign.sample.engine import Sampler
+
+    sampler = model_or_sampler
+    if not isinstance(sampler, Sampler):
+        sampler = Sampler(model_or_sampler)
+    check_tokenizer(tokenizer, sampler.seq_len, sampler.model.vocab_size)
+    if seed is not None:
+        sampling["generator"] = torch.Generator(sampler.device).manual_seed(seed)
+    tokens = sampler.generate(labels, **sampling)
+    return image_grid(decode_tokens(tokenizer, tokens, size=size), nrow=nrow)
