@@ -1,0 +1,23 @@
+"""CCA and its baselines as pure functions of per-sample sequence log-probabilities."""
+
+from ccalign.align.losses import (
+    OBJECTIVES,
+    AlignOutput,
+    alignment_loss,
+    cca_loss,
+    dpo_loss,
+    unlearning_loss,
+)
+from ccalign.align.negatives import ContrastPairs, make_pairs, roll_labels
+
+__all__ = [
+    "OBJECTIVES",
+    "AlignOutput",
+    "ContrastPairs",
+    "alignment_loss",
+    "cca_loss",
+    "dpo_loss",
+    "make_pairs",
+    "roll_labels",
+    "unlearning_loss",
+]

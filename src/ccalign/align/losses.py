@@ -1,0 +1,165 @@
+"""Alignment objectives on per-sample sequence log-probabilities: CCA and the paper's baselines.
+
+Every objective takes the policy's and the frozen reference's log p(x|c) for the positive pair
+(true label) and the negative pair (``ContrastPairs.neg_labels``), all (B,) tensors, plus the
+``neg_is_positive`` flags from ``make_pairs``. With ``D+ = policy_pos - ref_pos`` and
+``D- = policy_neg - ref_neg`` (log-likelihood gains over the reference), each returns the scalar
+batch loss and detached metrics. Everything is computed in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class AlignOutput:
+    """The differentiable scalar loss and detached scalar metrics for logging."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def cca_loss(
+    policy_pos: Tensor,
+    policy_neg: Tensor,
+    ref_pos: Tensor,
+    ref_neg: Tensor,
+    neg_is_positive: Tensor,
+    *,
+    beta: float,
+    lam: float,
+) -> AlignOutput:
+    """CCA: ``-log s(beta D+) - w log s(sign beta D-)``, batch mean, divided by max(lam, 1).
+
+    Real negatives use sign -1 and weight ``lam``; rows flagged ``neg_is_positive`` (null-masked
+    or coincident labels) use sign +1 and weight 1, as in the official code. Unlike the official
+    LlamaGen code, ``uncond_ratio = 0`` does not switch to the linear unlearning loss, and
+    coincident labels are always treated as positives (the official VAR code drops that rule,
+    and the division by max(lam, 1), when ``uncond_ratio = 0``): one loss for every setting.
+    """
+    d_pos, d_neg = _gains(policy_pos, policy_neg, ref_pos, ref_neg, neg_is_positive, beta, lam)
+    sign = torch.where(neg_is_positive, 1.0, -1.0).to(d_neg.dtype)
+    weight = torch.where(neg_is_positive, 1.0, float(lam)).to(d_neg.dtype)
+    per_row = -F.logsigmoid(beta * d_pos) - weight * F.logsigmoid(sign * beta * d_neg)
+    loss = per_row.mean() / max(float(lam), 1.0)
+    return AlignOutput(loss, _metrics(loss, d_pos, d_neg, neg_is_positive, beta))
+
+
+def dpo_loss(
+    policy_pos: Tensor,
+    policy_neg: Tensor,
+    ref_pos: Tensor,
+    ref_neg: Tensor,
+    neg_is_positive: Tensor,
+    *,
+    beta: float,
+    lam: float = 1.0,
+) -> AlignOutput:
+    """DPO baseline: ``-log s(beta (D+ - D-))``, batch mean, exactly as the official code.
+
+    ``lam`` is accepted for a uniform call signature and unused (the official DPO has no
+    weight and no division by max(lam, 1)). Rows flagged ``neg_is_positive`` stay in the mean,
+    as in the official code, so the baseline matches the paper's ablation: they are not
+    preference pairs, and since their two sequences and labels coincide, D+ = D- (up to
+    dropout noise) and they add log 2 with no gradient.
+    """
+    d_pos, d_neg = _gains(policy_pos, policy_neg, ref_pos, ref_neg, neg_is_positive, beta, lam)
+    loss = -F.logsigmoid(beta * (d_pos - d_neg)).mean()
+    return AlignOutput(loss, _metrics(loss, d_pos, d_neg, neg_is_positive, beta))
+
+
+def unlearning_loss(
+    policy_pos: Tensor,
+    policy_neg: Tensor,
+    ref_pos: Tensor,
+    ref_neg: Tensor,
+    neg_is_positive: Tensor,
+    *,
+    beta: float,
+    lam: float,
+) -> AlignOutput:
+    """Unlearning baseline: ``-D+ - w sign D-`` (linear), batch mean, divided by max(lam, 1).
+
+    Likelihood ascent on positives and ``lam``-weighted likelihood descent on real negatives;
+    ``neg_is_positive`` rows get sign +1 and weight 1. This is the official code's
+    ``uncond_ratio > 0`` branch, used for every setting (its ``uncond_ratio = 0`` branch drops
+    the coincident-label rule and the division). ``beta`` only scales the logged reward margin:
+    the official loss has no beta, and on a linear loss it would merely rescale the gradient.
+    """
+    d_pos, d_neg = _gains(policy_pos, policy_neg, ref_pos, ref_neg, neg_is_positive, beta, lam)
+    signed_weight = torch.where(neg_is_positive, 1.0, -float(lam)).to(d_neg.dtype)
+    per_row = -d_pos - signed_weight * d_neg
+    loss = per_row.mean() / max(float(lam), 1.0)
+    return AlignOutput(loss, _metrics(loss, d_pos, d_neg, neg_is_positive, beta))
+
+
+OBJECTIVES: dict[str, Callable[..., AlignOutput]] = {
+    "cca": cca_loss,
+    "dpo": dpo_loss,
+    "unlearning": unlearning_loss,
+}
+
+
+def alignment_loss(name: str, *args, **kwargs) -> AlignOutput:
+    """Dispatch to the objective called ``name`` (one of ``OBJECTIVES``)."""
+    if name not in OBJECTIVES:
+        raise ValueError(
+            f"unknown alignment objective {name!r}; choose one of: {', '.join(OBJECTIVES)}"
+        )
+    return OBJECTIVES[name](*args, **kwargs)
+
+
+def _gains(
+    policy_pos: Tensor,
+    policy_neg: Tensor,
+    ref_pos: Tensor,
+    ref_neg: Tensor,
+    neg_is_positive: Tensor,
+    beta: float,
+    lam: float,
+) -> tuple[Tensor, Tensor]:
+    """Validate the inputs and return the log-likelihood gains (D+, D-) over the reference."""
+    inputs = {
+        "policy_pos": policy_pos,
+        "policy_neg": policy_neg,
+        "ref_pos": ref_pos,
+        "ref_neg": ref_neg,
+        "neg_is_positive": neg_is_positive,
+    }
+    for name, tensor in inputs.items():
+        if tensor.dim() != 1 or tensor.shape != policy_pos.shape:
+            raise ValueError(
+                f"{name} must be a 1-D per-sample tensor of shape {tuple(policy_pos.shape)} "
+                f"(like policy_pos), got {tuple(tensor.shape)}"
+            )
+    if neg_is_positive.dtype != torch.bool:
+        raise ValueError(f"neg_is_positive must be a bool tensor, got {neg_is_positive.dtype}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if not lam >= 0:
+        raise ValueError(f"lam (the negative weight) must be >= 0, got {lam}")
+    return policy_pos - ref_pos.detach(), policy_neg - ref_neg.detach()
+
+
+@torch.no_grad()
+def _metrics(
+    loss: Tensor, d_pos: Tensor, d_neg: Tensor, neg_is_positive: Tensor, beta: float
+) -> dict[str, Tensor]:
+    """Detached batch means for logging (no host sync: all stay tensors).
+
+    ``reward_margin`` is scaled by beta (the official code logs the raw mean of D+ - D-).
+    """
+    return {
+        "loss": loss.detach(),
+        "d_pos": d_pos.mean(),
+        "d_neg": d_neg.mean(),
+        "reward_margin": (beta * (d_pos - d_neg)).mean(),
+        "reward_accuracy": (d_pos > d_neg).to(d_pos.dtype).mean(),
+        "neg_is_positive_fraction": neg_is_positive.to(d_pos.dtype).mean(),
+    }
