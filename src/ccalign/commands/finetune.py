@@ -1,0 +1,24 @@
+"""`ccalign finetune`: align a pretrained model with CCA (or the DPO / unlearning baselines)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "fine-tune a pretrained model with CCA, DPO or unlearning on pre-extracted codes"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the command's options."""
+    from ccalign.train.command import add_training_arguments
+
+    add_training_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read the config, refuse MLE (that is `ccalign pretrain`), and train."""
+    from ccalign.train.command import config_from_args, run_from_args
+
+    config = config_from_args(args)
+    if config.method.name == "mle":
+        raise ValueError("method.name = 'mle' is pretraining: use `ccalign pretrain`")
+    return run_from_args(args, config)

@@ -1,0 +1,69 @@
+"""Options shared by ``ccalign finetune`` and ``ccalign pretrain`` and how they become a config."""
+
+from __future__ import annotations
+
+import argparse
+
+from ccalign.train.config import TrainConfig, load_config
+
+#: command-line shortcut -> dotted config key
+SHORTCUTS = {
+    "data": "data.path",
+    "init": "model.init",
+    "out": "checkpoint.out",
+    "steps": "train.steps",
+    "device": "train.device",
+}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --set and the shortcut overrides (applied after --set, so they win)."""
+    parser.add_argument("--config", help="TOML or YAML config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+    parser.add_argument("--data", help="training codes: a flat .safetensors file or a code folder")
+    parser.add_argument("--init", help="starting checkpoint (ccalign .safetensors or official .pt)")
+    parser.add_argument("--out", help="output folder for checkpoints, logs and the final model")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: from train.epochs)")
+    parser.add_argument("--device", help="cpu, cuda or auto")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+
+
+def config_from_args(args: argparse.Namespace, *, method: str | None = None) -> TrainConfig:
+    """The config file, then --set, then the shortcuts; ``method`` forces method.name."""
+    assignments = list(args.assignments)
+    for option, key in SHORTCUTS.items():
+        value = getattr(args, option)
+        if value is not None:
+            assignments.append(f"{key}={_toml_literal(value)}")
+    if method is not None:
+        assignments.append(f"method.name={_toml_literal(method)}")
+    return load_config(args.config, assignments)
+
+
+def _toml_literal(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+def run_from_args(args: argparse.Namespace, config: TrainConfig) -> int:
+    """Set threads, train, and say where the results are."""
+    import torch
+
+    from ccalign.train.run import run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = run_training(config, resume=args.resume)
+    print(f"done: final model in {out / 'final.safetensors'}, metrics in {out / 'metrics.jsonl'}")
+    return 0

@@ -1,0 +1,230 @@
+"""Training configuration: plain dataclasses read from TOML or YAML, with dotted overrides.
+
+A config file has the sections ``[model]``, ``[data]``, ``[method]``, ``[optim]``, ``[train]``
+and ``[checkpoint]``; every key is optional and unknown keys are errors (a typo must not be
+silently ignored). ``--set optim.lr=1e-4`` style overrides are parsed as TOML values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+METHODS = ("cca", "dpo", "unlearning", "mle")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class ModelSection:
+    """Which model to train: a preset (``GPT-L``) or ``custom`` with ``arch`` sizes."""
+
+    name: str = "GPT-L"
+    grid: int = 24
+    init: str | None = None  # pretrained checkpoint (finetune); None builds a fresh model
+    arch: dict = field(default_factory=dict)  # LlamaGenConfig overrides (dim, dropouts, ...)
+    save_official: bool = False  # also write the final model as LlamaGen's {"model": sd} .pt
+
+
+@dataclass
+class DataSection:
+    """Pre-extracted codes and how they are read."""
+
+    path: str | None = None
+    seed: int = 0  # data order and view choice
+    num_workers: int = 0
+    validate: bool = True  # check labels / tokens / length against the model before training
+
+
+@dataclass
+class MethodSection:
+    """The objective: an alignment loss against a frozen reference, or plain MLE."""
+
+    name: str = "cca"
+    beta: float = 0.02
+    lam: float = 300.0
+    uncond_ratio: float = 0.1  # alignment: rows whose labels become the null class
+    class_dropout: float = 0.1  # mle: rows whose label becomes the null class
+    reference_dropout: bool = False  # True: reference in train mode, as the official code
+
+
+@dataclass
+class OptimSection:
+    """AdamW with LlamaGen's parameter groups, clipping, schedule and optional EMA."""
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    min_lr_ratio: float = 0.0  # final lr of linear / cosine decay, as a fraction of lr
+    ema_decay: float = 0.0  # 0 disables EMA
+
+
+@dataclass
+class TrainSection:
+    """Batch geometry, length, precision and logging."""
+
+    global_batch: int = 256
+    micro_batch: int = 8  # per process; accumulation = global / (micro * world)
+    steps: int = 0  # 0: derived from epochs
+    epochs: float = 1.0
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp (sharded states)
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    """Where the run writes and how often it saves resumable state."""
+
+    out: str = "runs/ccalign"
+    every: int = 500
+    keep: int = 3
+
+
+@dataclass
+class TrainConfig:
+    """The whole run; ``to_dict`` is what checkpoints record."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainConfig:
+        """Build from nested dicts, rejecting unknown sections and keys by name."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(sections)}")
+        built = {name: _build_section(name, raw.get(name, {})) for name in sections}
+        config = cls(**built)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Reject values that cannot work, naming the key and the valid choices."""
+        _choice("method.name", self.method.name, METHODS)
+        _choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        _choice("train.precision", self.train.precision, PRECISIONS)
+        _choice("train.parallel", self.train.parallel, PARALLEL)
+        for key, value in (
+            ("train.global_batch", self.train.global_batch),
+            ("train.micro_batch", self.train.micro_batch),
+            ("checkpoint.every", self.checkpoint.every),
+            ("checkpoint.keep", self.checkpoint.keep),
+            ("train.log_every", self.train.log_every),
+        ):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.train.steps < 0 or self.train.epochs <= 0:
+            raise ValueError("train.steps must be >= 0 and train.epochs > 0")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
+        for key in ("uncond_ratio", "class_dropout"):
+            value = getattr(self.method, key)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"method.{key} must be in [0, 1], got {value}")
+
+
+_SECTION_TYPES = {
+    "model": ModelSection,
+    "data": DataSection,
+    "method": MethodSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "checkpoint": CheckpointSection,
+}
+
+
+def _build_section(name: str, values: Any) -> Any:
+    section_type = _SECTION_TYPES[name]
+    if not isinstance(values, dict):
+        raise ValueError(f"config section [{name}] must be a table, got {values!r}")
+    valid = {f.name for f in dataclasses.fields(section_type)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in [{name}]; valid keys: {sorted(valid)}")
+    values = dict(values)
+    if "betas" in values:
+        values["betas"] = tuple(float(b) for b in values["betas"])
+    return section_type(**values)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} = {value!r} is not one of {list(choices)}")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file into nested dicts."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".toml":
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of sections")
+        return data
+    raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+
+
+def apply_overrides(raw: dict, assignments: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as TOML, else taken as strings)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ValueError(
+                f"override {assignment!r} must look like section.key=value, e.g. optim.lr=1e-4"
+            )
+        target = raw
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"override {assignment!r}: {part} is not a table")
+        target[parts[-1]] = parse_value(text.strip())
+    return raw
+
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (number, bool, string, array, inline table) or else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """The config from a file (or the defaults when ``path`` is None) plus overrides."""
+    raw = read_config_file(path) if path is not None else {}
+    return TrainConfig.from_dict(apply_overrides(raw, list(overrides)))

@@ -1,0 +1,107 @@
+"""What a training step minimises: an alignment loss against a frozen reference, or MLE.
+
+Alignment (CCA / DPO / unlearning): the batch becomes 2B rows ``[positives; negatives]`` (the
+same tokens twice, true labels then rolled labels, null-masked rows keyed by the trainer), and
+the policy and the reference each run ONE forward over those 2B rows. MLE (pretraining): the
+mean next-token NLL per token, with class dropout to the null class keyed the same way.
+
+``row_mask`` is decided by the trainer from (seed, step, global sample position), so the same
+sample gets the same draw whatever the number of processes or micro-steps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ccalign.align import alignment_loss, make_pairs
+
+
+@dataclass
+class ObjectiveOutput:
+    """The micro-batch loss (mean over its rows) and detached scalar metrics to log."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective(ABC):
+    """Base: ``needs_reference`` and the probability with which a row gets the null class."""
+
+    needs_reference: bool = False
+    row_mask_ratio: float = 0.0
+
+    @abstractmethod
+    def __call__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module | None,
+        labels: Tensor,
+        tokens: Tensor,
+        row_mask: Tensor,
+    ) -> ObjectiveOutput:
+        """Loss of one micro-batch; ``row_mask`` (B,) bool marks rows given the null class."""
+
+
+class AlignmentObjective(Objective):
+    """CCA, DPO or unlearning: one policy and one reference forward over [positives; negatives]."""
+
+    needs_reference = True
+
+    def __init__(self, name: str, *, null_class: int, beta: float, lam: float, uncond_ratio: float):
+        if name not in ("cca", "dpo", "unlearning"):
+            raise ValueError(f"unknown alignment loss {name!r}; choose cca, dpo or unlearning")
+        self.name, self.null_class, self.beta, self.lam = name, null_class, beta, lam
+        self.row_mask_ratio = uncond_ratio
+
+    def __call__(self, policy, reference, labels, tokens, row_mask) -> ObjectiveOutput:
+        pairs = make_pairs(
+            labels, null_class=self.null_class, uncond_ratio=self.row_mask_ratio, mask=row_mask
+        )
+        both_labels = torch.cat([pairs.pos_labels, pairs.neg_labels])
+        both_tokens = torch.cat([tokens, tokens])
+        policy_pos, policy_neg = policy(both_labels, both_tokens).float().chunk(2)
+        with torch.no_grad():
+            ref_pos, ref_neg = reference(both_labels, both_tokens).float().chunk(2)
+        out = alignment_loss(
+            self.name,
+            policy_pos,
+            policy_neg,
+            ref_pos,
+            ref_neg,
+            pairs.neg_is_positive,
+            beta=self.beta,
+            lam=self.lam,
+        )
+        metrics = {k: v.detach().float().mean() for k, v in out.metrics.items()}
+        return ObjectiveOutput(out.loss, metrics)
+
+
+class MLEObjective(Objective):
+    """Next-token negative log-likelihood per token, with class dropout to the null class."""
+
+    def __init__(self, *, null_class: int, class_dropout: float):
+        self.null_class = null_class
+        self.row_mask_ratio = class_dropout
+
+    def __call__(self, policy, reference, labels, tokens, row_mask) -> ObjectiveOutput:
+        labels = torch.where(row_mask.to(labels.device), self.null_class, labels)
+        nll = -policy(labels, tokens).float() / tokens.shape[1]
+        loss = nll.mean()
+        return ObjectiveOutput(loss, {"nll_per_token": loss.detach()})
+
+
+def make_objective(method, *, null_class: int) -> Objective:
+    """The objective a ``MethodSection`` describes."""
+    if method.name == "mle":
+        return MLEObjective(null_class=null_class, class_dropout=method.class_dropout)
+    return AlignmentObjective(
+        method.name,
+        null_class=null_class,
+        beta=method.beta,
+        lam=method.lam,
+        uncond_ratio=method.uncond_ratio,
+    )

@@ -1,0 +1,121 @@
+"""AdamW with LlamaGen's parameter groups, the learning-rate schedule and an optional EMA.
+
+Groups follow the official trainers: weight decay on every tensor with >= 2 dims (linear and
+embedding weights), none on 1-D tensors (RMSNorm weights, biases). AdamW is fused on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ccalign.train.sharding import copy_full_into, full_tensor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed (dim >= 2) and not decayed (dim < 2), trainable tensors only."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, optim, device: torch.device) -> torch.optim.AdamW:
+    """AdamW from an ``OptimSection``; the fused kernel on CUDA."""
+    return torch.optim.AdamW(
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        fused=device.type == "cuda",
+    )
+
+
+class LRSchedule:
+    """lr(step) for step = 1..total: linear warmup, then constant, linear or cosine decay."""
+
+    def __init__(
+        self,
+        base_lr: float,
+        total_steps: int,
+        *,
+        kind: str = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+    ):
+        if kind not in ("constant", "linear", "cosine"):
+            raise ValueError(f"unknown lr schedule {kind!r}; choose constant, linear or cosine")
+        self.base_lr, self.total_steps, self.kind = base_lr, max(total_steps, 1), kind
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        """Learning rate used by optimizer step ``step`` (1-based)."""
+        if step <= self.warmup_steps:
+            return self.base_lr * step / self.warmup_steps
+        if self.kind == "constant":
+            return self.base_lr
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        if self.kind == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.base_lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's lr for ``step`` and return it."""
+        lr = self(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+def make_schedule(optim, total_steps: int) -> LRSchedule:
+    """The schedule an ``OptimSection`` describes (warmup_ratio used when warmup_steps is 0)."""
+    warmup = optim.warmup_steps or int(round(optim.warmup_ratio * total_steps))
+    return LRSchedule(
+        optim.lr,
+        total_steps,
+        kind=optim.schedule,
+        warmup_steps=warmup,
+        min_lr_ratio=optim.min_lr_ratio,
+    )
+
+
+class EMA:
+    """Float32 exponential moving average of a model's floating-point state.
+
+    Under FSDP the averages are sharded like the parameters; ``state_dict`` gathers them
+    (a collective: every rank calls it) and ``load_state_dict`` takes whole tensors.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {
+            k: v.detach().float().clone()
+            for k, v in model.state_dict().items()
+            if v.is_floating_point()
+        }
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """shadow = decay * shadow + (1 - decay) * current."""
+        current = model.state_dict()
+        for key, avg in self.shadow.items():
+            avg.lerp_(current[key].detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        """Decay and whole (gathered) float32 averages on the CPU."""
+        shadow = {k: full_tensor(v).cpu() for k, v in self.shadow.items()}
+        return {"decay": self.decay, "shadow": shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for key, value in state["shadow"].items():
+            copy_full_into(self.shadow[key], value)

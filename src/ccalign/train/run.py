@@ -1,0 +1,70 @@
+"""From a config to a finished run: build or load the model, open and check the data, train."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ccalign.data.codes import open_codes, validate_codes
+from ccalign.models import llamagen
+from ccalign.train.config import ModelSection, TrainConfig
+from ccalign.train.trainer import Callback, Trainer
+
+
+def model_from_config(section: ModelSection) -> llamagen.LlamaGen:
+    """Load ``section.init`` (ccalign safetensors or any official layout) or build a fresh model.
+
+    A ccalign file carries its architecture; official files need ``name`` and ``grid``.
+    ``arch`` overrides config fields either way (e.g. dropouts, or sizes of a custom model).
+    """
+    if section.init is None:
+        return llamagen.build(section.name, grid=section.grid, **section.arch)
+    if llamagen.config_from_file(section.init) is not None:
+        return llamagen.load(section.init, **section.arch)
+    name = None if section.name == "custom" else section.name
+    return llamagen.load(section.init, name, grid=section.grid, **section.arch)
+
+
+def open_training_data(config: TrainConfig, model: llamagen.LlamaGen):
+    """The code data set, checked against the model unless ``data.validate`` is off."""
+    if config.data.path is None:
+        raise ValueError("no training data: set data.path in the config or pass --data")
+    dataset = open_codes(config.data.path, seed=config.data.seed)
+    if config.data.validate:
+        validate_codes(
+            dataset,
+            num_classes=model.num_classes,
+            vocab_size=model.vocab_size,
+            seq_len=model.seq_len,
+        )
+    return dataset
+
+
+def run_training(
+    config: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callback] = ()
+) -> Path:
+    """Train as ``config`` says (resuming from the newest checkpoint if asked); the output folder.
+
+    Fine-tuning methods need ``model.init``; ``mle`` starts from it when given, else from a fresh
+    model initialised from ``train.seed`` (the same on every process).
+    """
+    if config.method.name != "mle" and config.model.init is None:
+        raise ValueError(
+            f"{config.method.name} fine-tunes a pretrained model: set model.init or pass --init"
+        )
+    torch.manual_seed(config.train.seed)
+    model = model_from_config(config.model)
+    dataset = open_training_data(config, model)
+    trainer = Trainer(config, model, dataset, callbacks=callbacks)
+    try:
+        if resume:
+            found = trainer.resume()
+            if trainer.dist.is_main:
+                where = f"step {trainer.step}" if found else "step 0 (no checkpoint found)"
+                print(f"resuming {config.checkpoint.out} at {where} of {trainer.total_steps}")
+        trainer.fit()
+    finally:
+        trainer.close()
+    return Path(config.checkpoint.out)

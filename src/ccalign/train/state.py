@@ -1,0 +1,104 @@
+"""Resumable training state: checkpoint files, their rotation, and every random state.
+
+A checkpoint ``<out>/checkpoints/step_<step>.pt`` holds the model, optimizer, schedule, EMA,
+the RNG states of every process (torch, CUDA, numpy, python), the step, the data position
+(epoch, step within the epoch) and the config. It is written atomically by rank 0, so a file
+that exists is complete; ``latest_checkpoint`` still skips files that fail to load.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ccalign.io import atomic_torch_save
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_path(out: str | Path, step: int) -> Path:
+    return Path(out) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints under ``out``, oldest first."""
+    folder = Path(out) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents on the CPU (a trusted file: it holds pickled RNG states)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise ValueError(f"{path} is not a ccalign training checkpoint")
+    return state
+
+
+def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, or None when there is none."""
+    for step, path in reversed(list_checkpoints(out)):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as exc:  # a damaged file: fall back to the previous one
+            warnings.warn(
+                f"skipping unreadable checkpoint {path} (step {step}): {exc}",
+                stacklevel=2,
+            )
+    return None
+
+
+def save_checkpoint(state: dict, out: str | Path, keep: int) -> Path:
+    """Write ``state`` for its step atomically, then delete all but the newest ``keep``."""
+    path = atomic_torch_save(state, checkpoint_path(out, state["step"]))
+    for _, old in list_checkpoints(out)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def capture_rng() -> dict:
+    """This process's torch, CUDA, numpy and python random states."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back what ``capture_rng`` recorded."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def tensor_fingerprint(module: torch.nn.Module) -> float:
+    """A float64 checksum of a module's state, to detect a changed reference checkpoint."""
+    with torch.no_grad():
+        return float(
+            sum(
+                (v.double() * (i + 1)).sum()
+                for i, v in enumerate(module.state_dict().values())
+                if v.is_floating_point()
+            )
+        )

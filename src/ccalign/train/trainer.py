@@ -1,0 +1,436 @@
+"""The training loop shared by fine-tuning (CCA / DPO / unlearning) and pretraining (MLE).
+
+One optimizer step = ``accum`` micro-steps per process. Each micro-batch loss (a mean over its
+rows) is divided by ``accum`` before backward, and DDP only all-reduces on the last micro-step
+(``no_sync`` before), so the update is that of the mean loss over the global batch. With
+``train.parallel = "fsdp"`` the policy and the reference are sharded per block (FSDP2) and
+checkpoints gather whole states (see ``ccalign.train.sharding``).
+
+The frozen reference is a copy of the policy taken before training: ``requires_grad`` off, run
+under ``no_grad``, and in eval mode by default, so it is exactly the pretrained p_phi and
+D = log p_theta - log p_phi is zero at step 0 up to the policy's own dropout noise (exactly zero
+when the policy's dropout is 0). ``method.reference_dropout = true`` keeps the reference in
+train mode with its own dropout masks, as the official code does (then D != 0 at step 0).
+
+Random choices are keyed so a run is reproducible and resumable: null-class rows come from
+(seed, step, global position), the data order from (seed, epoch), dropout from each process's
+torch RNG, which checkpoints save. A run killed and resumed ends bitwise equal on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset
+
+from ccalign.io import atomic_write
+from ccalign.models import llamagen
+from ccalign.train import distributed as D
+from ccalign.train import sharding
+from ccalign.train.config import TrainConfig
+from ccalign.train.objectives import Objective, make_objective
+from ccalign.train.optim import EMA, make_optimizer, make_schedule
+from ccalign.train.state import (
+    capture_rng,
+    latest_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    seed_everything,
+    tensor_fingerprint,
+)
+
+MicroBatch = tuple[Tensor, Tensor]  # (tokens (M, N) int64, labels (M,) int64)
+Callback = Callable[["Trainer", dict], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became NaN/inf; the step was not applied and nothing was saved."""
+
+
+class Trainer:
+    """Trains ``model`` on ``dataset`` with ``objective`` as ``config`` says; see module doc."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        dataset: Dataset,
+        *,
+        objective: Objective | None = None,
+        callbacks: Sequence[Callback] = (),
+    ):
+        self.config, self.dataset, self.callbacks = config, dataset, list(callbacks)
+        train = config.train
+        wanted = train.device if train.device != "auto" else _auto_device_type()
+        self.dist = D.init_from_env(torch.device(wanted).type)
+        self.device = D.resolve_device(train.device, self.dist)
+        self.objective = objective or make_objective(config.method, null_class=model.null_class)
+        self.seq_len = model.seq_len
+        self.fsdp = self.dist.distributed and train.parallel == "fsdp"
+        self.model_class = type(model)  # FSDP swaps the instance's class for a subclass
+        self.reference = self._make_reference(model) if self.objective.needs_reference else None
+        self.reference_fingerprint = (
+            tensor_fingerprint(self.reference) if self.reference is not None else None
+        )
+        if self.reference is not None and self.fsdp:
+            sharding.shard(self.reference, self.device.type, self.dist.world_size)
+        self.model = model.to(self.device)
+        if train.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.policy = self._wrap(self.model)
+        self.optimizer = make_optimizer(self.model, config.optim, self.device)
+        self.plan = D.BatchPlan(
+            len(dataset),
+            train.global_batch,
+            train.micro_batch,
+            self.dist.world_size,
+            config.data.seed,
+        )
+        epoch_steps = math.ceil(train.epochs * self.plan.steps_per_epoch)
+        self.total_steps = train.steps or max(1, epoch_steps)
+        self.schedule = make_schedule(config.optim, self.total_steps)
+        self.ema = EMA(self.model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+        self.autocast_dtype = _autocast_dtype(train.precision, self.device)
+        self.out = Path(config.checkpoint.out)
+        self.metrics_log = self.out / "metrics.jsonl"
+        self.step = 0
+        seed_everything(train.seed + self.dist.rank)
+
+    # ---- setup ----
+    def _make_reference(self, model: nn.Module) -> nn.Module:
+        """A frozen copy of the policy as it is now (see the module doc for its mode)."""
+        reference = copy.deepcopy(model).to(self.device)
+        reference.requires_grad_(False)
+        reference.train(self.config.method.reference_dropout)
+        return reference
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        model.train()
+        if not self.dist.distributed:
+            return model
+        if self.fsdp:
+            return sharding.shard(model, self.device.type, self.dist.world_size)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    # ---- resume ----
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint under the output folder; False if there is none.
+
+        The data position carries over to any number of processes (same global batch); the
+        dropout RNG streams are restored exactly only with the same number, else reseeded.
+        """
+        found = latest_checkpoint(self.out)
+        if found is None:
+            return False
+        path, state = found
+        self._check_compatible(path, state)
+        if self.fsdp:
+            sharding.load_full_model_state(self.model, state["model"])
+            sharding.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # EMA switched on at resume: average from here
+            self.ema = EMA(self.model, self.ema.decay)
+        self.step = state["step"]
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            restore_rng(rngs[self.dist.rank])
+        else:
+            seed_everything(self.config.train.seed + self.dist.rank + 7919 * self.step)
+        if self.dist.is_main:
+            self._truncate_metrics_log(self.step)
+        return True
+
+    def _check_compatible(self, path: Path, state: dict) -> None:
+        saved = {**state["data"], "parallel": state["parallel"]}
+        here = {
+            "dataset_size": len(self.dataset),
+            "global_batch": self.plan.global_batch,
+            "parallel": self._parallel_mode(),
+        }
+        for key, value in here.items():
+            if saved[key] != value:
+                raise ValueError(
+                    f"cannot resume from {path}: it was trained with {key} {saved[key]}, this run "
+                    f"has {value}; resume with the same data and batch or start a new --out"
+                )
+        fingerprint = state.get("reference_fingerprint")
+        if fingerprint is not None and self.reference is not None:
+            if not math.isclose(fingerprint, self.reference_fingerprint, rel_tol=1e-9):
+                raise ValueError(
+                    f"cannot resume from {path}: the reference (init) weights differ from those "
+                    "the run started from; pass the same --init checkpoint"
+                )
+
+    # ---- the loop ----
+    def fit(self) -> nn.Module:
+        """Train until ``total_steps``; returns the policy module (sharded under FSDP)."""
+        self._write_run_config()
+        progress = self._progress_bar()
+        try:
+            while self.step < self.total_steps:
+                epoch, step_in_epoch = divmod(self.step, self.plan.steps_per_epoch)
+                for micro_batches in self._epoch_batches(epoch, step_in_epoch):
+                    started = time.perf_counter()
+                    record = self.train_step(micro_batches, self.step + 1)
+                    self.step += 1
+                    record.update(self._throughput(time.perf_counter() - started), epoch=epoch)
+                    self._after_step(record, progress)
+                    if self.step >= self.total_steps:
+                        break
+        finally:
+            if progress is not None:
+                progress.close()
+        self._write_final_model()
+        D.barrier(self.dist)
+        return self.model
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], step: int) -> dict:
+        """One optimizer step over this process's micro-batches; returns the step's metrics."""
+        lr = self.schedule.apply(self.optimizer, step)
+        sums = self._accumulate_gradients(micro_batches, step)
+        clip = self.config.optim.grad_clip
+        max_norm = clip if clip > 0 else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = sharding.full_tensor(grad_norm)
+        names = sorted(sums)
+        values = torch.stack([sums[k] for k in names] + [grad_norm.float().to(self.device)])
+        values = D.all_reduce_mean(values, self.dist).tolist()
+        record = {"step": step, **dict(zip(names, values[:-1], strict=True))}
+        record.update(lr=lr, grad_norm=values[-1])
+        if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"step {step}: loss {record['loss']}, gradient norm {record['grad_norm']} is not "
+                "finite; the step was not applied and no checkpoint was written. Lower optim.lr, "
+                "check the data, or resume from the last checkpoint with --resume"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return record
+
+    def _accumulate_gradients(self, micro_batches: Sequence[MicroBatch], step: int) -> dict:
+        """Forward/backward every micro-batch (loss / accum); returns summed metrics / accum."""
+        accum = len(micro_batches)
+        if accum != self.plan.accum_steps:
+            raise ValueError(f"expected {self.plan.accum_steps} micro-batches, got {accum}")
+        masks = D.keyed_row_mask(
+            self.config.train.seed, step, self.plan.global_batch, self.objective.row_mask_ratio
+        )
+        offsets = self.plan.chunk_offsets(self.dist.rank)
+        sums: dict[str, Tensor] = {}
+        for m, (tokens, labels) in enumerate(micro_batches):
+            row_mask = masks[offsets[m] : offsets[m] + labels.shape[0]].to(self.device)
+            with self._gradient_sync(last=m == accum - 1):
+                with self._autocast():
+                    out = self.objective(
+                        self.policy,
+                        self.reference,
+                        labels.to(self.device, non_blocking=True),
+                        tokens.to(self.device, non_blocking=True),
+                        row_mask,
+                    )
+                (out.loss / accum).backward()
+            for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value.float() / accum
+        return sums
+
+    def _gradient_sync(self, *, last: bool):
+        """Reduce gradients across processes only on the last micro-step of an optimizer step."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+        elif self.dist.distributed and not last:
+            return self.policy.no_sync()
+        return nullcontext()
+
+    # ---- data ----
+    def _epoch_batches(self, epoch: int, first_step: int) -> Iterator[list[MicroBatch]]:
+        """This process's micro-batches, grouped per optimizer step, from ``first_step`` on."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        order = self.plan.epoch_order(epoch)
+        index_lists = [
+            idx.tolist()
+            for s in range(first_step, self.plan.steps_per_epoch)
+            for idx in self.plan.micro_batches(order, s, self.dist.rank)
+        ]
+        workers = self.config.data.num_workers
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=index_lists,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.config.data.seed),  # spares global RNG
+        )
+        group: list[MicroBatch] = []
+        for tokens, labels in loader:
+            group.append((tokens, labels))
+            if len(group) == self.plan.accum_steps:
+                yield group
+                group = []
+
+    def _autocast(self):
+        """The mixed-precision context of the forward passes (none in float32)."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---- bookkeeping ----
+    def _throughput(self, seconds: float) -> dict:
+        images = self.plan.global_batch / seconds
+        return {"images_per_s": images, "tokens_per_s": images * self.seq_len, "step_s": seconds}
+
+    def _after_step(self, record: dict, progress) -> None:
+        every = self.config.checkpoint.every
+        if self.step % every == 0 or self.step == self.total_steps:
+            self.save()
+        if self.dist.is_main:
+            if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
+                with open(self.metrics_log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
+        for callback in self.callbacks:
+            callback(self, record)
+
+    def save(self) -> Path | None:
+        """Write a resumable checkpoint for the current step (rank 0 writes, all take part)."""
+        rngs = D.gather_objects(capture_rng(), self.dist)
+        model_state, optimizer_state = self._full_states()
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        path = None
+        if self.dist.is_main:
+            epoch, step_in_epoch = divmod(self.step, self.plan.steps_per_epoch)
+            state = {
+                "step": self.step,
+                "data": {
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "dataset_size": len(self.dataset),
+                    "global_batch": self.plan.global_batch,
+                },
+                "parallel": self._parallel_mode(),
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "schedule": {"step": self.step, "total_steps": self.total_steps},
+                "ema": ema_state,
+                "rng": rngs,
+                "reference_fingerprint": self.reference_fingerprint,
+                "config": self.config.to_dict(),
+            }
+            path = save_checkpoint(state, self.out, self.config.checkpoint.keep)
+        D.barrier(self.dist)
+        return path
+
+    def _parallel_mode(self) -> str:
+        """How optimizer states are laid out in checkpoints: "fsdp" (by name) or "replicated"."""
+        return "fsdp" if self.fsdp else "replicated"
+
+    def _full_states(self) -> tuple[dict, dict]:
+        """Whole model and optimizer states (gathered under FSDP: every rank calls this)."""
+        if self.fsdp:
+            return (
+                sharding.full_model_state(self.model),
+                sharding.full_optimizer_state(self.model, self.optimizer),
+            )
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def _write_final_model(self) -> None:
+        """final.safetensors (and final_ema, and the official .pt layout when asked)."""
+        weights = sharding.full_model_state(self.model) if self.fsdp else self.model.state_dict()
+        averaged = self.ema.state_dict()["shadow"] if self.ema is not None else None
+        if not self.dist.is_main:
+            return
+        outputs = (
+            {"final": weights} if averaged is None else {"final": weights, "final_ema": averaged}
+        )
+        for name, state in outputs.items():
+            model = self._plain_copy(state)
+            llamagen.save(model, self.out / f"{name}.safetensors")
+            if self.config.model.save_official:
+                llamagen.save(model, self.out / f"{name}.pt", official=True)
+
+    def _plain_copy(self, state: dict[str, Tensor]) -> nn.Module:
+        """An unsharded CPU model holding ``state`` (cast to its dtypes), for saving only.
+
+        Built on the meta device and materialised empty: its non-persistent buffers (the rotary
+        table) are not initialised, which no saved file contains.
+        """
+        with torch.device("meta"):
+            model = self.model_class(self.model.config)
+        model.to_empty(device="cpu")
+        model.load_state_dict(state)
+        return model
+
+    def _write_run_config(self) -> None:
+        if self.dist.is_main:
+            text = json.dumps(self.config.to_dict(), indent=2)
+            atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(text))
+
+    def _truncate_metrics_log(self, step: int) -> None:
+        """Drop log lines of steps after ``step`` (written after the checkpoint, before a kill)."""
+        if not self.metrics_log.exists():
+            return
+        kept = [
+            line
+            for line in self.metrics_log.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(self.metrics_log, lambda tmp: Path(tmp).write_text(text))
+
+    def _progress_bar(self):
+        if not (self.dist.is_main and self.config.train.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
+
+    def close(self) -> None:
+        """Leave the process group if the trainer joined it."""
+        D.shutdown(self.dist)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations during backward instead of storing them.
+
+    The block's ``forward`` is replaced on the instance (state_dict keys are unchanged); the
+    recomputation replays the same dropout masks, so gradients equal the plain ones.
+    """
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"activation checkpointing needs a model with a .layers ModuleList; "
+            f"{type(model).__name__} has none: set train.activation_checkpointing = false"
+        )
+    for block in layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def _auto_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 for ``bf16`` (and ``auto`` on CUDA); None (plain float32) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
