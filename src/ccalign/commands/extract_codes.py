@@ -1,0 +1,362 @@
+"""`ccalign extract-codes`: labelled images -> token codes, as LlamaGen lays them out and flat.
+
+Each image is centre-cropped the ADM way and cut into views ("ten-crop": crop to
+int(size * 1.1) then TenCrop(size) = four corners + centre, then the same of the mirror image;
+"flip": the centre crop and its mirror; "center": the centre crop), every view is encoded, and
+the (1, V, N) codes of image i go to ``<out>/imagenet<size>_codes/i.npy`` with its label in
+``..._labels/i.npy`` (i = the image's ImageFolder index). ``--flat`` also writes the project's
+single-file format. Work is split over torchrun ranks (rank r takes i % world == r), batched on
+the GPU when there is one, and resumable: a re-run skips what is already written. Unreadable
+images are reported (path and reason, also in ``extract-skipped.tsv``) and left out; they keep
+their index, so no other image's label moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+HELP = "encode a folder of labelled images (or Fashion-MNIST) into token codes"
+CONFIG_NAME = "ccalign-extract.json"
+SKIPPED_NAME = "extract-skipped.tsv"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="image folder laid out <class>/<image> (ImageNet style), "
+                                       "or fashion-mnist:train / fashion-mnist:test")
+    parser.add_argument("--tokenizer", required=True,
+                        help="tokenizer file (LlamaGen vq_ds16_c2i.pt, a ccalign .safetensors) "
+                             "or fmnist-vq for the bundled one")
+    parser.add_argument("--tokenizer-name", default=None, help="VQ-16 or VQ-8 for official files "
+                        "(inferred from the weights when left out)")
+    parser.add_argument("--out", default=None, help="LlamaGen code folder to write")
+    parser.add_argument("--flat", default=None, help="also (or only) write one flat .safetensors")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="crop size (default: the tokenizer's; 256 or 384 for VQ-16)")
+    parser.add_argument("--views", choices=("ten-crop", "flip", "center"), default="ten-crop")
+    parser.add_argument("--crop-range", type=float, default=1.1,
+                        help="ten-crop's centre crop is int(size * this); LlamaGen's second set "
+                             "uses 1.05")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per encoder batch")
+    parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    parser.add_argument("--chunk", type=int, default=4096,
+                        help="images per resumable chunk of the flat output")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default=None,
+                        help="encoder arithmetic on CUDA (default tf32, as LlamaGen's script)")
+    parser.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> if available")
+    parser.add_argument("--fashion-mnist-folder", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source image: where it is (for reports) and its class."""
+
+    name: str
+    label: int
+
+
+class ViewDataset(Dataset):
+    """The views of the pending images: (index, uint8 views or None, label, error or None)."""
+
+    def __init__(self, source, indices: list[int], size: int, mode: str, crop_range: float,
+                 channels: int):
+        self.source, self.indices = source, indices
+        self.size, self.mode, self.crop_range = size, mode, crop_range
+        self.pil_mode = "L" if channels == 1 else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        from ccalign.data.images import views
+
+        index = self.indices[k]
+        try:
+            image = self.source.image(index, self.pil_mode)
+            arr = views(image, self.size, self.mode, self.crop_range)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return index, None, self.source.items[index].label, f"{type(exc).__name__}: {exc}"
+        label = self.source.items[index].label
+        return index, torch.from_numpy(np.array(arr)), label, None
+
+
+def _collate(batch):
+    return batch
+
+
+class FolderSource:
+    """Images of a class-per-folder tree, in ImageFolder order."""
+
+    def __init__(self, root):
+        from ccalign.data.images import list_image_folder
+
+        index = list_image_folder(root)
+        self.items = [Item(str(p), label) for p, label in index.samples]
+        self.classes = index.classes
+
+    def image(self, index: int, mode: str):
+        from ccalign.data.images import open_image
+
+        return open_image(self.items[index].name, mode)
+
+
+class FashionMNISTSource:
+    """One split of Fashion-MNIST held in memory."""
+
+    def __init__(self, split: str, folder):
+        from ccalign.data import fashion_mnist
+
+        self.images, labels = fashion_mnist.load(split, folder)
+        self.items = [Item(f"fashion-mnist:{split}[{i}]", int(y)) for i, y in enumerate(labels)]
+        self.classes = list(fashion_mnist.CLASS_NAMES)
+
+    def image(self, index: int, mode: str):
+        return Image.fromarray(self.images[index]).convert(mode)
+
+
+def open_source(spec: str, fashion_folder=None):
+    """An image folder, or "fashion-mnist:<split>"."""
+    if spec.startswith("fashion-mnist"):
+        split = spec.partition(":")[2] or "train"
+        return FashionMNISTSource(split, fashion_folder)
+    return FolderSource(spec)
+
+
+class LlamaGenSink:
+    """Per-image ``.npy`` files; an image is done when its code and label files both exist."""
+
+    def __init__(self, root: Path, size: int):
+        self.root, self.size = root, size
+        self.code_dir = root / f"imagenet{size}_codes"
+        self.label_dir = root / f"imagenet{size}_labels"
+
+    def done(self) -> set[int]:
+        return _stems(self.code_dir) & _stems(self.label_dir)
+
+    def write(self, indices: list[int], codes: np.ndarray, labels: list[int]) -> None:
+        from ccalign.data.codes import write_llamagen_code
+
+        for index, view_codes, label in zip(indices, codes, labels, strict=True):
+            write_llamagen_code(self.root, self.size, index, view_codes, label)
+
+    def flush(self) -> None:
+        """Nothing is buffered: every image is written as it comes."""
+
+
+class FlatSink:
+    """Chunks of codes under ``<flat>.parts/``, merged into the flat file once all ranks finish."""
+
+    def __init__(self, path: Path, rank: int, chunk: int):
+        self.path, self.rank, self.chunk = path, rank, chunk
+        self.parts = path.with_name(path.name + ".parts")
+        self.buffer: list[tuple[int, np.ndarray, int]] = []
+
+    def done(self) -> set[int]:
+        found: set[int] = set()
+        for part in self.parts.glob("*.npz"):
+            with np.load(part) as data:
+                found.update(int(i) for i in data["indices"])
+        return found
+
+    def write(self, indices: list[int], codes: np.ndarray, labels: list[int]) -> None:
+        self.buffer.extend(zip(indices, codes, labels, strict=True))
+        if len(self.buffer) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        from ccalign.io import atomic_write
+
+        indices = np.array([b[0] for b in self.buffer], dtype=np.int64)
+        codes = np.stack([b[1] for b in self.buffer]).astype(np.int32)
+        labels = np.array([b[2] for b in self.buffer], dtype=np.int64)
+        name = f"rank{self.rank}-{int(indices.min()):010d}-{time.time_ns()}.npz"
+        atomic_write(self.parts / name, lambda tmp: _save_npz(tmp, indices, codes, labels))
+        self.buffer = []
+
+    def mark_finished(self, world: int) -> None:
+        self.flush()
+        (self.parts / f"rank{self.rank}-of-{world}.done").touch()
+
+    def merge(self, world: int, vocab_size: int, grid: int) -> int:
+        """Wait for every rank's marker, then write the flat file and remove the parts."""
+        from ccalign.data.codes import write_flat_codes
+
+        markers = [self.parts / f"rank{r}-of-{world}.done" for r in range(world)]
+        while not all(m.exists() for m in markers):
+            time.sleep(5)
+        indices, codes, labels = [], [], []
+        for part in sorted(self.parts.glob("*.npz")):
+            with np.load(part) as data:
+                indices.append(data["indices"])
+                codes.append(data["codes"])
+                labels.append(data["labels"])
+        if not indices:
+            raise ValueError("no image could be encoded; see the skipped-image report")
+        indices = np.concatenate(indices)
+        order = np.argsort(indices, kind="stable")
+        _, first = np.unique(indices[order], return_index=True)  # a resumed chunk may repeat one
+        keep = order[first]
+        write_flat_codes(self.path, np.concatenate(codes)[keep], np.concatenate(labels)[keep],
+                         vocab_size=vocab_size, grid=grid)
+        shutil.rmtree(self.parts)
+        return len(keep)
+
+
+def _save_npz(path: str, indices, codes, labels) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, indices=indices, codes=codes, labels=labels)
+
+
+def _stems(folder: Path) -> set[int]:
+    if not folder.is_dir():
+        return set()
+    return {int(n[:-4]) for n in os.listdir(folder) if n.endswith(".npy") and n[:-4].isdigit()}
+
+
+def distributed_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def encode_views(tokenizer, views: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """uint8 views (B, V, H, W[, C]) -> int64 codes (B, V, N) on the CPU."""
+    from ccalign.data.images import to_model_range
+
+    b, v = views.shape[:2]
+    x = to_model_range(views.to(tokenizer.device).flatten(0, 1), tokenizer.channels)
+    use_bf16 = precision == "bf16" and x.device.type == "cuda"
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        codes = tokenizer.encode(x)
+    return codes.reshape(b, v, -1).cpu()
+
+
+def _record_config(folder: Path, config: dict) -> None:
+    """Refuse to resume into a folder written with different settings."""
+    from ccalign.io import atomic_write
+
+    path = folder / CONFIG_NAME
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != config:
+            changed = sorted(k for k in config.keys() | previous.keys()
+                             if config.get(k) != previous.get(k))
+            raise ValueError(
+                f"{folder} holds codes extracted with other settings ({', '.join(changed)} "
+                f"differ: {previous} vs {config}); use another output folder or delete it"
+            )
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ccalign.tokenizers import load
+
+    if not args.out and not args.flat:
+        raise ValueError("give --out (LlamaGen code folder), --flat (one file) or both")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, local_rank = distributed_rank()
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available()
+                                          else "cpu"))
+    precision = args.precision or ("tf32" if device.type == "cuda" else "fp32")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    tokenizer = load(args.tokenizer, args.tokenizer_name, image_size=args.image_size).to(device)
+    size = args.image_size or tokenizer.image_size
+    source = open_source(args.source, args.fashion_mnist_folder)
+    config = {"source": str(args.source), "tokenizer": str(args.tokenizer), "image_size": size,
+              "views": args.views, "crop_range": args.crop_range if args.views == "ten-crop"
+              else None, "vocab_size": tokenizer.vocab_size, "images": len(source.items)}
+    sinks = _open_sinks(args, size, rank, config)
+    if not sinks:
+        return 0
+    done = set.intersection(*(s.done() for s in sinks))
+    pending = [i for i in range(rank, len(source.items), world) if i not in done]
+    print(f"rank {rank}/{world}: {len(pending)} of {len(source.items)} images to encode "
+          f"({len(source.classes)} classes, views {args.views}, {size}px, device {device})",
+          file=sys.stderr)
+    skipped = _encode_all(args, tokenizer, source, pending, sinks, size, precision, rank)
+    return _finish(args, sinks, world, rank, tokenizer, size, skipped)
+
+
+def _open_sinks(args, size: int, rank: int, config: dict) -> list:
+    sinks = []
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _record_config(out, config)
+        sinks.append(LlamaGenSink(out, size))
+    if args.flat:
+        flat = FlatSink(Path(args.flat), rank, args.chunk)
+        if flat.path.exists() and not flat.parts.exists():
+            print(f"{flat.path} is complete already; delete it to extract again", file=sys.stderr)
+        else:
+            flat.parts.mkdir(parents=True, exist_ok=True)
+            _record_config(flat.parts, config)
+            sinks.append(flat)
+    return sinks
+
+
+def _encode_all(args, tokenizer, source, pending, sinks, size, precision, rank) -> int:
+    from tqdm import tqdm
+
+    dataset = ViewDataset(source, pending, size, args.views, args.crop_range, tokenizer.channels)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        collate_fn=_collate, pin_memory=tokenizer.device.type == "cuda")
+    skipped = 0
+    report = skip_report_path(args)
+    bar = tqdm(total=len(pending), unit="img", disable=args.no_progress or rank != 0)
+    for batch in loader:
+        good = [b for b in batch if b[3] is None]
+        for index, _, _, error in (b for b in batch if b[3] is not None):
+            skipped += 1
+            _report_skip(report, source.items[index].name, index, error, bar)
+        if good:
+            codes = encode_views(tokenizer, torch.stack([b[1] for b in good]), precision).numpy()
+            for sink in sinks:
+                sink.write([b[0] for b in good], codes, [b[2] for b in good])
+        bar.update(len(batch))
+    bar.close()
+    for sink in sinks:
+        sink.flush()
+    return skipped
+
+
+def skip_report_path(args) -> Path:
+    """``<out>/extract-skipped.tsv``, or ``<flat>.skipped.tsv`` when only a flat file is made."""
+    return Path(args.out) / SKIPPED_NAME if args.out else Path(args.flat + ".skipped.tsv")
+
+
+def _report_skip(report: Path, name: str, index: int, error: str, bar) -> None:
+    bar.write(f"skipped image {index} {name}: {error}", file=sys.stderr)
+    with open(report, "a") as f:
+        f.write(f"{index}\t{name}\t{error}\n")
+
+
+def _finish(args, sinks, world, rank, tokenizer, size, skipped) -> int:
+    for sink in sinks:
+        if isinstance(sink, FlatSink):
+            sink.mark_finished(world)
+            if rank == 0:
+                grid = size // (tokenizer.image_size // tokenizer.grid)
+                count = sink.merge(world, tokenizer.vocab_size, grid)
+                print(f"wrote {count} images to {sink.path}", file=sys.stderr)
+    if skipped:
+        print(f"rank {rank}: {skipped} unreadable images skipped (listed in "
+              f"{skip_report_path(args)})", file=sys.stderr)
+    return 0

@@ -1,0 +1,118 @@
+"""Folders of labelled images (one sub-folder per class, as ImageNet is laid out) and crops.
+
+Listing order and class indices follow torchvision's ImageFolder (classes sorted by folder name;
+files sorted, sub-folders walked in sorted order), so index i here is image i of the official
+LlamaGen code extraction. Crops follow ADM's ``center_crop_arr`` and torchvision's ``TenCrop``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ccalign.io import PathLike
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageFolderIndex:
+    """The images of a class-per-folder tree: ``samples[i] = (path, class index)``."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def list_image_folder(root: PathLike) -> ImageFolderIndex:
+    """Index ``root/<class>/**/<image>`` in ImageFolder order; errors name an empty tree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders; lay images out as {root}/<class>/<img>")
+    samples = []
+    for index, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+            images = [f for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+            samples.extend((Path(folder) / f, index) for f in images)
+    if not samples:
+        raise ValueError(f"{root} holds no images with extensions {IMG_EXTENSIONS}")
+    return ImageFolderIndex(root, classes, samples)
+
+
+def open_image(path: PathLike, mode: str = "RGB") -> Image.Image:
+    """Decode an image fully into ``mode`` ("RGB" or "L"); raises OSError/ValueError if corrupt."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert(mode)
+
+
+def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop: BOX-halve while the short side >= 2*size, BICUBIC to short side = size,
+    then crop the centre size x size (offsets rounded down)."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top : top + size, left : left + size])
+
+
+def five_crop(arr: np.ndarray, size: int) -> list[np.ndarray]:
+    """TenCrop's five views of an (H, W[, C]) array: top-left, top-right, bottom-left,
+    bottom-right, centre (centre offsets rounded half to even, as torchvision does)."""
+    h, w = arr.shape[:2]
+    if size > h or size > w:
+        raise ValueError(f"crop size {size} exceeds the image size {(h, w)}")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
+    return [arr[y : y + size, x : x + size] for y, x in corners]
+
+
+def ten_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """The five crops of the image then the five of its horizontal mirror: (10, size, size[, C])."""
+    return np.stack(five_crop(arr, size) + five_crop(arr[:, ::-1], size))
+
+
+def views(image: Image.Image, size: int, mode: str, crop_range: float = 1.1) -> np.ndarray:
+    """The views LlamaGen's extraction encodes for one image, as uint8 (V, size, size[, C]).
+
+    "ten-crop": centre crop to int(size * crop_range), then ten_crop; "flip": centre crop to
+    size, the image and its mirror; "center": the centre crop alone.
+    """
+    if mode == "ten-crop":
+        return ten_crop(np.asarray(center_crop_arr(image, int(size * crop_range))), size)
+    arr = np.asarray(center_crop_arr(image, size))
+    if mode == "flip":
+        return np.stack([arr, arr[:, ::-1]])
+    if mode == "center":
+        return arr[None]
+    raise ValueError(f"unknown view mode {mode!r}; choose ten-crop, flip or center")
+
+
+def to_model_range(pixels: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (..., H, W) grey or (..., H, W, 3) RGB -> float32 (..., C, H, W) in [-1, 1].
+
+    Computed as (x / 255 - 0.5) / 0.5, the ToTensor + Normalize(0.5, 0.5) of the original.
+    """
+    x = pixels.float() / 255.0
+    x = x.unsqueeze(-3) if channels == 1 else x.movedim(-1, -3)
+    return (x - 0.5) / 0.5
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Model-range images (B, C, H, W) -> uint8 (B, H, W[, C]) for saving, clamped to [-1, 1]."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    x = x.movedim(1, -1).numpy()
+    return x[..., 0] if x.shape[-1] == 1 else x

@@ -1,0 +1,205 @@
+"""extract-codes: crops (ADM centre crop, TenCrop order), layout, labels, resume, bad images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ccalign.cli import main
+from ccalign.commands import extract_codes
+from ccalign.data.codes import open_codes
+from ccalign.data.images import center_crop_arr, list_image_folder, ten_crop, views
+from ccalign.tokenizers import VQConfig, VQModel, load, save
+
+SIZE = 16  # crops of 16 px, tokenizer downsampling 4 -> 4x4 = 16 codes per view
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ten_crop_order_and_coordinates():
+    arr = np.arange(5 * 7).reshape(5, 7)
+    crops = ten_crop(arr, 3)
+    mirror = arr[:, ::-1]
+    expected = [arr[0:3, 0:3], arr[0:3, 4:7], arr[2:5, 0:3], arr[2:5, 4:7], arr[1:4, 2:5],
+                mirror[0:3, 0:3], mirror[0:3, 4:7], mirror[2:5, 0:3], mirror[2:5, 4:7],
+                mirror[1:4, 2:5]]
+    assert crops.shape == (10, 3, 3)
+    for got, want in zip(crops, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # torchvision rounds the centre offset half to even: (6-3)/2 = 1.5 -> 2, (4-3)/2 = 0.5 -> 0
+    centre = ten_crop(np.arange(6 * 4).reshape(6, 4), 3)[4]
+    np.testing.assert_array_equal(centre, np.arange(24).reshape(6, 4)[2:5, 0:3])
+
+
+def test_center_crop_arr_halves_then_bicubic_then_crops():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    out = center_crop_arr(image, 16)
+    # 100x60 -> BOX to 50x30 (30 < 32 stops), BICUBIC to round(50*16/30)=27 x 16, crop x 5..21
+    step = image.resize((50, 30), Image.BOX).resize((27, 16), Image.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(step)[:, 5:21])
+    assert views(image, 16, "ten-crop").shape == (10, 16, 16, 3)  # via int(16*1.1) = 17
+    assert views(image, 16, "flip").shape == (2, 16, 16, 3)
+
+
+def _write_folder(root, corrupt=True):
+    rng = np.random.default_rng(1)
+    layout = {"b_shoe": [(40, 30), (20, 20)], "a_bag": [(33, 50), (18, 25), (64, 64)],
+              "c_hat": [(17, 17)]}
+    for name, sizes in layout.items():
+        for k, (w, h) in enumerate(sizes):
+            folder = root / name / ("sub" if k == 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"img{k}.png")
+    (root / "a_bag" / "notes.txt").write_text("not an image")
+    if corrupt:
+        (root / "b_shoe" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+
+
+def _tokenizer(path):
+    torch.manual_seed(0)
+    model = VQModel(VQConfig(codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=(1, 2, 2),
+                             num_res_blocks=1, z_channels=32, usage_window=0, image_size=SIZE))
+    save(model, path)
+    return load(path)
+
+
+def _expected_codes(tok, path, mode="ten-crop"):
+    image = Image.open(path).convert("RGB")
+    crops = views(image, SIZE, mode)
+    x = torch.from_numpy(crops).float().div(255).sub(0.5).div(0.5).permute(0, 3, 1, 2)
+    return tok.encode(x).numpy()
+
+
+def test_extracts_layout_views_labels_and_reports_a_corrupt_image(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "codes"
+    _write_folder(data)
+    tok = _tokenizer(tmp_path / "tok.safetensors")
+    rc = main(["extract-codes", str(data), "--tokenizer", str(tmp_path / "tok.safetensors"),
+               "--out", str(out), "--flat", str(tmp_path / "flat.safetensors"), "--workers", "0",
+               "--batch-size", "2", "--no-progress"])
+    assert rc == 0
+    index = list_image_folder(data)
+    assert index.classes == ["a_bag", "b_shoe", "c_hat"]
+    names = [(p.parent.name, p.name) for p, _ in index.samples]
+    assert names == [("a_bag", "img0.png"), ("a_bag", "img1.png"), ("sub", "img2.png"),
+                     ("b_shoe", "broken.png"), ("b_shoe", "img0.png"), ("b_shoe", "img1.png"),
+                     ("c_hat", "img0.png")]
+    codes_dir, labels_dir = out / "imagenet16_codes", out / "imagenet16_labels"
+    assert sorted(p.name for p in codes_dir.iterdir()) == [f"{i}.npy" for i in (0, 1, 2, 4, 5, 6)]
+    for i, (path, label) in enumerate(index.samples):
+        if i == 3:
+            continue
+        codes = np.load(codes_dir / f"{i}.npy")
+        assert codes.shape == (1, 10, 16) and codes.dtype == np.int64
+        np.testing.assert_array_equal(codes[0], _expected_codes(tok, path))
+        np.testing.assert_array_equal(np.load(labels_dir / f"{i}.npy"), np.array([label]))
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "skipped image 3" in err
+    report = (out / "extract-skipped.tsv").read_text()
+    assert report.startswith("3\t") and "broken.png" in report
+    flat = open_codes(tmp_path / "flat.safetensors")
+    assert flat.num_views == 10 and len(flat) == 6
+    np.testing.assert_array_equal(flat.all_labels(), [0, 0, 0, 1, 1, 2])
+    np.testing.assert_array_equal(flat.codes[3].numpy(), np.load(codes_dir / "4.npy")[0])
+    assert flat.vocab_size == 64
+    assert not (tmp_path / "flat.safetensors.parts").exists()
+
+
+def test_resumes_after_a_kill_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    _write_folder(data, corrupt=False)
+    _tokenizer(tmp_path / "tok.safetensors")
+
+    def extract(out, flat):
+        return main(["extract-codes", str(data), "--tokenizer", str(tmp_path / "tok.safetensors"),
+                     "--out", str(out), "--flat", str(flat), "--workers", "0", "--batch-size", "2",
+                     "--chunk", "2", "--views", "flip", "--no-progress"])
+
+    extract(tmp_path / "ref", tmp_path / "ref.safetensors")
+    real_write = extract_codes.LlamaGenSink.write
+    written = []
+
+    def dying_write(self, indices, codes, labels):
+        if len(written) >= 4:
+            raise KeyboardInterrupt  # the process is killed after two batches
+        written.extend(indices)
+        real_write(self, indices, codes, labels)
+
+    monkeypatch.setattr(extract_codes.LlamaGenSink, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tmp_path / "run", tmp_path / "run.safetensors")
+    assert sorted(p.name for p in (tmp_path / "run" / "imagenet16_codes").iterdir()) == [
+        "0.npy", "1.npy", "2.npy", "3.npy"]
+    assert not (tmp_path / "run.safetensors").exists()
+    monkeypatch.setattr(extract_codes.LlamaGenSink, "write", real_write)
+    encoded = []
+    real_encode = extract_codes.encode_views
+    monkeypatch.setattr(extract_codes, "encode_views",
+                        lambda tok, v, p: encoded.append(len(v)) or real_encode(tok, v, p))
+    extract(tmp_path / "run", tmp_path / "run.safetensors")
+    assert sum(encoded) == 2  # only the two images the killed run had not reached
+    for i in range(6):
+        for kind in ("codes", "labels"):
+            np.testing.assert_array_equal(
+                np.load(tmp_path / "run" / f"imagenet16_{kind}" / f"{i}.npy"),
+                np.load(tmp_path / "ref" / f"imagenet16_{kind}" / f"{i}.npy"))
+    ref, run = open_codes(tmp_path / "ref.safetensors"), open_codes(tmp_path / "run.safetensors")
+    assert torch.equal(ref.codes, run.codes) and torch.equal(ref.labels, run.labels)
+    assert ref.num_views == 2
+
+
+def test_ranks_split_the_work_and_rank_zero_merges(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    _write_folder(data, corrupt=False)
+    _tokenizer(tmp_path / "tok.safetensors")
+    args = ["extract-codes", str(data), "--tokenizer", str(tmp_path / "tok.safetensors"),
+            "--workers", "0", "--views", "center", "--no-progress"]
+    main(args + ["--out", str(tmp_path / "ref"), "--flat", str(tmp_path / "ref.safetensors")])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        main(args + ["--out", str(tmp_path / "dist"), "--flat", str(tmp_path / "d.safetensors")])
+    ref, dist = open_codes(tmp_path / "ref.safetensors"), open_codes(tmp_path / "d.safetensors")
+    assert torch.equal(ref.codes, dist.codes) and torch.equal(ref.labels, dist.labels)
+    assert ref.codes.shape == (6, 1, 16)
+
+
+def test_refuses_to_resume_with_other_settings(tmp_path):
+    data = tmp_path / "data"
+    _write_folder(data, corrupt=False)
+    _tokenizer(tmp_path / "tok.safetensors")
+    args = ["extract-codes", str(data), "--tokenizer", str(tmp_path / "tok.safetensors"),
+            "--out", str(tmp_path / "out"), "--workers", "0", "--no-progress"]
+    assert main(args + ["--views", "center"]) == 0
+    assert main(args + ["--views", "flip"]) == 1  # a clear error, not mixed codes
+
+
+def test_fashion_mnist_source_writes_flat_codes(tmp_path, monkeypatch):
+    from test_fashion_mnist import write_fake_fashion_mnist
+
+    images, labels = write_fake_fashion_mnist(tmp_path / "fm", train=6, test=3)
+    torch.manual_seed(0)
+    tok = VQModel(VQConfig(codebook_size=32, codebook_embed_dim=4, ch=8, ch_mult=(1, 2, 2),
+                           num_res_blocks=1, z_channels=8, in_channels=1, norm_groups=4,
+                           usage_window=0, image_size=28))
+    save(tok, tmp_path / "tok.safetensors")
+    rc = main(["extract-codes", "fashion-mnist:test", "--fashion-mnist-folder",
+               str(tmp_path / "fm"), "--tokenizer", str(tmp_path / "tok.safetensors"), "--views",
+               "center", "--flat", str(tmp_path / "fm.safetensors"), "--workers", "0",
+               "--no-progress"])
+    assert rc == 0
+    flat = open_codes(tmp_path / "fm.safetensors")
+    x = torch.from_numpy(images["test"]).float().div(255).sub(0.5).div(0.5)[:, None]
+    np.testing.assert_array_equal(flat.codes[:, 0].numpy(), tok.eval().encode(x).numpy())
+    np.testing.assert_array_equal(flat.all_labels(), labels["test"])
