@@ -1,0 +1,156 @@
+"""evaluate() wiring, the `ccalign eval` and `train-classifier` commands, the bundled network."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ccalign.cli import main
+from ccalign.data import fashion_mnist
+from ccalign.eval import (
+    FeatureExtractor,
+    ReferenceBatch,
+    SampleBatch,
+    bundled_classifier_path,
+    conditional_accuracy,
+    evaluate,
+    evaluate_files,
+    feature_statistics,
+    fid_from_features,
+    frechet_distance,
+    inception_score,
+    load_classifier,
+    load_classifier_extractor,
+    precision_recall,
+)
+from ccalign.eval.classifier import ClassifierConfig, FashionClassifier, save_classifier
+from ccalign.eval.classifier_training import classifier_accuracy
+
+
+def _pixel_extractor() -> FeatureExtractor:
+    """Features = the first 6 pixels, logits = the next 3 (of 3x3 grey images)."""
+    return FeatureExtractor(lambda x: (x[:, :6], x[:, 6:9]), lambda b: b.flatten(1).float(),
+                            "pixels", "cpu", batch_size=7, progress=False)
+
+
+def _images(n, shape=(3, 3), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def test_evaluate_combines_the_metrics_on_the_extracted_features():
+    fake, real = _images(30, seed=1), _images(25, seed=2)
+    labels = np.random.default_rng(3).integers(0, 3, size=30)
+    got = evaluate(SampleBatch(fake, labels), real, _pixel_extractor())
+    fake_flat, real_flat = fake.reshape(30, 9).astype(np.float64), real.reshape(25, 9)
+    precision, recall = precision_recall(real_flat[:, :6], fake_flat[:, :6], k=3, device="cpu")
+    assert got["fid"] == pytest.approx(fid_from_features(fake_flat[:, :6], real_flat[:, :6]),
+                                       rel=1e-9)
+    assert got["is"] == pytest.approx(inception_score(fake_flat[:, 6:], splits=10), rel=1e-9)
+    assert got["accuracy"] == conditional_accuracy(fake_flat[:, 6:], labels)
+    assert (got["precision"], got["recall"]) == (precision, recall)
+    assert (got["num_samples"], got["num_reference_images"], got["features"]) == (30, 25, "pixels")
+
+
+def test_evaluate_uses_stored_reference_statistics():
+    fake = _images(20, seed=4)
+    mu, sigma = np.full(6, 100.0), np.eye(6) * 300.0
+    got = evaluate(fake, ReferenceBatch(mu=mu, sigma=sigma), _pixel_extractor(), is_splits=2)
+    fake_mu, fake_sigma = feature_statistics(fake.reshape(20, 9)[:, :6])
+    assert got["fid"] == pytest.approx(frechet_distance(fake_mu, fake_sigma, mu, sigma), rel=1e-9)
+    assert got["precision"] is None and got["recall"] is None and got["accuracy"] is None
+    with pytest.raises(ValueError, match="statistics are 4-d but the pixels features are 6-d"):
+        evaluate(fake, ReferenceBatch(mu=np.zeros(4), sigma=np.eye(4)), _pixel_extractor())
+
+
+@pytest.fixture
+def tiny_classifier(tmp_path):
+    torch.manual_seed(0)
+    model = FashionClassifier(ClassifierConfig(channels=(4, 8), feature_dim=16)).eval()
+    return save_classifier(model, tmp_path / "clf.safetensors")
+
+
+def test_eval_command_prints_and_writes_the_metrics(tmp_path, tiny_classifier, capsys):
+    np.savez(tmp_path / "samples.npz", _images(30, (28, 28), 5),
+             np.random.default_rng(6).integers(0, 10, size=30))
+    np.savez(tmp_path / "ref.npz", _images(40, (28, 28, 1), 7))
+    out = tmp_path / "metrics.json"
+    argv = ["eval", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
+            "--features", "fmnist", "--classifier", str(tiny_classifier), "--device", "cpu",
+            "--batch-size", "16", "--is-splits", "3", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    written = json.loads(out.read_text())
+    extractor = load_classifier_extractor(tiny_classifier, device="cpu", progress=False)
+    expected = evaluate_files(tmp_path / "samples.npz", tmp_path / "ref.npz", extractor,
+                              is_splits=3)
+    assert set(written) == set(expected) >= {"fid", "is", "precision", "recall", "accuracy"}
+    for name, value in expected.items():
+        assert written[name] == (pytest.approx(value, rel=1e-9) if isinstance(value, float)
+                                 else value)
+    assert "fid" in capsys.readouterr().out
+
+
+def test_eval_command_reports_bad_files(tmp_path, tiny_classifier, capsys):
+    np.savez(tmp_path / "samples.npz", np.zeros((4, 28, 28, 3), np.float32))
+    np.savez(tmp_path / "ref.npz", _images(4, (28, 28)))
+    argv = ["eval", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
+            "--features", "fmnist", "--classifier", str(tiny_classifier), "--no-progress"]
+    assert main(argv) == 1
+    assert "dtype float32, expected uint8" in capsys.readouterr().err
+
+
+def _write_idx(path, array, magic):
+    header = struct.pack(">II", magic, array.shape[0]) + b"".join(
+        struct.pack(">I", side) for side in array.shape[1:])
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _write_fake_fashion_mnist(folder, n_train=256, n_test=128):
+    """Bright-top vs bright-bottom images (mirror-proof), labelled 0 / 1, as four idx files."""
+    rng = np.random.default_rng(8)
+    data = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 2, size=n)
+        images = rng.integers(0, 60, size=(n, 28, 28))
+        images[labels == 0, :14] += 180
+        images[labels == 1, 14:] += 180
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images, 2051)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels, 2049)
+        data[split] = (images.astype(np.uint8), labels)
+    return data
+
+
+def test_train_classifier_command_on_tiny_idx_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the session's threads
+    data = _write_fake_fashion_mnist(tmp_path)
+    images, labels = data["t10k"]
+    out = tmp_path / "clf.safetensors"
+    argv = ["train-classifier", "--data-dir", str(tmp_path), "--epochs", "2", "--batch-size",
+            "32", "--threads", "1", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    model = load_classifier(out)
+    accuracy = classifier_accuracy(model, images, labels)
+    assert accuracy > 0.9  # the halves are trivially separable
+    assert f"test accuracy {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_train_classifier_reports_missing_data(tmp_path, capsys):
+    argv = ["train-classifier", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c.st")]
+    assert main(argv) == 1
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (fashion_mnist.SYSTEM_FOLDER / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
+def test_bundled_classifier_reaches_its_recorded_test_accuracy():
+    from ccalign.eval.classifier import classifier_metadata
+
+    images, labels = fashion_mnist.load("test", fashion_mnist.SYSTEM_FOLDER)
+    accuracy = classifier_accuracy(load_classifier(), images, labels)
+    assert accuracy >= 0.91
+    recorded = float(classifier_metadata(bundled_classifier_path())["test_accuracy"])
+    assert accuracy == pytest.approx(recorded, abs=1e-4)
