@@ -95,3 +95,14 @@ def test_bad_files_are_reported(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="imagenet<size>_codes"):
         open_codes(tmp_path / "empty")
+
+
+def test_atomic_writes_get_the_default_file_mode(tmp_path):
+    import os
+
+    from ccalign.io import atomic_write
+
+    atomic_write(tmp_path / "f.txt", lambda tmp: open(tmp, "w").write("x"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask
