@@ -193,3 +193,17 @@ def test_cli_sample_end_to_end(tmp_path, monkeypatch, capsys):
     assert "0 batches sampled now" in capsys.readouterr().out
     assert main(["sample", str(checkpoint), "--out", str(tmp_path / "x"), "--device", "cpu"]) == 1
     assert "say what to sample" in capsys.readouterr().err
+
+
+def test_cli_tokenizer_follows_the_model_grid(tmp_path):
+    """A convolutional VQ saved at one size decodes the model's grid (VQ-16: 256 -> 384 px)."""
+    from ccalign import tokenizers
+    from ccalign.commands.sample import _load_tokenizer
+
+    tokenizers.save(tokenizers.build("small"), tmp_path / "vq.safetensors")
+    default = tokenizers.load(tmp_path / "vq.safetensors")
+    sized = _load_tokenizer(str(tmp_path / "vq.safetensors"), "cpu", grid=default.grid + 2)
+    assert sized.grid == default.grid + 2
+    assert sized.image_size == (default.grid + 2) * (default.image_size // default.grid)
+    codes = torch.zeros(1, sized.grid**2, dtype=torch.long)
+    assert sized.decode(codes).shape[-1] == sized.image_size

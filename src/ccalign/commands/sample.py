@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
             per_class=args.per_class,
             num_samples=args.num_samples,
         )
-        tokenizer = _load_tokenizer(args.tokenizer, device) if args.tokenizer else None
+        tokenizer = (
+            _load_tokenizer(args.tokenizer, device, model.config.grid) if args.tokenizer else None
+        )
         sampling = dict(
             cfg_scale=args.cfg_scale,
             cfg_interval=args.cfg_interval,
@@ -117,13 +119,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tokenizer(path: str, device):
-    """The tokenizer behind ``--tokenizer``, loaded only when asked for."""
+def _load_tokenizer(path: str, device, grid: int):
+    """The ``--tokenizer``, sized for the model's ``grid`` (VQ-16 at grid 24: 384 px)."""
     import torch
 
     from ccalign import tokenizers
 
     tokenizer = tokenizers.load(path)
+    if tokenizer.grid != grid:  # convolutional VQs decode any grid: set the image size to match
+        downsample = tokenizer.image_size // tokenizer.grid
+        tokenizer = tokenizers.load(path, image_size=grid * downsample)
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer.to(device).eval()
     return tokenizer
