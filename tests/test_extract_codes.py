@@ -9,6 +9,7 @@ from PIL import Image
 
 from ccalign.cli import main
 from ccalign.commands import extract_codes
+from ccalign.data import images
 from ccalign.data.codes import open_codes
 from ccalign.data.images import center_crop_arr, list_image_folder, ten_crop, views
 from ccalign.tokenizers import VQConfig, VQModel, load, save
@@ -144,7 +145,7 @@ def test_resumes_after_a_kill_and_matches_an_uninterrupted_run(tmp_path, monkeyp
     assert not (tmp_path / "run.safetensors").exists()
     monkeypatch.setattr(extract_codes.LlamaGenSink, "write", real_write)
     encoded = []
-    real_encode = extract_codes.encode_views
+    real_encode = images.encode_views
     monkeypatch.setattr(extract_codes, "encode_views",
                         lambda tok, v, p: encoded.append(len(v)) or real_encode(tok, v, p))
     extract(tmp_path / "run", tmp_path / "run.safetensors")

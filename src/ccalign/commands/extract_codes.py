@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,52 +26,68 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ccalign.data.images import encode_views, open_source
+
 HELP = "encode a folder of labelled images (or Fashion-MNIST) into token codes"
 CONFIG_NAME = "ccalign-extract.json"
 SKIPPED_NAME = "extract-skipped.tsv"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="image folder laid out <class>/<image> (ImageNet style), "
-                                       "or fashion-mnist:train / fashion-mnist:test")
-    parser.add_argument("--tokenizer", required=True,
-                        help="tokenizer file (LlamaGen vq_ds16_c2i.pt, a ccalign .safetensors) "
-                             "or fmnist-vq for the bundled one")
-    parser.add_argument("--tokenizer-name", default=None, help="VQ-16 or VQ-8 for official files "
-                        "(inferred from the weights when left out)")
+    parser.add_argument(
+        "source",
+        help="image folder laid out <class>/<image> (ImageNet style), "
+        "or fashion-mnist:train / fashion-mnist:test",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer file (LlamaGen vq_ds16_c2i.pt, a ccalign .safetensors) "
+        "or fmnist-vq for the bundled one",
+    )
+    parser.add_argument(
+        "--tokenizer-name",
+        default=None,
+        help="VQ-16 or VQ-8 for official files (inferred from the weights when left out)",
+    )
     parser.add_argument("--out", default=None, help="LlamaGen code folder to write")
     parser.add_argument("--flat", default=None, help="also (or only) write one flat .safetensors")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="crop size (default: the tokenizer's; 256 or 384 for VQ-16)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="crop size (default: the tokenizer's; 256 or 384 for VQ-16)",
+    )
     parser.add_argument("--views", choices=("ten-crop", "flip", "center"), default="ten-crop")
-    parser.add_argument("--crop-range", type=float, default=1.1,
-                        help="ten-crop's centre crop is int(size * this); LlamaGen's second set "
-                             "uses 1.05")
+    parser.add_argument(
+        "--crop-range",
+        type=float,
+        default=1.1,
+        help="ten-crop's centre crop is int(size * this); LlamaGen's second set uses 1.05",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per encoder batch")
     parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
-    parser.add_argument("--chunk", type=int, default=4096,
-                        help="images per resumable chunk of the flat output")
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default=None,
-                        help="encoder arithmetic on CUDA (default tf32, as LlamaGen's script)")
+    parser.add_argument(
+        "--chunk", type=int, default=4096, help="images per resumable chunk of the flat output"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        default=None,
+        help="encoder arithmetic on CUDA (default tf32, as LlamaGen's script)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> if available")
     parser.add_argument("--fashion-mnist-folder", default=None)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true")
 
 
-@dataclass(frozen=True)
-class Item:
-    """One source image: where it is (for reports) and its class."""
-
-    name: str
-    label: int
-
-
 class ViewDataset(Dataset):
     """The views of the pending images: (index, uint8 views or None, label, error or None)."""
 
-    def __init__(self, source, indices: list[int], size: int, mode: str, crop_range: float,
-                 channels: int):
+    def __init__(
+        self, source, indices: list[int], size: int, mode: str, crop_range: float, channels: int
+    ):
         self.source, self.indices = source, indices
         self.size, self.mode, self.crop_range = size, mode, crop_range
         self.pil_mode = "L" if channels == 1 else "RGB"
@@ -95,44 +110,6 @@ class ViewDataset(Dataset):
 
 def _collate(batch):
     return batch
-
-
-class FolderSource:
-    """Images of a class-per-folder tree, in ImageFolder order."""
-
-    def __init__(self, root):
-        from ccalign.data.images import list_image_folder
-
-        index = list_image_folder(root)
-        self.items = [Item(str(p), label) for p, label in index.samples]
-        self.classes = index.classes
-
-    def image(self, index: int, mode: str):
-        from ccalign.data.images import open_image
-
-        return open_image(self.items[index].name, mode)
-
-
-class FashionMNISTSource:
-    """One split of Fashion-MNIST held in memory."""
-
-    def __init__(self, split: str, folder):
-        from ccalign.data import fashion_mnist
-
-        self.images, labels = fashion_mnist.load(split, folder)
-        self.items = [Item(f"fashion-mnist:{split}[{i}]", int(y)) for i, y in enumerate(labels)]
-        self.classes = list(fashion_mnist.CLASS_NAMES)
-
-    def image(self, index: int, mode: str):
-        return Image.fromarray(self.images[index]).convert(mode)
-
-
-def open_source(spec: str, fashion_folder=None):
-    """An image folder, or "fashion-mnist:<split>"."""
-    if spec.startswith("fashion-mnist"):
-        split = spec.partition(":")[2] or "train"
-        return FashionMNISTSource(split, fashion_folder)
-    return FolderSource(spec)
 
 
 class LlamaGenSink:
@@ -211,8 +188,13 @@ class FlatSink:
         order = np.argsort(indices, kind="stable")
         _, first = np.unique(indices[order], return_index=True)  # a resumed chunk may repeat one
         keep = order[first]
-        write_flat_codes(self.path, np.concatenate(codes)[keep], np.concatenate(labels)[keep],
-                         vocab_size=vocab_size, grid=grid)
+        write_flat_codes(
+            self.path,
+            np.concatenate(codes)[keep],
+            np.concatenate(labels)[keep],
+            vocab_size=vocab_size,
+            grid=grid,
+        )
         shutil.rmtree(self.parts)
         return len(keep)
 
@@ -234,18 +216,6 @@ def distributed_rank() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def encode_views(tokenizer, views: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """uint8 views (B, V, H, W[, C]) -> int64 codes (B, V, N) on the CPU."""
-    from ccalign.data.images import to_model_range
-
-    b, v = views.shape[:2]
-    x = to_model_range(views.to(tokenizer.device).flatten(0, 1), tokenizer.channels)
-    use_bf16 = precision == "bf16" and x.device.type == "cuda"
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        codes = tokenizer.encode(x)
-    return codes.reshape(b, v, -1).cpu()
-
-
 def _record_config(folder: Path, config: dict) -> None:
     """Refuse to resume into a folder written with different settings."""
     from ccalign.io import atomic_write
@@ -254,8 +224,9 @@ def _record_config(folder: Path, config: dict) -> None:
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != config:
-            changed = sorted(k for k in config.keys() | previous.keys()
-                             if config.get(k) != previous.get(k))
+            changed = sorted(
+                k for k in config.keys() | previous.keys() if config.get(k) != previous.get(k)
+            )
             raise ValueError(
                 f"{folder} holds codes extracted with other settings ({', '.join(changed)} "
                 f"differ: {previous} vs {config}); use another output folder or delete it"
@@ -272,24 +243,33 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, local_rank = distributed_rank()
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available()
-                                          else "cpu"))
+    device = torch.device(
+        args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    )
     precision = args.precision or ("tf32" if device.type == "cuda" else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     tokenizer = load(args.tokenizer, args.tokenizer_name, image_size=args.image_size).to(device)
     size = args.image_size or tokenizer.image_size
     source = open_source(args.source, args.fashion_mnist_folder)
-    config = {"source": str(args.source), "tokenizer": str(args.tokenizer), "image_size": size,
-              "views": args.views, "crop_range": args.crop_range if args.views == "ten-crop"
-              else None, "vocab_size": tokenizer.vocab_size, "images": len(source.items)}
+    config = {
+        "source": str(args.source),
+        "tokenizer": str(args.tokenizer),
+        "image_size": size,
+        "views": args.views,
+        "crop_range": args.crop_range if args.views == "ten-crop" else None,
+        "vocab_size": tokenizer.vocab_size,
+        "images": len(source.items),
+    }
     sinks = _open_sinks(args, size, rank, config)
     if not sinks:
         return 0
     done = set.intersection(*(s.done() for s in sinks))
     pending = [i for i in range(rank, len(source.items), world) if i not in done]
-    print(f"rank {rank}/{world}: {len(pending)} of {len(source.items)} images to encode "
-          f"({len(source.classes)} classes, views {args.views}, {size}px, device {device})",
-          file=sys.stderr)
+    print(
+        f"rank {rank}/{world}: {len(pending)} of {len(source.items)} images to encode "
+        f"({len(source.classes)} classes, views {args.views}, {size}px, device {device})",
+        file=sys.stderr,
+    )
     skipped = _encode_all(args, tokenizer, source, pending, sinks, size, precision, rank)
     return _finish(args, sinks, world, rank, tokenizer, size, skipped)
 
@@ -316,8 +296,13 @@ def _encode_all(args, tokenizer, source, pending, sinks, size, precision, rank) 
     from tqdm import tqdm
 
     dataset = ViewDataset(source, pending, size, args.views, args.crop_range, tokenizer.channels)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=_collate, pin_memory=tokenizer.device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        collate_fn=_collate,
+        pin_memory=tokenizer.device.type == "cuda",
+    )
     skipped = 0
     report = skip_report_path(args)
     bar = tqdm(total=len(pending), unit="img", disable=args.no_progress or rank != 0)
@@ -357,6 +342,9 @@ def _finish(args, sinks, world, rank, tokenizer, size, skipped) -> int:
                 count = sink.merge(world, tokenizer.vocab_size, grid)
                 print(f"wrote {count} images to {sink.path}", file=sys.stderr)
     if skipped:
-        print(f"rank {rank}: {skipped} unreadable images skipped (listed in "
-              f"{skip_report_path(args)})", file=sys.stderr)
+        print(
+            f"rank {rank}: {skipped} unreadable images skipped (listed in "
+            f"{skip_report_path(args)})",
+            file=sys.stderr,
+        )
     return 0

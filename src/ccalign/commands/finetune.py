@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "fine-tune a pretrained model with CCA, DPO or unlearning on pre-extracted codes"
+HELP = "CCA / DPO / unlearning fine-tuning on extracted codes or on images encoded on the fly"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -116,3 +116,56 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     x = x.movedim(1, -1).numpy()
     return x[..., 0] if x.shape[-1] == 1 else x
+
+
+# ---- image sources shared by extract-codes and on-the-fly encoding ----
+@dataclass(frozen=True)
+class Item:
+    """One source image: where it is (for reports) and its class."""
+
+    name: str
+    label: int
+
+
+class FolderSource:
+    """Images of a class-per-folder tree, in ImageFolder order."""
+
+    def __init__(self, root):
+        index = list_image_folder(root)
+        self.items = [Item(str(p), label) for p, label in index.samples]
+        self.classes = index.classes
+
+    def image(self, index: int, mode: str):
+        return open_image(self.items[index].name, mode)
+
+
+class FashionMNISTSource:
+    """One split of Fashion-MNIST held in memory."""
+
+    def __init__(self, split: str, folder):
+        from ccalign.data import fashion_mnist
+
+        self.images, labels = fashion_mnist.load(split, folder)
+        self.items = [Item(f"fashion-mnist:{split}[{i}]", int(y)) for i, y in enumerate(labels)]
+        self.classes = list(fashion_mnist.CLASS_NAMES)
+
+    def image(self, index: int, mode: str):
+        return Image.fromarray(self.images[index]).convert(mode)
+
+
+def open_source(spec: str, fashion_folder=None):
+    """An image folder, or "fashion-mnist:<split>"."""
+    if spec.startswith("fashion-mnist"):
+        split = spec.partition(":")[2] or "train"
+        return FashionMNISTSource(split, fashion_folder)
+    return FolderSource(spec)
+
+
+def encode_views(tokenizer, views: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """uint8 views (B, V, H, W[, C]) -> int64 codes (B, V, N) on the CPU."""
+    b, v = views.shape[:2]
+    x = to_model_range(views.to(tokenizer.device).flatten(0, 1), tokenizer.channels)
+    use_bf16 = precision == "bf16" and x.device.type == "cuda"
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        codes = tokenizer.encode(x)
+    return codes.reshape(b, v, -1).cpu()

@@ -9,6 +9,7 @@ from ccalign.train.config import TrainConfig, load_config
 #: command-line shortcut -> dotted config key
 SHORTCUTS = {
     "data": "data.path",
+    "tokenizer": "data.tokenizer",
     "init": "model.init",
     "out": "checkpoint.out",
     "steps": "train.steps",
@@ -27,7 +28,16 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)",
     )
-    parser.add_argument("--data", help="training codes: a flat .safetensors file or a code folder")
+    parser.add_argument(
+        "--data",
+        help="training codes (a flat .safetensors file or a code folder); with --tokenizer, "
+        "images (a <class>/<image> folder or fashion-mnist:train)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="encode --data images on the fly with this tokenizer (a tokenizer file or "
+        "fmnist-vq); --set data.views=flip adds random mirrors",
+    )
     parser.add_argument("--init", help="starting checkpoint (ccalign .safetensors or official .pt)")
     parser.add_argument("--out", help="output folder for checkpoints, logs and the final model")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: from train.epochs)")

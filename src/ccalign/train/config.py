@@ -22,6 +22,7 @@ METHODS = ("cca", "dpo", "unlearning", "mle")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
+DATA_VIEWS = ("center", "flip")
 
 
 @dataclass
@@ -37,9 +38,12 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Pre-extracted codes and how they are read."""
+    """The training data: pre-extracted codes, or images encoded on the fly by ``tokenizer``."""
 
-    path: str | None = None
+    path: str | None = None  # codes; with tokenizer: an image folder or fashion-mnist:<split>
+    tokenizer: str | None = None  # tokenizer file or "fmnist-vq"; None: path holds codes
+    views: str = "center"  # with tokenizer: "center" crop, or "flip" (a random mirror per item)
+    image_size: int | None = None  # with tokenizer: crop size (None: the tokenizer's own)
     seed: int = 0  # data order and view choice
     num_workers: int = 0
     validate: bool = True  # check labels / tokens / length against the model before training
@@ -131,6 +135,7 @@ class TrainConfig:
         _choice("optim.schedule", self.optim.schedule, SCHEDULES)
         _choice("train.precision", self.train.precision, PRECISIONS)
         _choice("train.parallel", self.train.parallel, PARALLEL)
+        _validate_data(self.data)
         for key, value in (
             ("train.global_batch", self.train.global_batch),
             ("train.micro_batch", self.train.micro_batch),
@@ -172,6 +177,18 @@ def _build_section(name: str, values: Any) -> Any:
     if "betas" in values:
         values["betas"] = tuple(float(b) for b in values["betas"])
     return section_type(**values)
+
+
+def _validate_data(data: DataSection) -> None:
+    """Image-only keys need a tokenizer: code files carry their own views and size."""
+    _choice("data.views", data.views, DATA_VIEWS)
+    if data.image_size is not None and data.image_size < 1:
+        raise ValueError(f"data.image_size must be >= 1, got {data.image_size}")
+    if data.tokenizer is None and (data.views != "center" or data.image_size is not None):
+        raise ValueError(
+            "data.views and data.image_size apply to images encoded on the fly: set "
+            "data.tokenizer (--tokenizer), or leave them out when data.path holds codes"
+        )
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ccalign.data.codes import open_codes, validate_codes
+from ccalign.data.codes import CodeDataset, open_codes, validate_codes
 from ccalign.models import llamagen
 from ccalign.train.config import ModelSection, TrainConfig
 from ccalign.train.trainer import Callback, Trainer
@@ -27,12 +27,29 @@ def model_from_config(section: ModelSection) -> llamagen.LlamaGen:
     return llamagen.load(section.init, name, grid=section.grid, **section.arch)
 
 
-def open_training_data(config: TrainConfig, model: llamagen.LlamaGen):
-    """The code data set, checked against the model unless ``data.validate`` is off."""
-    if config.data.path is None:
-        raise ValueError("no training data: set data.path in the config or pass --data")
-    dataset = open_codes(config.data.path, seed=config.data.seed)
-    if config.data.validate:
+def open_training_data(config: TrainConfig, model: llamagen.LlamaGen) -> CodeDataset:
+    """The code data set (or images encoded by ``data.tokenizer``), checked against the model.
+
+    The check is skipped when ``data.validate`` is off.
+    """
+    data = config.data
+    if data.path is None:
+        what = "an image folder or fashion-mnist:train" if data.tokenizer else "codes"
+        raise ValueError(f"no training data: set data.path in the config or pass --data ({what})")
+    if data.tokenizer is not None:
+        from ccalign.data.encoded import EncodedImages
+
+        dataset = EncodedImages(
+            data.path,
+            data.tokenizer,
+            views=data.views,
+            seed=data.seed,
+            image_size=data.image_size,
+        )
+        dataset.require_grid(model.config.grid)
+    else:
+        dataset = open_codes(data.path, seed=data.seed)
+    if data.validate:
         validate_codes(
             dataset,
             num_classes=model.num_classes,
