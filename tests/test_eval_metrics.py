@@ -13,6 +13,7 @@ from ccalign.eval.metrics import (
     fid_from_features,
     frechet_distance,
     inception_score,
+    manifold_radii,
     precision_recall,
 )
 
@@ -155,6 +156,10 @@ def test_precision_recall_equals_brute_force(block_size):
     got = precision_recall(real, fake, k=3, device="cpu", block_size=block_size)
     assert got == pytest.approx(expected, abs=1e-12)
     assert 0.0 < got[0] < 1.0 and 0.0 < got[1] < 1.0
+    cached = precision_recall(real, fake, k=3, device="cpu", real_radii=manifold_radii(real, 3))
+    assert cached == got
+    with pytest.raises(ValueError, match="real_radii has shape"):
+        precision_recall(real, fake, real_radii=manifold_radii(fake, 3), device="cpu")
 
 
 def test_precision_recall_exact_small_case():

@@ -23,6 +23,7 @@ from ccalign.eval import (
     fid_from_features,
     inception_score,
     load_classifier_extractor,
+    manifold_radii,
     precision_recall,
 )
 from ccalign.models import llamagen
@@ -84,6 +85,7 @@ def run_demo(settings: DemoSettings) -> dict:
     extractor = load_classifier_extractor(progress=False)
     test_images, _ = fashion_mnist.load("test")
     reference = extractor.extract(test_images[: settings.reference_images])
+    reference_radii = manifold_radii(reference.features, k=3)  # once, not per setting
 
     base = load_base_model(settings.base_model)
     cca_runs = {settings.lam: finetune(settings, codes_path, out / "cca", settings.lam)}
@@ -96,7 +98,7 @@ def run_demo(settings: DemoSettings) -> dict:
     for setting in plan_settings(settings):
         model = base if setting["model"] == "base" else cca_runs[setting["lam"]]
         images, speed = sample_images(model, tokenizer, labels, setting["cfg_scale"], settings)
-        metrics = score(images, labels, reference, extractor)
+        metrics = score(images, labels, reference, reference_radii, extractor)
         record = {**setting, **metrics, "images_per_s": speed}
         runs.append(record)
         grid = report.class_grid(images, labels, per_row=settings.grid_columns)
@@ -280,10 +282,12 @@ def sample_images(model, tokenizer, labels: np.ndarray, cfg_scale: float, settin
     return images, len(labels) / seconds
 
 
-def score(images: np.ndarray, labels: np.ndarray, reference, extractor) -> dict:
+def score(images: np.ndarray, labels: np.ndarray, reference, reference_radii, extractor) -> dict:
     """Domain metrics of uint8 samples against the reference's classifier features."""
     extracted = extractor.extract(images)
-    precision, recall = precision_recall(reference.features, extracted.features, k=3)
+    precision, recall = precision_recall(
+        reference.features, extracted.features, k=3, real_radii=reference_radii
+    )
     return {
         "fid": fid_from_features(reference.features, extracted.features),
         "accuracy": conditional_accuracy(extracted.logits, labels),

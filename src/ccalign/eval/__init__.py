@@ -27,6 +27,7 @@ from ccalign.eval.metrics import (
     fid_from_features,
     frechet_distance,
     inception_score,
+    manifold_radii,
     precision_recall,
 )
 from ccalign.eval.npz import ReferenceBatch, SampleBatch, load_reference, load_samples
@@ -53,6 +54,7 @@ __all__ = [
     "load_inception",
     "load_reference",
     "load_samples",
+    "manifold_radii",
     "precision_recall",
     "save_classifier",
     "to_uint8_nhwc",

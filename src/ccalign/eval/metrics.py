@@ -121,12 +121,15 @@ def precision_recall(
     k: int = 3,
     device: str | torch.device | None = None,
     block_size: int = 1024,
+    real_radii: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al.), as the ADM evaluator computes them.
 
     Each set's manifold is the union of balls around its points with radius the distance to the
     k-th nearest other point. Precision: fraction of fake points inside the real manifold.
     Recall: fraction of real points inside the fake manifold. Distances in float64, in blocks.
+    ``real_radii`` (from ``manifold_radii`` of the same real set and k) skips recomputing the
+    real manifold when one reference serves many sample sets.
     """
     real = _features_tensor(real_features, "real_features", device)
     fake = _features_tensor(fake_features, "fake_features", real.device)
@@ -135,7 +138,13 @@ def precision_recall(
     for name, feats in (("real_features", real), ("fake_features", fake)):
         if feats.shape[0] <= k:
             raise ValueError(f"{name} needs more than k={k} rows, got {feats.shape[0]}")
-    real_radii = manifold_radii(real, k, block_size)
+    if real_radii is None:
+        real_radii = manifold_radii(real, k, block_size)
+    elif real_radii.shape != (real.shape[0],):
+        raise ValueError(
+            f"real_radii has shape {tuple(real_radii.shape)}, expected ({real.shape[0]},)"
+        )
+    real_radii = real_radii.to(real.device, torch.float64)
     fake_radii = manifold_radii(fake, k, block_size)
     precision = _inside_manifold(fake, real, real_radii, block_size).double().mean()
     recall = _inside_manifold(real, fake, fake_radii, block_size).double().mean()
@@ -157,8 +166,10 @@ def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min_(0.0)
 
 
-def manifold_radii(features: torch.Tensor, k: int, block_size: int = 1024) -> torch.Tensor:
+def manifold_radii(features: ArrayLike, k: int = 3, block_size: int = 1024) -> torch.Tensor:
     """Squared distance from each point to its k-th nearest neighbour (itself excluded)."""
+    if not isinstance(features, torch.Tensor) or features.dtype != torch.float64:
+        features = _features_tensor(features, "features", None)
     radii = [
         _squared_distances(block, features).kthvalue(k + 1, dim=1).values
         for block in features.split(block_size)
