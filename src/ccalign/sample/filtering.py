@@ -56,11 +56,14 @@ def filter_logits(
 
 
 def sample_categorical(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One draw per row from softmax(logits) (B, V) -> (B,) int64.
+    """One draw per row from softmax(logits) (B, V) -> (B,) int64, by inverting the CDF.
 
-    The exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i. It
-    needs no synchronisation with the host, so it also runs inside captured GPU work.
+    One uniform per row, located in the row's cumulative sums: B random numbers instead of the
+    B x V that a Gumbel or exponential race needs (those dominated a small model's decode step),
+    and no synchronisation with the host, so it also runs inside captured GPU work. Tokens of
+    zero probability (filtered by top-k / top-p) leave the CDF flat and are never picked.
     """
-    probs = logits.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return picks.squeeze(1).clamp_max_(cdf.shape[1] - 1)
