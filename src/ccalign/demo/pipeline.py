@@ -315,7 +315,7 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
             f"{meta['cca']['lr']} (cosine). Whole run: {meta['seconds']:.0f} s on "
             f"{meta['threads']} thread(s).",
             report.metrics_table(runs),
-            "## Reading\n\n" + reading(base, cca, best, by_name.get("cca+cfg")),
+            "## Reading\n\n" + reading(base, cca, best, by_name.get("cca+cfg"), cfg_runs),
             "![trade-off](tradeoff.png)\n\n"
             + "\n".join(f"![{r['name']}](grids/{r['name']}.png)" for r in runs),
         ]
@@ -325,7 +325,7 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
-def reading(base: dict, cca: dict, best: dict, cca_cfg: dict | None) -> str:
+def reading(base: dict, cca: dict, best: dict, cca_cfg: dict | None, cfg_runs: list[dict]) -> str:
     """One paragraph that states what the numbers show, including where the claim fails."""
     gap = base["fid"] - best["fid"]
     closed = (base["fid"] - cca["fid"]) / gap if gap > 0 else float("nan")
@@ -339,7 +339,7 @@ def reading(base: dict, cca: dict, best: dict, cca_cfg: dict | None) -> str:
     if gap > 0:
         verdict = f"CCA closes {closed:.0%} of the FID gap between guidance-free and the best CFG"
         if closed >= 1:
-            verdict += " (it does better than CFG here)"
+            verdict += " (its FID is lower than the best CFG setting's)"
         elif closed < 0.5:
             verdict += ": at this scale the claim that CCA matches CFG does not fully hold"
         parts.append(verdict + ".")
@@ -349,10 +349,18 @@ def reading(base: dict, cca: dict, best: dict, cca_cfg: dict | None) -> str:
         + "."
     )
     if cca_cfg is not None:
-        better = cca_cfg["fid"] < best["fid"]
-        parts.append(
-            f"CCA + CFG {cca_cfg['cfg_scale']:g} gives FID {cca_cfg['fid']:.2f}, accuracy "
-            f"{cca_cfg['accuracy']:.3f}: "
-            + ("better than CFG alone." if better else "not better than CFG alone here.")
-        )
+        parts.append(combined_reading(cca_cfg, cfg_runs))
     return " ".join(parts)
+
+
+def combined_reading(cca_cfg: dict, cfg_runs: list[dict]) -> str:
+    """CCA + CFG against the CFG setting of the base model with the nearest accuracy."""
+    peer = min(cfg_runs, key=lambda r: abs(r["accuracy"] - cca_cfg["accuracy"]))
+    head = (
+        f"CCA + CFG {cca_cfg['cfg_scale']:g} reaches accuracy {cca_cfg['accuracy']:.3f} at FID "
+        f"{cca_cfg['fid']:.2f}; CFG alone at the nearest accuracy (scale {peer['cfg_scale']:g}, "
+        f"{peer['accuracy']:.3f}) has FID {peer['fid']:.2f}"
+    )
+    if cca_cfg["fid"] < peer["fid"] and cca_cfg["accuracy"] >= peer["accuracy"] - 0.01:
+        return head + ": the combination gives the better fidelity-diversity trade-off."
+    return head + ": here the combination does not improve on CFG alone."

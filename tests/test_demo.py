@@ -1,0 +1,46 @@
+"""`ccalign demo --quick` end to end on the bundled artefacts and real Fashion-MNIST."""
+
+import json
+
+import torch
+
+from ccalign.cli import main
+from ccalign.data import fashion_mnist
+from ccalign.demo.pipeline import BASE_MODEL, DemoSettings, plan_settings
+from ccalign.models import llamagen
+
+REQUIRED = {"name", "model", "cfg_scale", "fid", "accuracy", "precision", "recall", "images_per_s"}
+
+
+def test_plan_covers_base_cfg_cca_and_sweeps():
+    names = [r["name"] for r in plan_settings(DemoSettings())]
+    assert names == ["base", "base-cfg1.5", "base-cfg2", "base-cfg3", "cca", "cca+cfg"]
+    swept = plan_settings(DemoSettings(sweep=True))
+    assert {r["sweep_value"] for r in swept if r["family"] == "CCA, lambda sweep"} == {
+        1.0,
+        3.0,
+        10.0,
+        30.0,
+    }
+    assert len([r for r in swept if r["family"] == "base + CFG scale"]) == 7
+
+
+def test_quick_demo_runs_end_to_end(tmp_path):
+    fashion_mnist.find_folder()  # the embedded data set must be installed (scripts/setup.sh)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg"}
+    for run in runs.values():
+        assert REQUIRED <= run.keys()
+        assert run["images_per_s"] > 0 and run["fid"] > 0 and 0 <= run["recall"] <= 1
+        assert (out / "grids" / f"{run['name']}.png").read_bytes()[:4] == b"\x89PNG"
+    assert runs["cca"]["model"] == "cca" and runs["base-cfg2"]["cfg_scale"] == 2.0
+    assert runs["base"]["accuracy"] > 0.3  # the bundled base model is class-conditional
+    report = (out / "report.md").read_text()
+    assert "| base-cfg2 | base | CFG 2 |" in report and "## Reading" in report
+    assert (out / "tradeoff.png").exists()
+    tuned = llamagen.load(out / "cca" / "final.safetensors").state_dict()
+    base = llamagen.load(BASE_MODEL).state_dict()
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
