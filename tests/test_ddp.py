@@ -11,20 +11,12 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from _support import Killed, kill_after
 from ccalign.data.codes import write_flat_codes
 from ccalign.models import llamagen
 from ccalign.train import TrainConfig, run_training
 
 GRID, VOCAB, CLASSES = 4, 32, 5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; restore the session's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def free_port() -> int:
@@ -52,18 +44,6 @@ def run_config(out, init, codes, micro_batch: int, **train) -> TrainConfig:
             "checkpoint": {"out": str(out), "every": 2},
         }
     )
-
-
-class Killed(Exception):
-    pass
-
-
-def kill_after(step: int):
-    def callback(trainer, record):
-        if record["step"] == step:
-            raise Killed
-
-    return callback
 
 
 def worker(rank: int, world: int, port: int, config: TrainConfig, kill: int, resume: bool) -> None:

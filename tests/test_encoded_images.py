@@ -20,13 +20,6 @@ VOCAB, GRID, SIDE = 64, 7, 28
 COUNTS = {"ant": 3, "bee": 3, "cat": 2}  # images per class folder; labels follow sorted names
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_tokenizer() -> tokenizers.VQModel:
     torch.manual_seed(0)

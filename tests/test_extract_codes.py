@@ -17,14 +17,6 @@ from ccalign.tokenizers import VQConfig, VQModel, load, save
 SIZE = 16  # crops of 16 px, tokenizer downsampling 4 -> 4x4 = 16 codes per view
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_ten_crop_order_and_coordinates():
     arr = np.arange(5 * 7).reshape(5, 7)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from _support import Killed, kill_after
 from ccalign.cli import main
 from ccalign.data.codes import write_flat_codes
 from ccalign.models import llamagen, load_weights
@@ -31,15 +32,6 @@ from ccalign.train.state import latest_checkpoint, list_checkpoints
 
 GRID, VOCAB, CLASSES = 4, 32, 5
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; restore the session's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(dropout: float = 0.0, seed: int = 0) -> llamagen.LlamaGen:
@@ -223,18 +215,6 @@ def test_reference_is_frozen_eval_and_d_is_zero_at_step_zero(tmp_path):
 
 
 # ---- resume, NaN, checkpoints ----
-class Killed(Exception):
-    pass
-
-
-def kill_after(step: int):
-    def callback(trainer, record):
-        if record["step"] == step:
-            raise Killed
-
-    return callback
-
-
 def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
     init, codes = write_files(tmp_path, n=16, dropout=0.1)
     sections = dict(
