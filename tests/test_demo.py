@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from ccalign.cli import main
@@ -44,3 +45,17 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     tuned = llamagen.load(out / "cca" / "final.safetensors").state_dict()
     base = llamagen.load(BASE_MODEL).state_dict()
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
+
+
+def test_bootstrap_fid_spread_equals_exact_fids_of_the_same_resamples():
+    import numpy as np
+
+    from ccalign.demo.pipeline import bootstrap_fid_std
+    from ccalign.eval import fid_from_features
+
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(400, 6))
+    samples = rng.normal(size=(150, 6)) * 1.3 + 0.2
+    draws = np.random.default_rng(0)  # the function's own resampling stream
+    exact = [fid_from_features(reference, samples[draws.integers(0, 150, 150)]) for _ in range(5)]
+    assert bootstrap_fid_std(reference, samples, rounds=5) == pytest.approx(np.std(exact), rel=1e-6)

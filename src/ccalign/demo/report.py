@@ -13,6 +13,7 @@ from ccalign.io import atomic_write
 
 METRIC_COLUMNS = (
     ("fid", "FID ↓", "{:.2f}"),
+    ("fid_std", "± (bootstrap)", "{:.2f}"),
     ("accuracy", "acc ↑", "{:.3f}"),
     ("precision", "prec ↑", "{:.3f}"),
     ("recall", "recall ↑", "{:.3f}"),
