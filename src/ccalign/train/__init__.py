@@ -5,33 +5,35 @@ YAML); ``Trainer`` is the loop itself (single process or DDP under torchrun, gra
 accumulation, bf16 autocast on CUDA, resumable checkpoints, EMA, JSONL metrics).
 """
 
-from ccalign.train.config import TrainConfig, load_config
-from ccalign.train.objectives import (
-    AlignmentObjective,
-    MLEObjective,
-    Objective,
-    ObjectiveOutput,
-    make_objective,
-)
-from ccalign.train.optim import EMA, LRSchedule, make_optimizer, param_groups
-from ccalign.train.run import model_from_config, open_training_data, run_training
-from ccalign.train.trainer import NonFiniteLossError, Trainer
+from __future__ import annotations
 
-__all__ = [
-    "TrainConfig",
-    "load_config",
-    "Objective",
-    "ObjectiveOutput",
-    "AlignmentObjective",
-    "MLEObjective",
-    "make_objective",
-    "EMA",
-    "LRSchedule",
-    "make_optimizer",
-    "param_groups",
-    "Trainer",
-    "NonFiniteLossError",
-    "run_training",
-    "model_from_config",
-    "open_training_data",
-]
+import importlib
+
+#: public name -> submodule defining it; imported on first use so that ``ccalign --help`` and
+#: the config reader do not pay for torch.distributed at start-up.
+_EXPORTS = {
+    "TrainConfig": "config",
+    "load_config": "config",
+    "Objective": "objectives",
+    "ObjectiveOutput": "objectives",
+    "AlignmentObjective": "objectives",
+    "MLEObjective": "objectives",
+    "make_objective": "objectives",
+    "EMA": "optim",
+    "LRSchedule": "optim",
+    "make_optimizer": "optim",
+    "param_groups": "optim",
+    "Trainer": "trainer",
+    "NonFiniteLossError": "trainer",
+    "run_training": "run",
+    "model_from_config": "run",
+    "open_training_data": "run",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ccalign.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ccalign.train.{_EXPORTS[name]}"), name)
