@@ -42,7 +42,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| base-cfg2 | base | CFG 2 |" in report and "## Reading" in report
     assert (out / "tradeoff.png").exists()
-    tuned = llamagen.load(out / "cca" / "final.safetensors").state_dict()
+    (folder,) = out.glob("cca_lam*")
+    tuned = llamagen.load(folder / "final.safetensors").state_dict()
     base = llamagen.load(BASE_MODEL).state_dict()
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
 

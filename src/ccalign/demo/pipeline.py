@@ -8,6 +8,7 @@ setting with the same labels and seeds, and evaluation with the bundled classifi
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,12 @@ class DemoSettings:
     cfg_scales: tuple[float, ...] = (1.5, 2.0, 3.0)
     cca_cfg_scale: float = 1.5  # CCA + CFG
     beta: float = 0.5
-    lam: float = 10.0
+    lam: float = 30.0  # the lambda sweep: 30 matches CFG 1.5's accuracy guidance-free
     lr: float = 1e-4
     steps: int = 150
     pairs_per_step: int = 64
     sweep: bool = False
-    sweep_lams: tuple[float, ...] = (1.0, 3.0, 30.0)
+    sweep_lams: tuple[float, ...] = (1.0, 3.0, 10.0)
     sweep_cfg_scales: tuple[float, ...] = (1.25, 4.0, 5.0)
     grid_columns: int = 10
     progress: bool = True
@@ -89,10 +90,10 @@ def run_demo(settings: DemoSettings) -> dict:
     reference_radii = manifold_radii(reference.features, k=3)  # once, not per setting
 
     base = load_base_model(settings.base_model)
-    cca_runs = {settings.lam: finetune(settings, codes_path, out / "cca", settings.lam)}
-    if settings.sweep:
-        for lam in settings.sweep_lams:
-            cca_runs[lam] = finetune(settings, codes_path, out / f"cca_lam{lam:g}", lam)
+    lams = [settings.lam, *(settings.sweep_lams if settings.sweep else ())]
+    cca_runs = {
+        lam: finetune(settings, codes_path, run_folder(settings, out, lam), lam) for lam in lams
+    }
 
     labels = balanced_labels(settings.samples)
     runs = []
@@ -197,6 +198,22 @@ def cca_config(settings: DemoSettings, codes_path: Path, out: Path, lam: float) 
             "checkpoint": {"out": str(out), "every": 50, "keep": 1},
         }
     )
+
+
+def run_folder(settings: DemoSettings, out: Path, lam: float) -> Path:
+    """One folder per distinct CCA recipe, so a changed setting never reuses a stale model."""
+    recipe = (
+        lam,
+        settings.beta,
+        settings.lr,
+        settings.steps,
+        settings.pairs_per_step,
+        settings.seed,
+        settings.train_images,
+        str(settings.base_model),
+    )
+    digest = hashlib.sha1(repr(recipe).encode()).hexdigest()[:8]
+    return out / f"cca_lam{lam:g}_{digest}"
 
 
 def finetune(settings: DemoSettings, codes_path: Path, out: Path, lam: float):
