@@ -47,7 +47,7 @@ class DemoSettings:
     train_images: int = 60000  # Fashion-MNIST training images encoded for fine-tuning
     reference_images: int = 10000  # test images the samples are compared with
     samples: int = 2000  # per setting, balanced over the 10 classes
-    batch_size: int = 500  # sampling batch, the same for every setting (fair images/s)
+    batch_size: int = 1000  # sampling batch, the same for every setting (fair images/s)
     cfg_scales: tuple[float, ...] = (1.5, 2.0, 3.0)
     cca_cfg_scale: float = 1.5  # CCA + CFG
     beta: float = 0.5
@@ -368,7 +368,8 @@ def reading(base: dict, cca: dict, best: dict, cca_cfg: dict | None, cfg_runs: l
     """One paragraph that states what the numbers show, including where the claim fails."""
     gap = base["fid"] - best["fid"]
     closed = (base["fid"] - cca["fid"]) / gap if gap > 0 else float("nan")
-    speed = cca["images_per_s"] / best["images_per_s"]
+    cfg_speed = float(np.mean([r["images_per_s"] for r in cfg_runs]))  # same work per scale
+    speed = cca["images_per_s"] / cfg_speed
     parts = [
         f"Guidance-free, CCA moves domain FID from {base['fid']:.2f} to {cca['fid']:.2f} and "
         f"conditional accuracy from {base['accuracy']:.3f} to {cca['accuracy']:.3f}; the base "
@@ -389,8 +390,15 @@ def reading(base: dict, cca: dict, best: dict, cca_cfg: dict | None, cfg_runs: l
             verdict += ": at this scale the claim that CCA matches CFG does not fully hold"
         parts.append(verdict + ".")
     parts.append(
-        f"It samples {speed:.2f}x as fast as CFG (one forward per token instead of two)"
-        + ("" if speed >= 1.8 else ", short of the ideal 2x: per-step overhead weighs at this size")
+        f"It samples {speed:.2f}x as fast as CFG ({cca['images_per_s']:.0f} vs "
+        f"{cfg_speed:.0f} images/s: one forward per token instead of two)"
+        + (
+            ""
+            if speed >= 1.8
+            else "; that misses the 1.8x target: per-step costs that do not double with the "
+            "rows (sampling, CPU matrix products that run more efficiently on more rows) weigh at "
+            "this size"
+        )
         + "."
     )
     if cca_cfg is not None:
