@@ -17,10 +17,13 @@ OFFICIAL_COUNTS = {
 }
 
 
+#: the architecture of ``tiny()``, also what an official-layout file of it must be loaded with
+TINY = dict(grid=3, dim=32, n_layer=2, n_head=4, vocab_size=40, num_classes=5)
+
+
 def tiny(**kw) -> llamagen.LlamaGen:
     torch.manual_seed(0)
-    args = dict(grid=3, dim=32, n_layer=2, n_head=4, vocab_size=40, num_classes=5)
-    args.update(kw)
+    args = {**TINY, **kw}
     model = llamagen.build("custom", **args)
     torch.nn.init.normal_(model.output.weight, std=0.3)  # the official zero init hides bugs
     for layer in model.layers:  # non-trivial norm weights
@@ -223,9 +226,7 @@ def test_loads_every_official_layout_strictly(tmp_path, layout):
         torch.save(obj, path / "consolidated.pth")
     else:
         torch.save(obj, path)
-    loaded = llamagen.load(
-        path, "custom", grid=3, dim=32, n_layer=2, n_head=4, vocab_size=40, num_classes=5
-    )
+    loaded = llamagen.load(path, "custom", **TINY)
     for k, v in sd.items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
@@ -237,16 +238,7 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
     sd["output.weight"] = torch.zeros(41, 32)
     torch.save({"model": sd}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointMismatchError) as err:
-        llamagen.load(
-            tmp_path / "bad.pt",
-            "custom",
-            grid=3,
-            dim=32,
-            n_layer=2,
-            n_head=4,
-            vocab_size=40,
-            num_classes=5,
-        )
+        llamagen.load(tmp_path / "bad.pt", "custom", **TINY)
     msg = str(err.value)
     assert "1 missing" in msg and "norm.weight" in msg
     assert "1 unexpected" in msg and "layers.0.attention.bias" in msg
@@ -268,16 +260,7 @@ def test_save_load_round_trip_and_no_cache_in_files(tmp_path):
     llamagen.save(model, tmp_path / "m.pt", official=True)
     again = llamagen.load(tmp_path / "m.safetensors")  # config read from the file itself
     assert again.config == model.config
-    official = llamagen.load(
-        tmp_path / "m.pt",
-        "custom",
-        grid=3,
-        dim=32,
-        n_layer=2,
-        n_head=4,
-        vocab_size=40,
-        num_classes=5,
-    )
+    official = llamagen.load(tmp_path / "m.pt", "custom", **TINY)
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
     assert set(raw) == {"model"}
     labels, tokens = torch.tensor([1, 5]), torch.randint(0, 40, (2, 9))
