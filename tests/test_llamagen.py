@@ -142,6 +142,21 @@ def test_rope_table_and_zero_class_position():
     assert torch.all(table[0] == 0)  # not the identity rotation
 
 
+def test_rope_frequencies_are_the_official_float32_expression():
+    """1 / base^(k/half) bit for bit: base^(-k/half) differs in the last bit for some k."""
+    head_dim, base = 64, 10000.0
+    half = head_dim // 2
+    official = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    table = llamagen.rope_2d_table(grid=2, head_dim=head_dim, base=base)
+    # cell (1, 0) holds the angles [1 * freqs, 0 * freqs]: its row angles are the frequencies
+    row_angles = torch.atan2(table[1 + 2, : half // 2, 1], table[1 + 2, : half // 2, 0])
+    expected = torch.stack([official.cos(), official.sin()], dim=-1)
+    assert torch.equal(table[1 + 2, : half // 2], expected)
+    torch.testing.assert_close(row_angles, official, atol=1e-6, rtol=0)
+    legacy = base ** (-torch.arange(0, half, 2, dtype=torch.float32)[: half // 2] / half)
+    assert not torch.equal(legacy, official)  # the test can tell the two expressions apart
+
+
 def test_class_token_query_and_key_are_zero():
     model = tiny()
     captured = {}

@@ -111,10 +111,11 @@ class RMSNorm(nn.Module):
 def rope_2d_table(grid: int, head_dim: int, base: float, cls_positions: int = 1) -> Tensor:
     """(cls_positions + grid^2, head_dim/2, 2) table of (cos, sin); class positions are all zero.
 
-    Cell (r, c) gets the angles [r * freqs, c * freqs] with freqs = base^(-k/half), k = 0, 2, ...
+    Cell (r, c) gets the angles [r * freqs, c * freqs] with freqs = 1 / base^(k/half), k = 0, 2,
+    ..., written as the official expression: base^(-k/half) differs in the last float32 bit.
     """
     half = head_dim // 2
-    freqs = base ** (-torch.arange(0, half, 2, dtype=torch.float32)[: half // 2] / half)
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
     steps = torch.arange(grid, dtype=torch.float32)
     angles_1d = torch.outer(steps, freqs)  # (grid, half/2)
     rows = angles_1d[:, None, :].expand(grid, grid, -1)
