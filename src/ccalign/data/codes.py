@@ -4,13 +4,23 @@ Both give items ``(tokens int64 (N,), label int64 ())``. When an image has sever
 ten crops of LlamaGen's extraction), one is picked per item from (seed, epoch, index), so a run
 is reproducible and resumable without saving random state.
 
+LlamaGen layout (its ``extract_codes_c2i.py``): ``<root>/imagenet<size>_codes/<i>.npy`` int64
+(1, V, N) and ``<root>/imagenet<size>_labels/<i>.npy`` int64 (1,). With ``--ten-crop`` the V = 10
+views are TenCrop of the centre crop at ``int(size * crop_range)`` (crop range 1.1), else V = 2
+(the image and its mirror). The official recipe extracts a second set at crop range 1.05 into a
+sibling root: ``.../<name>_ten_crop`` and ``.../<name>_ten_crop_105``, same inner layout. When
+that sibling holds ``imagenet<size>_codes``, each item comes from either set with probability
+1/2 (as the official data set does), then one of that set's views; its label is that set's.
+
 Flat format (``.safetensors``): tensors ``codes`` (M, V, N) int16/int32 and ``labels`` (M,)
 int64, metadata ``format = ccalign.codes.v1``, ``vocab_size`` and ``grid``.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,57 +103,126 @@ class FlatCodes(CodeDataset):
 
 
 class LlamaGenCodeFolder(CodeDataset):
-    """``<root>/imagenet<size>_codes/<i>.npy`` (1, V, N) and ``..._labels/<i>.npy`` (1,)."""
+    """LlamaGen's ``.npy`` folders under ``root``, plus the crop-range 1.05 set beside it if any."""
 
     def __init__(self, root: PathLike, seed: int = 0, size: int | None = None):
         super().__init__(seed)
-        self.code_dir, self.label_dir = _find_llamagen_dirs(Path(root), size)
+        root = Path(root)
+        self.sets = [_NpySet(*_find_llamagen_dirs(root, size))]
+        self.stems = self.sets[0].stems()
+        self.num_views, self.seq_len = self.sets[0].views_and_tokens(self.stems[0])
+        second = _crop_105_set(root, self.sets[0].code_dir.name)
+        if second is not None:
+            self._check_matches(second)
+            self.sets.append(second)
+
+    def _check_matches(self, second: _NpySet) -> None:
+        """The second set must hold the same images, with codes of the same shape."""
+        first, stems = self.sets[0], second.stems()
+        if stems != self.stems:
+            only = sorted(set(stems) ^ set(self.stems))
+            raise ValueError(
+                f"{second.code_dir} holds {len(stems)} images but {first.code_dir} holds "
+                f"{len(self.stems)} ({len(only)} indices are in one only, first: {only[:5]}); "
+                f"finish extracting the crop-range 1.05 set, or rename {second.code_dir.parent} "
+                "to train on the first set alone"
+            )
+        shape = second.views_and_tokens(stems[0])
+        if shape != (self.num_views, self.seq_len):
+            raise ValueError(
+                f"{second.code_dir} has (views, tokens) {shape} but {first.code_dir} has "
+                f"{(self.num_views, self.seq_len)}; extract both sets with the same tokenizer, "
+                "image size and --ten-crop setting"
+            )
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def pick(self, index: int) -> tuple[int, int]:
+        """(set, view) item ``index`` reads this epoch, from (seed, epoch, index).
+
+        With two sets the set is drawn first (1/2 each), then a uniform view; with one set the
+        single draw is the view, as :meth:`CodeDataset.view_index` draws it.
+        """
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        which = int(rng.integers(len(self.sets))) if len(self.sets) > 1 else 0
+        return which, int(rng.integers(self.num_views))
+
+    def view_index(self, index: int) -> int:
+        """The view of :meth:`pick`, so callers see the view items really read."""
+        return self.pick(index)[1]
+
+    def _codes(self, which: int, index: int) -> np.ndarray:
+        return self.sets[which].codes(self.stems[index], (1, self.num_views, self.seq_len))[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        which, view = self.pick(index)
+        codes = self._codes(which, index)[view]
+        label = self.sets[which].label(self.stems[index])
+        return torch.from_numpy(codes.astype(np.int64)), torch.tensor(label)
+
+    def all_labels(self) -> np.ndarray:
+        """Labels of the first set; an error if the second set's labels differ from them."""
+        labels = [
+            np.array([s.label(stem) for stem in self.stems], dtype=np.int64) for s in self.sets
+        ]
+        differ = np.flatnonzero(labels[0] != labels[-1])
+        if differ.size:
+            raise ValueError(
+                f"{differ.size} labels in {self.sets[1].label_dir} differ from those in "
+                f"{self.sets[0].label_dir} (first at indices {[self.stems[i] for i in differ[:5]]})"
+                "; both sets must be extracted from the same image folder"
+            )
+        return labels[0]
+
+    def token_range(self) -> tuple[int, int]:
+        lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+        for which in range(len(self.sets)):
+            for i in range(len(self)):
+                codes = self._codes(which, i)
+                lo, hi = min(lo, int(codes.min())), max(hi, int(codes.max()))
+        return lo, hi
+
+
+@dataclass(frozen=True)
+class _NpySet:
+    """One LlamaGen extraction: ``imagenet<size>_codes`` and ``imagenet<size>_labels``."""
+
+    code_dir: Path
+    label_dir: Path
+
+    def stems(self) -> list[int]:
+        """Image indices, sorted; every code file must have its label file."""
         stems = sorted(int(p.stem) for p in self.code_dir.glob("*.npy") if p.stem.isdigit())
         if not stems:
-            raise ValueError(f"{self.code_dir} holds no .npy code files")
+            raise ValueError(
+                f"{self.code_dir} holds no <index>.npy code files; extract codes into it "
+                "(ccalign extract-codes) or point at the folder that holds them"
+            )
         missing = [s for s in stems if not (self.label_dir / f"{s}.npy").exists()]
         if missing:
             raise ValueError(
                 f"{len(missing)} code files have no label file in {self.label_dir} "
                 f"(first: {missing[:5]}); re-run the extraction for them"
             )
-        self.stems = stems
-        first = np.load(self.code_dir / f"{stems[0]}.npy")
+        return stems
+
+    def views_and_tokens(self, stem: int) -> tuple[int, int]:
+        path = self.code_dir / f"{stem}.npy"
+        first = np.load(path)
         if first.ndim != 3 or first.shape[0] != 1:
-            raise ValueError(
-                f"{self.code_dir / f'{stems[0]}.npy'} has shape {first.shape}; LlamaGen codes are "
-                "(1, views, N)"
-            )
-        self.num_views, self.seq_len = first.shape[1], first.shape[2]
+            raise ValueError(f"{path} has shape {first.shape}; LlamaGen codes are (1, views, N)")
+        return first.shape[1], first.shape[2]
 
-    def __len__(self) -> int:
-        return len(self.stems)
-
-    def _codes(self, index: int) -> np.ndarray:
-        path = self.code_dir / f"{self.stems[index]}.npy"
+    def codes(self, stem: int, shape: tuple[int, int, int]) -> np.ndarray:
+        path = self.code_dir / f"{stem}.npy"
         arr = np.load(path)
-        if arr.shape != (1, self.num_views, self.seq_len):
-            raise ValueError(
-                f"{path} has shape {arr.shape}, expected {(1, self.num_views, self.seq_len)}"
-            )
-        return arr[0]
+        if arr.shape != shape:
+            raise ValueError(f"{path} has shape {arr.shape}, expected {shape}")
+        return arr
 
-    def _label(self, index: int) -> int:
-        return int(np.load(self.label_dir / f"{self.stems[index]}.npy").reshape(-1)[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        view = self._codes(index)[self.view_index(index)]
-        return torch.from_numpy(view.astype(np.int64)), torch.tensor(self._label(index))
-
-    def all_labels(self) -> np.ndarray:
-        return np.array([self._label(i) for i in range(len(self))], dtype=np.int64)
-
-    def token_range(self) -> tuple[int, int]:
-        lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
-        for i in range(len(self)):
-            codes = self._codes(i)
-            lo, hi = min(lo, int(codes.min())), max(hi, int(codes.max()))
-        return lo, hi
+    def label(self, stem: int) -> int:
+        return int(np.load(self.label_dir / f"{stem}.npy").reshape(-1)[0])
 
 
 def _find_llamagen_dirs(root: Path, size: int | None) -> tuple[Path, Path]:
@@ -159,10 +238,27 @@ def _find_llamagen_dirs(root: Path, size: int | None) -> tuple[Path, Path]:
             f"{root} must hold exactly one imagenet<size>_codes folder (found {names}); "
             "pass the image size to choose"
         )
-    label_dir = root / found[0].name.replace("_codes", "_labels")
+    return found[0], _label_dir(found[0])
+
+
+def _label_dir(code_dir: Path) -> Path:
+    label_dir = code_dir.with_name(code_dir.name.replace("_codes", "_labels"))
     if not label_dir.is_dir():
         raise FileNotFoundError(f"label folder missing: {label_dir}")
-    return found[0], label_dir
+    return label_dir
+
+
+def _crop_105_set(root: Path, code_name: str) -> _NpySet | None:
+    """The crop-range 1.05 set: ``<root>_105/<code_name>`` for a root named ``..._ten_crop``.
+
+    The official loader swaps ``ten_crop/`` for ``ten_crop_105/`` in the code folder's path;
+    only the root's own name is swapped here.
+    """
+    root = Path(os.path.abspath(root))  # "." has a name once made absolute
+    if not root.name.endswith("ten_crop"):
+        return None
+    code_dir = root.with_name(f"{root.name}_105") / code_name
+    return _NpySet(code_dir, _label_dir(code_dir)) if code_dir.is_dir() else None
 
 
 def open_codes(path: PathLike, seed: int = 0) -> CodeDataset:
