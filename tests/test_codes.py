@@ -97,6 +97,16 @@ def test_bad_files_are_reported(tmp_path):
         open_codes(tmp_path / "empty")
 
 
+def test_empty_data_sets_name_the_path_and_what_is_missing(tmp_path):
+    write_flat_codes(tmp_path / "none.safetensors", np.zeros((0, 4)), [], vocab_size=8, grid=2)
+    with pytest.raises(ValueError, match=r"none.safetensors holds no codes \(shape \(0, 1, 4\)\)"):
+        open_codes(tmp_path / "none.safetensors")
+    for name in ("imagenet256_codes", "imagenet256_labels"):
+        (tmp_path / "f" / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"f/imagenet256_codes holds no <index>.npy code files"):
+        open_codes(tmp_path / "f")
+
+
 def test_atomic_writes_get_the_default_file_mode(tmp_path):
     import os
 

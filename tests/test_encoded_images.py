@@ -203,3 +203,13 @@ def test_cli_refuses_a_tokenizer_that_does_not_fit_the_model(
     llamagen.save(tiny_model(grid, vocab), init)
     assert main(finetune_args(tmp_path, init)) == 1
     assert message in capsys.readouterr().err
+
+
+def test_an_image_folder_without_images_is_named(tmp_path):
+    (tmp_path / "img").mkdir()
+    with pytest.raises(ValueError, match=r"img has no class sub-folders"):
+        EncodedImages(tmp_path / "img", tiny_tokenizer())
+    (tmp_path / "img" / "ant").mkdir()
+    (tmp_path / "img" / "ant" / "notes.txt").write_text("no image here")
+    with pytest.raises(ValueError, match=r"img holds no images with extensions"):
+        EncodedImages(tmp_path / "img", tiny_tokenizer())

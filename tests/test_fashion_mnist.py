@@ -67,6 +67,12 @@ def test_wrong_files_give_clear_errors(tmp_path):
         fashion_mnist.load("valid", tmp_path)
 
 
+def test_a_split_without_images_is_named(tmp_path):
+    write_fake_fashion_mnist(tmp_path, test=0)
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz holds no images"):
+        fashion_mnist.load("test", tmp_path)
+
+
 @pytest.mark.skipif(not fashion_mnist.SYSTEM_FOLDER.exists(), reason="Debian package missing")
 def test_the_installed_data_set():
     x, y = fashion_mnist.load("test", fashion_mnist.SYSTEM_FOLDER)

@@ -86,6 +86,11 @@ class FlatCodes(CodeDataset):
                 f"{path}: codes {tuple(self.codes.shape)} and labels {tuple(self.labels.shape)} "
                 "do not match; expected (M, V, N) and (M,)"
             )
+        if self.codes.numel() == 0:
+            raise ValueError(
+                f"{path} holds no codes (shape {tuple(self.codes.shape)}); extract codes from a "
+                "non-empty image set"
+            )
         self.num_views, self.seq_len = self.codes.shape[1], self.codes.shape[2]
         self.vocab_size = int(meta["vocab_size"]) if "vocab_size" in meta else None
 

@@ -53,12 +53,15 @@ def load(split: str = "train", folder: PathLike | None = None) -> tuple[np.ndarr
         raise ValueError(f"unknown Fashion-MNIST split {split!r}; choose 'train' or 'test'")
     root = find_folder(folder)
     image_name, label_name = FILES[split]
-    images = _read_idx(_require(root, image_name), IMAGE_MAGIC, 16)
+    image_path = _require(root, image_name)
+    images = _read_idx(image_path, IMAGE_MAGIC, 16)
     labels = _read_idx(_require(root, label_name), LABEL_MAGIC, 8)
     count = int.from_bytes(images[1][4:8], "big")
+    if count == 0:
+        raise ValueError(f"{image_path} holds no images; replace it with the full {split} file")
     rows, cols = int.from_bytes(images[1][8:12], "big"), int.from_bytes(images[1][12:16], "big")
     if (rows, cols) != (SIDE, SIDE) or images[0].size != count * rows * cols:
-        raise ValueError(f"{root / image_name}: header says {count}x{rows}x{cols}, data disagrees")
+        raise ValueError(f"{image_path}: header says {count}x{rows}x{cols}, data disagrees")
     if labels[0].size != count:
         raise ValueError(f"{root}: {count} images but {labels[0].size} labels in the {split} split")
     return images[0].reshape(count, rows, cols).copy(), labels[0].astype(np.int64)
