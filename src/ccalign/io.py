@@ -1,15 +1,40 @@
-"""File helpers shared by every module: atomic writes and reading checkpoint files of any layout."""
+"""File helpers shared by every module: atomic writes and reading checkpoint files of any layout.
+
+Torch files are read weights-only: unpickling an arbitrary object can run code hidden in it, so
+only tensors, plain containers and the few classes in :data:`SAFE_GLOBALS` are accepted.
+"""
 
 from __future__ import annotations
 
+import argparse
+import io
 import os
+import pickle
+import pickletools
+import re
 import tempfile
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 PathLike = str | os.PathLike
+
+#: Classes torch files may hold besides tensors and containers: LlamaGen's trainers pickle their
+#: argparse options under "args" (GPT checkpoints and the VQ tokenizer vq_ds16_c2i.pt alike).
+SAFE_GLOBALS = (argparse.Namespace,)
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+#: Modules whose globals ordinary weight files import (tensor rebuilds, OrderedDict).
+_WEIGHT_MODULES = ("torch", "collections")
+_STRING_OPS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING",
+               "BINSTRING", "SHORT_BINSTRING"}
+
+
+class UnsafePickleError(ValueError):
+    """A torch file holds a pickled object outside the weights-only allow-list (could run code)."""
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
@@ -70,8 +95,115 @@ def atomic_save_safetensors(
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
+@contextmanager
+def open_safetensors(path: PathLike) -> Iterator[Any]:
+    """``safetensors.safe_open`` (torch, CPU) that turns a damaged file into a ValueError naming it.
+
+    Truncated or random bytes otherwise surface as safetensors' own SafetensorError tracebacks.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is damaged or not a safetensors file ({exc})") from exc
+
+
+def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` file on the CPU (a damaged file: ValueError naming it)."""
+    with open_safetensors(path) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def load_torch_file(path: PathLike) -> object:
+    """``torch.load`` onto the CPU that never runs pickled code: weights only, plus SAFE_GLOBALS.
+
+    A file needing any other global raises :class:`UnsafePickleError` naming the file and that
+    global; a damaged file raises ValueError naming it.
+    """
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL.search(str(exc))
+        name = found.group(1) if found else _first_unsafe_global(Path(path))
+        if name is None:
+            raise ValueError(f"{path} is damaged or not a torch file (read weights-only)") from exc
+        raise UnsafePickleError(
+            f"{path} holds a pickled object ({name}) that ccalign will not unpickle "
+            "(it could run code); only tensors, plain containers and "
+            f"{', '.join(_qualname(c) for c in SAFE_GLOBALS)} are read. If you trust the file, "
+            "re-save its weights as a plain state_dict or .safetensors"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:  # a truncated zip archive raises any of these
+        if isinstance(exc, OSError) and exc.filename is not None:
+            raise  # the file could not be opened at all (permissions, ...): not damage
+        raise ValueError(f"{path} is damaged or not a torch file ({_first_sentence(exc)})") from exc
+
+
+def _first_unsafe_global(path: Path) -> str | None:
+    """The first global outside torch, collections and SAFE_GLOBALS that the file's pickles import.
+
+    Read statically, for what torch's loader refuses without naming a global (pickle protocol
+    4 and up); None for a file that is not a readable pickle at all.
+    """
+    safe = {_qualname(c) for c in SAFE_GLOBALS}
+    for name in _pickled_globals(path):
+        if name.split(".")[0] not in _WEIGHT_MODULES and name not in safe:
+            return name
+    return None
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """module.name of every global imported by the pickles of a torch file (zip or legacy)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    except (zipfile.BadZipFile, StopIteration):
+        data = path.read_bytes()  # legacy format: several pickles in a row, then raw storages
+    stream, names = io.BytesIO(data), []
+    try:
+        while stream.tell() < len(data):
+            names += _globals_in_one_pickle(stream)
+    except ValueError:  # garbage, or the storage bytes after a legacy file's pickles
+        pass
+    return names
+
+
+def _globals_in_one_pickle(stream: io.BytesIO) -> list[str]:
+    """The globals of the pickle at the stream's position, following memoized strings."""
+    strings: list[str] = []  # strings pushed so far, for STACK_GLOBAL's module and name
+    memo: dict[int, str | None] = {}
+    names, last = [], None
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("GLOBAL", "INST"):
+            names.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(".".join(strings[-2:]))
+        pushed = arg if op.name in _STRING_OPS else None
+        if op.name == "MEMOIZE":
+            memo[len(memo)] = last
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = last
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed = memo.get(int(arg))
+        if isinstance(pushed, str):
+            strings.append(pushed)
+        last = pushed
+    return names
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _first_sentence(exc: BaseException) -> str:
+    return str(exc).split(". ")[0].strip()
+
+
 def read_tensor_file(path: PathLike) -> object:
-    """Load a ``.safetensors`` file (a flat dict) or a torch pickle (any object) onto the CPU."""
+    """Load a ``.safetensors`` file (a flat dict) or a torch file (weights only) onto the CPU."""
     path = Path(path)
     if path.is_dir():
         candidate = path / "consolidated.pth"
@@ -83,12 +215,5 @@ def read_tensor_file(path: PathLike) -> object:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # older pickles with argparse.Namespace args etc.
-        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return read_safetensors(path)
+    return load_torch_file(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -95,10 +96,13 @@ def check_state_dict(
 
 
 def load_weights(
-    model: nn.Module, source: PathLike | Mapping, ignore: Iterable[str] = (), prefer=WEIGHT_KEYS
+    model: nn.Module, source: PathLike | object, ignore: Iterable[str] = (), prefer=WEIGHT_KEYS
 ) -> nn.Module:
-    """Load a checkpoint file (any layout) or loaded object into ``model`` strictly."""
-    obj = source if isinstance(source, Mapping) else read_tensor_file(source)
+    """Load a checkpoint file (any layout, read weights-only) or loaded object into ``model``.
+
+    Loading is strict: every key and shape must match (see :func:`check_state_dict`).
+    """
+    obj = read_tensor_file(source) if isinstance(source, str | os.PathLike) else source
     sd = check_state_dict(model, extract_state_dict(obj, prefer), ignore)
     model.load_state_dict(sd, strict=True)
     return model

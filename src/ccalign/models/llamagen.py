@@ -454,11 +454,14 @@ def save(model: LlamaGen, path, *, official: bool = False) -> None:
 
 
 def config_from_file(path) -> LlamaGenConfig | None:
-    """The config a ccalign safetensors file carries, or None for other files."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
+    """The config a ccalign safetensors file carries, or None for other files.
 
-        with safe_open(str(path), "pt") as f:
+    A damaged ``.safetensors`` file raises ValueError naming it.
+    """
+    if str(path).endswith(".safetensors"):
+        from ccalign.io import open_safetensors
+
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
         if CONFIG_METADATA_KEY in meta:
             return LlamaGenConfig(**json.loads(meta[CONFIG_METADATA_KEY]))
@@ -470,11 +473,14 @@ def load(path, name: str | None = None, *, grid: int | None = None, **overrides)
 
     ccalign safetensors files carry their config. Official files (dict with "model"/"ema", raw
     state_dict, FSDP folder with consolidated.pth) need the preset ``name`` and the ``grid``
-    (16 for 256 px, 24 for 384 px) that the file was trained with.
+    (16 for 256 px, 24 for 384 px) that the file was trained with. The file is read first,
+    weights-only: a damaged or unsafe one raises ValueError naming it before anything is built.
     """
+    from ccalign.io import read_tensor_file
     from ccalign.models.checkpoint import load_weights
 
     config = config_from_file(path)
+    weights = read_tensor_file(path)
     if config is not None:
         fields = {**config.to_dict(), **overrides}
         if grid is not None:
@@ -487,4 +493,4 @@ def load(path, name: str | None = None, *, grid: int | None = None, **overrides)
                 "and the grid (16 for 256 px, 24 for 384 px)"
             )
         model = build(name, grid=grid, **overrides)
-    return load_weights(model, path, ignore=IGNORED_KEYS)
+    return load_weights(model, weights, ignore=IGNORED_KEYS)

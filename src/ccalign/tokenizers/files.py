@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ccalign.io import PathLike, atomic_save_safetensors, read_tensor_file
+from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors, read_tensor_file
 from ccalign.models.checkpoint import check_state_dict, extract_state_dict
 from ccalign.tokenizers.llamagen_vq import (
     PRESETS,
@@ -44,7 +44,8 @@ def load(
     """Load a tokenizer from a file, detecting its kind from the contents.
 
     A ccalign ``.safetensors`` file carries its config. LlamaGen's official ``.pt`` (weights
-    under "ema" or "model", or a raw state_dict) is read by key names and shapes; give ``name``
+    under "ema" or "model", or a raw state_dict) is read weights-only by key names and
+    shapes; a damaged or unsafe file raises ValueError naming it. Give ``name``
     ("VQ-16", "VQ-8") to insist on that architecture and ``image_size`` (default 256) for the
     grid the sampler should assume. ``"fmnist-vq"`` names the bundled Fashion-MNIST tokenizer.
     The model is returned in eval mode on the CPU.
@@ -82,9 +83,7 @@ def _resolve(path: PathLike) -> Path:
 def _config_from_metadata(path: Path) -> VQConfig | None:
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
     if METADATA_KEY not in meta:
         return None

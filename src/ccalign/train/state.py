@@ -3,7 +3,9 @@
 A checkpoint ``<out>/checkpoints/step_<step>.pt`` holds the model, optimizer, schedule, EMA,
 the RNG states of every process (torch, CUDA, numpy, python), the step, the data position
 (epoch, step within the epoch) and the config. It is written atomically by rank 0, so a file
-that exists is complete; ``latest_checkpoint`` still skips files that fail to load.
+that exists is complete; ``latest_checkpoint`` still skips files that fail to load, but not a
+file refused for holding a pickled object that could run code. Everything is stored as tensors
+and plain Python values so that checkpoints load weights-only (no unpickling of objects).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccalign.io import atomic_torch_save
+from ccalign.io import UnsafePickleError, atomic_torch_save, load_torch_file
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -36,18 +38,24 @@ def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents on the CPU (a trusted file: it holds pickled RNG states)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's contents on the CPU, loaded weights-only (see :func:`load_torch_file`)."""
+    state = load_torch_file(path)
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise ValueError(f"{path} is not a ccalign training checkpoint")
     return state
 
 
 def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads, or None when there is none."""
+    """The newest checkpoint that loads, or None when there is none.
+
+    A damaged file is skipped with a warning; one refused as unsafe raises, since falling back
+    to an older checkpoint would hide that someone planted it.
+    """
     for step, path in reversed(list_checkpoints(out)):
         try:
             return path, load_checkpoint(path)
+        except UnsafePickleError:
+            raise
         except Exception as exc:  # a damaged file: fall back to the previous one
             warnings.warn(
                 f"skipping unreadable checkpoint {path} (step {step}): {exc}",
@@ -65,10 +73,21 @@ def save_checkpoint(state: dict, out: str | Path, keep: int) -> Path:
 
 
 def capture_rng() -> dict:
-    """This process's torch, CUDA, numpy and python random states."""
+    """This process's torch, CUDA, numpy and python random states as tensors and plain values.
+
+    numpy's state tuple holds an array, which a weights-only load refuses: its MT19937 key is
+    stored as an int64 tensor beside the position and cached Gaussian.
+    """
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": kind,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -79,7 +98,9 @@ def capture_rng() -> dict:
 def restore_rng(state: dict) -> None:
     """Put back what ``capture_rng`` recorded."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    key = saved["key"].numpy().astype(np.uint32)
+    np.random.set_state((saved["kind"], key, saved["pos"], saved["has_gauss"], saved["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
