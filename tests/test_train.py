@@ -195,14 +195,13 @@ def test_param_groups_decay_only_matrices_and_embeddings():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
-def test_reference_is_frozen_eval_and_d_is_zero_at_step_zero(tmp_path):
+def test_reference_is_frozen_and_d_is_zero_at_step_zero(tmp_path):
     init = tiny_model()
     trainer = Trainer(make_config(tmp_path, train={"steps": 3}), tiny_model(), RandomCodes(32))
     records = []
     trainer.callbacks.append(lambda t, record: records.append(record))
     trainer.fit()
     reference = trainer.reference
-    assert not reference.training
     for name, param in reference.named_parameters():
         assert not param.requires_grad and param.grad is None
         assert torch.equal(param, init.state_dict()[name])
@@ -210,8 +209,12 @@ def test_reference_is_frozen_eval_and_d_is_zero_at_step_zero(tmp_path):
     assert records[-1]["d_pos"] != 0.0
     assert not torch.equal(trainer.model.output.weight, init.output.weight)
 
-    official = make_config(tmp_path / "b", method={"reference_dropout": True})
-    assert Trainer(official, tiny_model(0.1), RandomCodes(32)).reference.training
+    modes = {"both": (True, True), "none": (False, False), "policy-only": (True, False)}
+    for mode, (policy_training, reference_training) in modes.items():
+        config = make_config(tmp_path / mode, method={"dropout": mode})
+        trainer = Trainer(config, tiny_model(0.1), RandomCodes(32))
+        assert trainer.policy.training == policy_training, mode
+        assert trainer.reference.training == reference_training, mode
 
 
 # ---- resume, NaN, checkpoints ----
@@ -358,11 +361,13 @@ def test_paper_recipe_configs(size, lam):
     assert (cfg.method.name, cfg.method.beta, cfg.method.lam) == ("cca", 0.02, lam)
     assert cfg.method.uncond_ratio == 0.1 and cfg.train.global_batch == 256
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == (1e-5, (0.9, 0.95), 0.05)
+    # the official clip 1.0 acts on a gradient summed over 16 micro-steps: 1/16 on the mean
     assert (cfg.optim.grad_clip, cfg.optim.schedule, cfg.train.precision) == (
-        1.0,
+        1.0 / 16,
         "constant",
         "bf16",
     )
+    assert cfg.method.dropout == "both"  # the official --keep_dropout
     assert cfg.train.epochs == 1.0 and cfg.train.global_batch % cfg.train.micro_batch == 0
 
 

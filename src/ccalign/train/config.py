@@ -8,9 +8,12 @@ silently ignored). ``--set optim.lr=1e-4`` style overrides are parsed as TOML va
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import UnionType as _UnionType
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -23,6 +26,14 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
 DATA_VIEWS = ("center", "flip")
+DROPOUT_MODES = ("both", "none", "policy-only")
+ALIGNMENT_METHODS = ("cca", "dpo", "unlearning")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: keys that no longer exist, and what to write instead
+_RENAMED = {
+    ("method", "reference_dropout"): 'method.dropout = "both" (policy and reference in train '
+    'mode, the official recipe) or "none" (dropout off in both)',
+}
 
 
 @dataclass
@@ -58,7 +69,12 @@ class MethodSection:
     lam: float = 300.0
     uncond_ratio: float = 0.1  # alignment: rows whose labels become the null class
     class_dropout: float = 0.1  # mle: rows whose label becomes the null class
-    reference_dropout: bool = False  # True: reference in train mode, as the official code
+    # Dropout of policy and reference, kept consistent so D = log p_theta - log p_ref starts at 0:
+    # "both": both in train mode with their own masks (the official --keep_dropout recipe; D is
+    # noisy but unbiased); "none": dropout off in both (D = 0 exactly at the start);
+    # "policy-only": policy with dropout against an exact reference, which biases D by the
+    # dropout gap (as if lambda were multiplied by exp(-beta * gap)): only on explicit request.
+    dropout: str = "both"
 
 
 @dataclass
@@ -135,6 +151,12 @@ class TrainConfig:
         _choice("optim.schedule", self.optim.schedule, SCHEDULES)
         _choice("train.precision", self.train.precision, PRECISIONS)
         _choice("train.parallel", self.train.parallel, PARALLEL)
+        _choice("method.dropout", self.method.dropout, DROPOUT_MODES)
+        if not _DEVICE.match(self.train.device):
+            raise ValueError(
+                f"train.device = {self.train.device!r} is not a device ccalign trains on; use "
+                "auto, cpu, cuda, cuda:N or mps"
+            )
         _validate_data(self.data)
         for key, value in (
             ("train.global_batch", self.train.global_batch),
@@ -147,6 +169,12 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if self.train.steps < 0 or self.train.epochs <= 0:
             raise ValueError("train.steps must be >= 0 and train.epochs > 0")
+        if self.method.name in ALIGNMENT_METHODS and self.train.micro_batch < 2:
+            raise ValueError(
+                f"train.micro_batch = {self.train.micro_batch} leaves {self.method.name} without "
+                "negatives: a row's negative label is the next row's in its micro-batch, and a "
+                "batch of one rolls onto itself; use micro_batch >= 2 (the official recipe: 2)"
+            )
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
         for key in ("uncond_ratio", "class_dropout"):
@@ -170,13 +198,39 @@ def _build_section(name: str, values: Any) -> Any:
     if not isinstance(values, dict):
         raise ValueError(f"config section [{name}] must be a table, got {values!r}")
     valid = {f.name for f in dataclasses.fields(section_type)}
+    for key in values:
+        if (name, key) in _RENAMED:
+            raise ValueError(f"{name}.{key} was replaced: write {_RENAMED[name, key]}")
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in [{name}]; valid keys: {sorted(valid)}")
-    values = dict(values)
-    if "betas" in values:
-        values["betas"] = tuple(float(b) for b in values["betas"])
-    return section_type(**values)
+    hints = typing.get_type_hints(section_type)
+    checked = {key: _typed(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
+    return section_type(**checked)
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field's type (ints widen to floats); a wrong type names key and value."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else ()
+    if options:  # X | None: TOML has no null, so the value must be an X
+        hint = next(o for o in options if o is not type(None))
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, list | tuple):
+        items = typing.get_args(hint)
+        if len(value) == len(items):
+            return tuple(_typed(key, v, t) for v, t in zip(value, items, strict=True))
+    elif isinstance(value, origin or hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{key} = {value!r} must be {_type_name(hint)}, not {type(value).__name__}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(typing.get_args(hint))} numbers"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(hint, "a table {...}" if hint is dict else str(hint))
 
 
 def _validate_data(data: DataSection) -> None:
@@ -189,6 +243,52 @@ def _validate_data(data: DataSection) -> None:
             "data.views and data.image_size apply to images encoded on the fly: set "
             "data.tokenizer (--tokenizer), or leave them out when data.path holds codes"
         )
+
+
+#: keys a resumed run may change: how it runs and logs, not what it computes
+RESUMABLE_CHANGES = frozenset(
+    {
+        "model.init",  # the weights themselves are checked by fingerprint
+        "model.save_official",
+        "data.path",  # the data set's size is checked; a moved folder is fine
+        "data.num_workers",
+        "data.validate",
+        "train.steps",
+        "train.epochs",
+        "train.micro_batch",  # same global batch: the same update
+        "train.activation_checkpointing",
+        "train.device",
+        "train.log_every",
+        "train.progress",
+        "checkpoint.out",
+        "checkpoint.every",
+        "checkpoint.keep",
+    }
+)
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, current value)}`` for every key that differs."""
+    old, new = _flatten(saved), _flatten(current)
+    return {
+        key: (old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if _comparable(old.get(key)) != _comparable(new.get(key))
+    }
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix:  # sections; values that are tables stay whole
+            flat.update(_flatten(value, f"{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

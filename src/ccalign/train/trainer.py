@@ -7,10 +7,12 @@ rows) is divided by ``accum`` before backward, and DDP only all-reduces on the l
 checkpoints gather whole states (see ``ccalign.train.sharding``).
 
 The frozen reference is a copy of the policy taken before training: ``requires_grad`` off, run
-under ``no_grad``, and in eval mode by default, so it is exactly the pretrained p_phi and
-D = log p_theta - log p_phi is zero at step 0 up to the policy's own dropout noise (exactly zero
-when the policy's dropout is 0). ``method.reference_dropout = true`` keeps the reference in
-train mode with its own dropout masks, as the official code does (then D != 0 at step 0).
+under ``no_grad``. Dropout is consistent between the two (``method.dropout``): "both" keeps both
+in train mode with their own masks, as the official recipe does (D = log p_theta - log p_phi is
+noisy but zero-mean at step 1); "none" turns it off in both (D = 0 exactly at step 1);
+"policy-only", the biased mix, runs only when a config asks for it. Step 1 is always logged, so
+the measured D at the start is in ``metrics.jsonl``. Gradient clipping is logged per step
+(``clipped``) and as the fraction of clipped steps so far (``clipped_fraction``).
 
 Random choices are keyed so a run is reproducible and resumable: null-class rows come from
 (seed, step, global position), the data order from (seed, epoch), dropout from each process's
@@ -34,16 +36,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
+from ccalign.errors import UserError
 from ccalign.io import atomic_write
 from ccalign.models import llamagen
 from ccalign.train import distributed as D
 from ccalign.train import sharding
-from ccalign.train.config import TrainConfig
+from ccalign.train.config import RESUMABLE_CHANGES, TrainConfig, config_changes
 from ccalign.train.objectives import Objective, make_objective
 from ccalign.train.optim import EMA, make_optimizer, make_schedule
 from ccalign.train.state import (
     capture_rng,
     latest_checkpoint,
+    list_checkpoints,
     restore_rng,
     save_checkpoint,
     seed_everything,
@@ -54,8 +58,8 @@ MicroBatch = tuple[Tensor, Tensor]  # (tokens (M, N) int64, labels (M,) int64)
 Callback = Callable[["Trainer", dict], None]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient became NaN/inf; the step was not applied and nothing was saved."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss, gradient or weights became NaN/inf; nothing non-finite was applied or saved."""
 
 
 class Trainer:
@@ -105,6 +109,7 @@ class Trainer:
         self.out = Path(config.checkpoint.out)
         self.metrics_log = self.out / "metrics.jsonl"
         self.step = 0
+        self.clipped_steps = 0
         seed_everything(train.seed + self.dist.rank)
 
     # ---- setup ----
@@ -112,11 +117,11 @@ class Trainer:
         """A frozen copy of the policy as it is now (see the module doc for its mode)."""
         reference = copy.deepcopy(model).to(self.device)
         reference.requires_grad_(False)
-        reference.train(self.config.method.reference_dropout)
+        reference.train(self.config.method.dropout == "both")
         return reference
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        model.train()
+        model.train(self.config.method.dropout != "none")
         if not self.dist.distributed:
             return model
         if self.fsdp:
@@ -147,6 +152,7 @@ class Trainer:
         elif self.ema is not None:  # EMA switched on at resume: average from here
             self.ema = EMA(self.model, self.ema.decay)
         self.step = state["step"]
+        self.clipped_steps = state.get("clipped_steps", 0)
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             restore_rng(rngs[self.dist.rank])
@@ -157,6 +163,7 @@ class Trainer:
         return True
 
     def _check_compatible(self, path: Path, state: dict) -> None:
+        """Refuse a resume that would change what the run computes; record harmless changes."""
         saved = {**state["data"], "parallel": state["parallel"]}
         here = {
             "dataset_size": len(self.dataset),
@@ -169,6 +176,16 @@ class Trainer:
                     f"cannot resume from {path}: it was trained with {key} {saved[key]}, this run "
                     f"has {value}; resume with the same data and batch or start a new --out"
                 )
+        changes = config_changes(state["config"], self.config.to_dict())
+        refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+        if refused:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise ValueError(
+                f"cannot resume from {path} with a different recipe ({listed}); resume with the "
+                "run's own settings (its config.json), or start over with --restart or a new --out"
+            )
+        if changes and self.dist.is_main:
+            self._record_resume_changes(state["step"], changes)
         fingerprint = state.get("reference_fingerprint")
         if fingerprint is not None and self.reference is not None:
             if not math.isclose(fingerprint, self.reference_fingerprint, rel_tol=1e-9):
@@ -217,9 +234,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"step {step}: loss {record['loss']}, gradient norm {record['grad_norm']} is not "
-                "finite; the step was not applied and no checkpoint was written. Lower optim.lr, "
-                "check the data, or resume from the last checkpoint with --resume"
+                f"finite; the step was not applied. {self._recovery_advice()}"
             )
+        clipped = record["grad_norm"] > max_norm
+        self.clipped_steps += clipped
+        record.update(clipped=int(clipped), clipped_fraction=self.clipped_steps / step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -302,19 +321,69 @@ class Trainer:
         if self.step % every == 0 or self.step == self.total_steps:
             self.save()
         if self.dist.is_main:
-            if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
+            logged = self.step % self.config.train.log_every == 0 or self.step == self.total_steps
+            if logged or self.step == 1:  # step 1 shows D with policy == reference
                 with open(self.metrics_log, "a") as f:
                     f.write(json.dumps(record) + "\n")
+            if self.step == 1 and "d_pos" in record:
+                self._say_start_gap(record)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
         for callback in self.callbacks:
             callback(self, record)
 
+    def _say_start_gap(self, record: dict) -> None:
+        """Print the mean D at step 1, where the policy still equals the reference."""
+        expected = {
+            "both": "zero-mean, noisy: both run dropout",
+            "none": "exactly 0: no dropout",
+            "policy-only": "biased by the policy's dropout gap",
+        }[self.config.method.dropout]
+        message = (
+            f"step 1: mean D+ {record['d_pos']:+.3f}, D- {record['d_neg']:+.3f} nats per image "
+            f"(method.dropout = {self.config.method.dropout}: {expected})"
+        )
+        if self.config.train.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+        else:
+            print(message, flush=True)
+
+    def _record_resume_changes(self, step: int, changes: dict) -> None:
+        """Append what this resume changed to ``resumes.jsonl`` and say it."""
+        entry = {"step": step, "changed": {k: list(v) for k, v in changes.items()}}
+        with open(self.out / "resumes.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(f"resuming with changed settings (recorded in resumes.jsonl): {entry['changed']}")
+
+    def _recovery_advice(self) -> str:
+        """Where to go back to: the newest checkpoint (every saved one has finite weights)."""
+        saved = list_checkpoints(self.out)
+        if not saved:
+            return "No checkpoint was written yet: lower optim.lr or check the data, then restart"
+        return (
+            f"The last checkpoint, {saved[-1][1]} (step {saved[-1][0]}), has finite weights: lower "
+            "optim.lr or check the data, then continue from it with --resume"
+        )
+
+    def _check_finite_weights(self, model_state: dict[str, Tensor]) -> None:
+        """Refuse to save non-finite weights: the newest checkpoint is the one users resume."""
+        floats = {k: v for k, v in model_state.items() if v.is_floating_point()}
+        bad = [k for k, v in floats.items() if not bool(v.isfinite().all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"step {self.step}: the weights became non-finite ({len(bad)} tensors, first "
+                f"{bad[0]}); no checkpoint was written. {self._recovery_advice()}"
+            )
+
     def save(self) -> Path | None:
         """Write a resumable checkpoint for the current step (rank 0 writes, all take part)."""
         rngs = D.gather_objects(capture_rng(), self.dist)
         model_state, optimizer_state = self._full_states()
+        if self.dist.is_main:
+            self._check_finite_weights(model_state)
         ema_state = self.ema.state_dict() if self.ema is not None else None
         path = None
         if self.dist.is_main:
@@ -333,6 +402,7 @@ class Trainer:
                 "schedule": {"step": self.step, "total_steps": self.total_steps},
                 "ema": ema_state,
                 "rng": rngs,
+                "clipped_steps": self.clipped_steps,
                 "reference_fingerprint": self.reference_fingerprint,
                 "config": self.config.to_dict(),
             }
