@@ -8,12 +8,14 @@ sub-command's name is the module name with underscores as dashes (``extract_code
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
 
 import ccalign
 import ccalign.commands
+from ccalign.errors import UserError
 
 
 def _command_modules() -> list[str]:
@@ -44,10 +46,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args._run(args)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: message, no traceback
-        print(f"ccalign {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, UserError) as exc:  # user errors: one line, no traceback
+        print(f"ccalign {args.command}: error: {describe_error(exc)}", file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The message for the user: the error's own words, with the fix for system errors."""
+    if not isinstance(exc, OSError) or exc.strerror is None:
+        return str(exc) or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename else ""
+    fixes = {
+        errno.ENOSPC: "free some space, then rerun (with --resume for training: every file is "
+        "written atomically, so the last complete checkpoint is intact)",
+        errno.EACCES: "choose a location you can write to, or fix its permissions",
+        errno.EROFS: "choose a location on a writable file system",
+        errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
+        errno.EISDIR: "give a file, not a folder",
+    }
+    fix = fixes.get(exc.errno)
+    return f"{exc.strerror}{where}" + (f"; {fix}" if fix else "")
 
 
 if __name__ == "__main__":

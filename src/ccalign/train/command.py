@@ -43,7 +43,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: from train.epochs)")
     parser.add_argument("--device", help="cpu, cuda or auto")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="--out holds a run: move it aside to <out>.old-<time> (nothing is deleted) and start "
+        "over",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
 
@@ -74,6 +80,6 @@ def run_from_args(args: argparse.Namespace, config: TrainConfig) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = run_training(config, resume=args.resume)
+    out = run_training(config, resume=args.resume, restart=args.restart)
     print(f"done: final model in {out / 'final.safetensors'}, metrics in {out / 'metrics.jsonl'}")
     return 0

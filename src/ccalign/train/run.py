@@ -10,6 +10,8 @@ import torch
 from ccalign.data.codes import CodeDataset, open_codes, validate_codes
 from ccalign.models import llamagen
 from ccalign.train.config import ModelSection, TrainConfig
+from ccalign.train.distributed import barrier
+from ccalign.train.rundir import check_output_folder, claim_output_folder
 from ccalign.train.trainer import Callback, Trainer
 
 
@@ -60,22 +62,33 @@ def open_training_data(config: TrainConfig, model: llamagen.LlamaGen) -> CodeDat
 
 
 def run_training(
-    config: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callback] = ()
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> Path:
-    """Train as ``config`` says (resuming from the newest checkpoint if asked); the output folder.
+    """Train as ``config`` says; returns the output folder.
 
-    Fine-tuning methods need ``model.init``; ``mle`` starts from it when given, else from a fresh
-    model initialised from ``train.seed`` (the same on every process).
+    The folder holds one run (``ccalign.train.rundir``): one that has a run already needs
+    ``resume`` (continue from its newest checkpoint) or ``restart`` (move it aside, start over),
+    and it is locked while this run writes. Fine-tuning methods need ``model.init``; ``mle``
+    starts from it when given, else from a fresh model initialised from ``train.seed`` (the same
+    on every process).
     """
     if config.method.name != "mle" and config.model.init is None:
         raise ValueError(
             f"{config.method.name} fine-tunes a pretrained model: set model.init or pass --init"
         )
+    out = Path(config.checkpoint.out)
+    check_output_folder(out, resume=resume, restart=restart)
     torch.manual_seed(config.train.seed)
     model = model_from_config(config.model)
     dataset = open_training_data(config, model)
     trainer = Trainer(config, model, dataset, callbacks=callbacks)
+    lock = claim_output_folder(out, restart=restart) if trainer.dist.is_main else None
     try:
+        barrier(trainer.dist)
         if resume:
             found = trainer.resume()
             if trainer.dist.is_main:
@@ -83,5 +96,7 @@ def run_training(
                 print(f"resuming {config.checkpoint.out} at {where} of {trainer.total_steps}")
         trainer.fit()
     finally:
+        if lock is not None:
+            lock.release()
         trainer.close()
-    return Path(config.checkpoint.out)
+    return out

@@ -1,0 +1,177 @@
+"""An output folder holds one run; faults and bad settings end in one line with nothing lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ccalign.cli import describe_error, main
+from ccalign.train import NonFiniteLossError, run_training
+from ccalign.train.rundir import RunLock
+from ccalign.train.state import latest_checkpoint, list_checkpoints
+from test_train import REPO, load_final, make_config, write_files
+
+
+def finetune_args(init: str, codes: str, out: Path) -> list[str]:
+    config = str(REPO / "configs" / "tiny_cpu.toml")
+    return ["finetune", "--config", config, "--init", init, "--data", codes, "--out", str(out)]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_a_second_start_into_a_finished_run_is_refused_and_restart_moves_it_aside(
+    tmp_path, capsys
+):
+    init, codes = write_files(tmp_path)
+    out = tmp_path / "run"
+    args = finetune_args(init, codes, out)
+    assert main(args) == 0
+    first = load_final(out / "final.safetensors")
+    first_log = (out / "metrics.jsonl").read_text()
+
+    code, err = run_cli([*args, "--set", "optim.lr=1e-2"], capsys)
+    assert code == 1 and "already holds a run" in err and "--resume" in err and "--restart" in err
+    assert err.count("\n") == 1  # one line, no traceback
+    assert (out / "metrics.jsonl").read_text() == first_log  # untouched
+
+    assert main([*args, "--set", "optim.lr=1e-2", "--restart"]) == 0
+    (aside,) = tmp_path.glob("run.old-*")
+    kept = load_final(aside / "final.safetensors")
+    assert all(torch.equal(kept[k], first[k]) for k in first)  # the old run, whole
+    assert (aside / "metrics.jsonl").read_text() == first_log
+    assert [s for s, _ in list_checkpoints(aside)] == [2, 3]
+    new = load_final(out / "final.safetensors")
+    assert any(not torch.equal(new[k], first[k]) for k in first)
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-2
+    code, err = run_cli([*args, "--resume", "--restart"], capsys)
+    assert code == 1 and "pick one" in err
+
+
+def test_a_folder_being_written_is_locked(tmp_path, capsys):
+    init, codes = write_files(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = RunLock(out)  # another run writing here
+    try:
+        code, err = run_cli(finetune_args(init, codes, out), capsys)
+        assert code == 1 and "being written by another ccalign run" in err
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.release()
+    assert main(finetune_args(init, codes, out)) == 0  # free again once released
+
+
+def test_resume_refuses_a_changed_recipe_and_records_harmless_changes(tmp_path, capsys):
+    init, codes = write_files(tmp_path)
+    out = tmp_path / "run"
+    args = finetune_args(init, codes, out)
+    assert main(args) == 0
+    before = (out / "metrics.jsonl").read_text()
+    code, err = run_cli([*args, "--resume", "--set", "method.lam=3.0"], capsys)
+    assert code == 1 and "method.lam: 10.0 -> 3.0" in err and "different recipe" in err
+    code, err = run_cli([*args, "--resume", "--set", "method.dropout='none'"], capsys)
+    assert code == 1 and "method.dropout: 'both' -> 'none'" in err
+    assert (out / "metrics.jsonl").read_text() == before
+
+    assert main([*args, "--resume", "--steps", "5", "--set", "checkpoint.every=1"]) == 0
+    (entry,) = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
+    assert entry["step"] == 3
+    assert entry["changed"] == {"checkpoint.every": [2, 1], "train.steps": [3, 5]}
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """A step whose update makes the weights NaN fails at the save; the newest checkpoint on
+    disk, which the error names, is the last finite one."""
+    init, codes = write_files(tmp_path)
+
+    def poison_next_update(trainer, record):
+        if record["step"] == 1:
+
+            def hook(optimizer, args, kwargs):
+                with torch.no_grad():
+                    trainer.model.norm.weight.fill_(float("nan"))
+
+            trainer.optimizer.register_step_post_hook(hook)
+
+    config = make_config(
+        tmp_path / "run",
+        model={"init": init},
+        data={"path": codes},
+        train={"steps": 4},
+        checkpoint={"every": 1},
+    )
+    with pytest.raises(NonFiniteLossError, match="step 2: the weights became non-finite") as info:
+        run_training(config, callbacks=[poison_next_update])
+    assert "step_00000001.pt (step 1)" in str(info.value) and "--resume" in str(info.value)
+    path, state = latest_checkpoint(tmp_path / "run")
+    assert state["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    init, codes = write_files(tmp_path)
+    out = tmp_path / "run"
+    args = finetune_args(init, codes, out)
+    real_save = torch.save
+    calls = []
+
+    def save_until_full(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) > 1:  # the disk fills up during the second checkpoint
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    code, err = run_cli(args, capsys)
+    assert code == 1 and "No space left on device" in err and "--resume" in err
+    assert err.count("\n") == 1
+    monkeypatch.undo()
+    files = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert files == ["step_00000002.pt"]  # no half-written file left
+    path, state = latest_checkpoint(out)
+    assert state["step"] == 2
+    assert main([*args, "--resume"]) == 0  # space is back: the run continues
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--set", "train.steps='many'"], "train.steps = 'many' must be an integer"),
+        (["--set", "optim.lr=[1]"], "optim.lr = [1] must be a number"),
+        (["--device", "tpu"], "train.device = 'tpu' is not a device"),
+        (["--set", "train.micro_batch=1"], "without negatives"),
+    ],
+)
+def test_bad_settings_are_one_line(tmp_path, capsys, extra, message):
+    init, codes = write_files(tmp_path)
+    code, err = run_cli([*finetune_args(init, codes, tmp_path / "run"), *extra], capsys)
+    assert code == 1 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    init, codes = write_files(tmp_path)
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    code, err = run_cli(finetune_args(init, codes, target), capsys)
+    assert code == 1 and "is a file, not a folder" in err
+    code, err = run_cli(finetune_args(init, codes, target / "sub"), capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert target.read_text() == "keep me"
+
+
+def test_system_errors_are_described_with_the_fix():
+    full = describe_error(OSError(errno.ENOSPC, "No space left on device", "/x/ckpt.pt"))
+    assert full.startswith("No space left on device: /x/ckpt.pt; free some space")
+    denied = describe_error(PermissionError(errno.EACCES, "Permission denied", "/ro"))
+    assert "Permission denied: /ro" in denied and "write to" in denied
+    assert describe_error(ValueError("plain words")) == "plain words"
