@@ -242,8 +242,12 @@ def test_official_file_layouts_load_strictly(tmp_path):
     assert loaded.config == model.config
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     assert torch.equal(loaded.encode(x), model.encode(x))
+    # both present: "model", the weights LlamaGen's samplers decode with; "ema" only alone
     torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, tmp_path / "b.pt")
-    assert torch.equal(load(tmp_path / "b.pt", image_size=8).encode(x), ema.encode(x))
+    assert torch.equal(load(tmp_path / "b.pt", image_size=8).encode(x), model.encode(x))
+    assert not torch.equal(model.encode(x), ema.encode(x))
+    torch.save({"ema": ema.state_dict(), "steps": 10}, tmp_path / "b2.pt")
+    assert torch.equal(load(tmp_path / "b2.pt", image_size=8).encode(x), ema.encode(x))
     torch.save({"weights": model.state_dict()}, tmp_path / "c.pt")
     with pytest.raises(CheckpointMismatchError, match="ema"):
         load(tmp_path / "c.pt")

@@ -21,8 +21,10 @@ METADATA_KEY = "ccalign.tokenizer"
 #: The small VQ trained on Fashion-MNIST that ships with the package (see BENCHMARKS.md).
 FMNIST_VQ_PATH = Path(__file__).resolve().parent.parent / "assets" / "fmnist_vq.safetensors"
 ALIASES = {"fmnist-vq": FMNIST_VQ_PATH}
-#: Where LlamaGen's trainer keeps the weights of a VQ checkpoint, in order of preference.
-OFFICIAL_WEIGHT_KEYS = ("ema", "model")
+#: Where LlamaGen's trainer keeps the weights of a VQ checkpoint, in order of preference. Its
+#: samplers decode with ``checkpoint["model"]``, so the GPTs were trained on codes of those
+#: weights; "ema" is only a fallback for files without "model".
+OFFICIAL_WEIGHT_KEYS = ("model", "ema")
 
 
 def save(model: VQModel, path: PathLike, dtype: torch.dtype | None = None) -> Path:
@@ -44,7 +46,7 @@ def load(
     """Load a tokenizer from a file, detecting its kind from the contents.
 
     A ccalign ``.safetensors`` file carries its config. LlamaGen's official ``.pt`` (weights
-    under "ema" or "model", or a raw state_dict) is read weights-only by key names and
+    under "model", else "ema", or a raw state_dict) is read weights-only by key names and
     shapes; a damaged or unsafe file raises ValueError naming it. Give ``name``
     ("VQ-16", "VQ-8") to insist on that architecture and ``image_size`` (default 256) for the
     grid the sampler should assume. ``"fmnist-vq"`` names the bundled Fashion-MNIST tokenizer.
