@@ -14,7 +14,7 @@ from ccalign.demo.pipeline import BASE_MODEL
 from ccalign.models import llamagen
 from ccalign.tokenizers import load as load_tokenizer
 from ccalign.train import TrainConfig, Trainer, load_config
-from test_train import RandomCodes, make_config, tiny_model
+from test_train import REPO, RandomCodes, make_config, tiny_model
 
 
 def first_record(config: TrainConfig, model: nn.Module, data) -> dict:
@@ -71,6 +71,12 @@ def test_d_at_step_one_is_unbiased_for_consistent_dropout_on_the_demo_model(tmp_
     assert measured["policy-only"] < -gap + 1.5
     logged = json.loads((tmp_path / "both" / "metrics.jsonl").read_text().splitlines()[0])
     assert logged["step"] == 1 and logged["d_pos"] == measured["both"]
+
+
+def test_config_round_trips_through_its_dict():
+    config = load_config(REPO / "configs" / "llamagen_L.toml", ["data.tokenizer='vq.pt'"])
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert TrainConfig.from_dict(load_config(None).to_dict()).data.tokenizer is None
 
 
 def test_default_recipe_is_consistent_and_the_mixed_one_needs_its_own_key():

@@ -212,7 +212,9 @@ def _build_section(name: str, values: Any) -> Any:
 def _typed(key: str, value: Any, hint: Any) -> Any:
     """``value`` as the field's type (ints widen to floats); a wrong type names key and value."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else ()
-    if options:  # X | None: TOML has no null, so the value must be an X
+    if options:  # X | None: None from a dict (TOML has no null), else an X
+        if value is None:
+            return None
         hint = next(o for o in options if o is not type(None))
     origin = typing.get_origin(hint)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
