@@ -107,6 +107,21 @@ def test_empty_data_sets_name_the_path_and_what_is_missing(tmp_path):
         open_codes(tmp_path / "f")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty"])
+def test_a_damaged_flat_file_is_named(tmp_path, damage):
+    path = tmp_path / "c.safetensors"
+    write_flat_codes(path, np.zeros((3, 4)), [0, 1, 2], vocab_size=8, grid=2)
+    whole = path.read_bytes()
+    broken = {
+        "truncated": whole[:-5],
+        "random": np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes(),
+        "empty": b"",
+    }[damage]
+    path.write_bytes(broken)
+    with pytest.raises(ValueError, match=r"c.safetensors is damaged or not a safetensors file"):
+        open_codes(path)
+
+
 def test_atomic_writes_get_the_default_file_mode(tmp_path):
     import os
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ccalign.io import PathLike, atomic_save_safetensors, atomic_write
+from ccalign.io import PathLike, atomic_save_safetensors, atomic_write, open_safetensors
 
 FLAT_FORMAT = "ccalign.codes.v1"
 
@@ -66,10 +66,8 @@ class FlatCodes(CodeDataset):
 
     def __init__(self, path: PathLike, seed: int = 0):
         super().__init__(seed)
-        from safetensors import safe_open
-
         path = Path(path)
-        with safe_open(str(path), "pt") as f:
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
             names = set(f.keys())
             if meta.get("format") != FLAT_FORMAT or not {"codes", "labels"} <= names:
