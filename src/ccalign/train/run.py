@@ -89,11 +89,8 @@ def run_training(
     lock = claim_output_folder(out, restart=restart) if trainer.dist.is_main else None
     try:
         barrier(trainer.dist)
-        if resume:
-            found = trainer.resume()
-            if trainer.dist.is_main:
-                where = f"step {trainer.step}" if found else "step 0 (no checkpoint found)"
-                print(f"resuming {config.checkpoint.out} at {where} of {trainer.total_steps}")
+        if resume and trainer.resume() and trainer.dist.is_main:
+            print(f"resuming {out} at step {trainer.step} of {trainer.total_steps}")
         trainer.fit()
     finally:
         if lock is not None:
