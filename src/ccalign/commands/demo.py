@@ -16,11 +16,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="add a lambda sweep for CCA and a scale sweep for CFG (the paper's Figure 4)",
     )
-    parser.add_argument("--samples", type=int, help="samples per setting (default 2000)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        help="samples per headline setting: base, base + CFG, CCA, CCA + CFG (default 10000)",
+    )
+    parser.add_argument(
+        "--curve-samples", type=int, help="samples per other CFG scale or sweep point (2000)"
+    )
     parser.add_argument("--steps", type=int, help="CCA optimizer steps")
     parser.add_argument("--lam", type=float, help="CCA lambda")
     parser.add_argument("--beta", type=float, help="CCA beta")
     parser.add_argument("--lr", type=float, help="CCA learning rate")
+    parser.add_argument(
+        "--dropout",
+        choices=("both", "none", "policy-only"),
+        help="dropout of policy and reference during CCA (method.dropout)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true")
@@ -40,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "progress": not args.no_progress,
     }
-    for key in ("samples", "steps", "lam", "beta", "lr"):
+    for key in ("samples", "curve_samples", "steps", "lam", "beta", "lr", "dropout"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)
