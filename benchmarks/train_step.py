@@ -6,7 +6,8 @@
 Both variants run one optimizer step on the same micro-batch of B images (2B sequences for the
 policy and 2B for the reference), with AdamW, clipping at 1.0, and bf16 autocast on CUDA:
 - ``ccalign``: ``Trainer.train_step`` (chunked vocabulary projection that never holds the
-  (2B, N, V) logits, fused AdamW on CUDA, reference in eval mode under no_grad);
+  (2B, N, V) logits, fused AdamW on CUDA, reference under no_grad in train mode, as the
+  official recipe: method.dropout = "both");
 - ``naive``: the official code's step: full float32 (2B, N, V) logits, ``log_softmax`` and
   ``gather`` for the policy and the reference, reference in train mode.
 Each variant runs in its own subprocess so peak memory is its own: on CUDA
