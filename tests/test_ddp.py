@@ -15,6 +15,7 @@ from _support import Killed, kill_after
 from ccalign.data.codes import write_flat_codes
 from ccalign.models import llamagen
 from ccalign.train import TrainConfig, run_training
+from ccalign.train.state import load_checkpoint
 
 GRID, VOCAB, CLASSES = 4, 32, 5
 
@@ -114,9 +115,7 @@ def test_two_processes_match_single_process_accumulation(tmp_path, parallel):
     for a, b in zip(*logs, strict=True):
         for key in ("loss", "grad_norm", "d_pos", "d_neg", "neg_is_positive_fraction"):
             assert abs(a[key] - b[key]) <= 1e-5 * (1 + abs(a[key])), (key, a[key], b[key])
-    checkpoint = torch.load(
-        tmp_path / "multi" / "checkpoints" / "step_00000002.pt", weights_only=False
-    )
+    checkpoint = load_checkpoint(tmp_path / "multi" / "checkpoints" / "step_00000002.pt")
     assert len(checkpoint["rng"]) == 2  # every process's dropout RNG is saved
     assert checkpoint["parallel"] == ("fsdp" if parallel == "fsdp" else "replicated")
 
