@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ccalign.cli import describe_error, main
+from ccalign.io import atomic_save_safetensors
 from ccalign.train import NonFiniteLossError, run_training
 from ccalign.train.rundir import RunLock
 from ccalign.train.state import latest_checkpoint, list_checkpoints
@@ -27,9 +28,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     return code, err
 
 
-def test_a_second_start_into_a_finished_run_is_refused_and_restart_moves_it_aside(
-    tmp_path, capsys
-):
+def test_a_second_start_into_a_finished_run_is_refused_and_restart_moves_it_aside(tmp_path, capsys):
     init, codes = write_files(tmp_path)
     out = tmp_path / "run"
     args = finetune_args(init, codes, out)
@@ -123,12 +122,12 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
     real_save = torch.save
     calls = []
 
-    def save_until_full(obj, path, *a, **k):
-        calls.append(path)
+    def save_until_full(obj, file, *a, **k):
+        calls.append(file)
         if len(calls) > 1:  # the disk fills up during the second checkpoint
-            Path(path).write_bytes(b"partial")
+            file.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, file, *a, **k)
 
     monkeypatch.setattr(torch, "save", save_until_full)
     code, err = run_cli(args, capsys)
@@ -175,3 +174,45 @@ def test_system_errors_are_described_with_the_fix():
     denied = describe_error(PermissionError(errno.EACCES, "Permission denied", "/ro"))
     assert "Permission denied: /ro" in denied and "write to" in denied
     assert describe_error(ValueError("plain words")) == "plain words"
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """Mount a tmpfs (64 KiB) under tmp_path; ``remount(ro)`` flips it read-only. Needs root."""
+    import shutil
+    import subprocess
+
+    point = tmp_path / "mnt"
+    point.mkdir()
+    mount = shutil.which("mount")
+    if (
+        mount is None
+        or subprocess.run(
+            [mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(point)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def remount_read_only():
+        subprocess.run([mount, "-o", "remount,ro", str(point)], check=True)
+
+    try:
+        yield point, remount_read_only
+    finally:
+        subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def test_a_real_full_disk_and_a_read_only_folder_are_one_line(tmp_path, capsys, small_mount):
+    point, remount_read_only = small_mount
+    init, codes = write_files(tmp_path)
+    code, err = run_cli(finetune_args(init, codes, point / "full"), capsys)
+    assert code == 1 and "No space left on device" in err and err.count("\n") == 1
+    leftovers = [p.name for p in (point / "full" / "checkpoints").iterdir()]
+    assert leftovers == []  # the half-written checkpoint was removed
+    with pytest.raises(OSError) as info:  # safetensors' own I/O error becomes an OSError too
+        atomic_save_safetensors({"w": torch.zeros(100_000)}, point / "big.safetensors")
+    assert info.value.errno == errno.ENOSPC and not list(point.glob("*big*"))
+    remount_read_only()
+    code, err = run_cli(finetune_args(init, codes, point / "other"), capsys)
+    assert code == 1 and "Read-only file system" in err and err.count("\n") == 1

@@ -81,18 +81,52 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_torch_save(obj: object, path: PathLike) -> Path:
-    """``torch.save`` that never leaves a half-written file at ``path``."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` that never leaves a half-written file at ``path``.
+
+    It writes through a Python file so a full disk surfaces as ``OSError`` (ENOSPC) rather than
+    torch's opaque "unexpected pos" RuntimeError.
+    """
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:
+                raise _os_error_behind(exc, path) from exc
+
+    return atomic_write(path, write)
+
+
+def _os_error_behind(exc: BaseException, path: PathLike) -> BaseException:
+    """The OSError a library error was raised while handling (with ``path``), else ``exc``."""
+    seen = exc.__context__ or exc.__cause__
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__context__ or seen.__cause__
+    if seen is None or seen.errno is None:
+        return exc
+    return OSError(seen.errno, os.strerror(seen.errno), str(path))
 
 
 def atomic_save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: dict[str, str] | None = None
 ) -> Path:
     """Write tensors as safetensors atomically (tensors are made contiguous CPU copies)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(flat, tmp, metadata=metadata)
+        except SafetensorError as exc:  # "I/O error: ... (os error 28)": a system error
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            if code is None:
+                raise
+            number = int(code.group(1))
+            raise OSError(number, os.strerror(number), str(path)) from exc
+
+    return atomic_write(path, write)
 
 
 @contextmanager
