@@ -200,7 +200,7 @@ def small_mount(tmp_path):
     try:
         yield point, remount_read_only
     finally:
-        subprocess.run(["umount", str(point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)  # -l: even if busy
 
 
 def test_a_real_full_disk_and_a_read_only_folder_are_one_line(tmp_path, capsys, small_mount):
