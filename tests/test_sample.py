@@ -106,6 +106,28 @@ def test_guidance_schedules():
         guidance_scales(2.0, 3, cfg_interval=-2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -0.5])
+def test_non_finite_or_negative_guidance_scales_are_rejected(bad):
+    model = random_model()
+    with pytest.raises(ValueError, match=f"cfg_scale must be finite and >= 0, got {bad}: 1 is"):
+        generate(model, [1, 2], cfg_scale=bad)
+    schedule = [2.0] * 16
+    schedule[3] = bad
+    with pytest.raises(ValueError, match=f"got {bad} at token 3 of the schedule"):
+        Sampler(model).generate([1], cfg_scale=schedule)
+    with pytest.raises(ValueError, match=f"got {bad} at token 5 of the schedule"):
+        guidance_scales(lambda t: bad if t == 5 else 1.0, 16)
+    with pytest.raises(ValueError, match="got nan at token 0 of the schedule"):
+        guidance_scales(linear_ramp(float("nan"), 16), 16)
+
+
+@pytest.mark.parametrize("interval", [float("nan"), 2.5, "3"])
+def test_cfg_interval_must_be_an_integer(interval):
+    with pytest.raises(ValueError, match="cfg_interval must be an integer"):
+        guidance_scales(2.0, 4, cfg_interval=interval)
+    assert guidance_scales(2.0, 4, cfg_interval=np.int64(1)) == [2.0, 2.0, 2.0, 1.0]
+
+
 def test_schedule_equal_to_constant_gives_same_samples():
     model = random_model()
     labels = torch.tensor([2, 4])
@@ -193,7 +215,8 @@ def exact_distribution(model, label: int, scale: float, top_k: int = 0) -> dict[
     return {tuple(s.tolist()): float(p) for s, p in zip(seqs, logp.exp(), strict=True)}
 
 
-@pytest.mark.parametrize("scale,top_k", [(1.0, 0), (2.5, 0), (3.0, 2)])
+# 0.0 = the unconditional model, 0.5 interpolates (LlamaGen would sample both guidance-free)
+@pytest.mark.parametrize("scale,top_k", [(1.0, 0), (2.5, 0), (3.0, 2), (0.5, 0), (0.0, 0)])
 def test_sample_distribution_is_exact(scale, top_k):
     model = random_model(seed=3, std=0.5, grid=2, dim=16, n_head=2, vocab_size=3, num_classes=2)
     exact = exact_distribution(model, label=1, scale=scale, top_k=top_k)

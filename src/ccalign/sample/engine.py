@@ -130,8 +130,12 @@ class Sampler:
         """Sample one image's tokens per label: (B, N) int64 on the sampler's device.
 
         Guidance mixes uncond + (cond - uncond) * scale on raw logits, then temperature, top-k,
-        top-p and a categorical draw. Rows with the null class run only while a scale != 1.0
-        still lies ahead, so guidance-free sampling runs just the B conditional rows.
+        top-p and a categorical draw. ``cfg_scale`` (a number, one per token, or a function of
+        the token index) must be finite and >= 0: 1.0 is guidance-free, > 1 guides, 0 samples the
+        unconditional (null-class) model and (0, 1) interpolates between the two; unlike
+        LlamaGen's sampler, which ignores every scale <= 1. Rows with the null class run only
+        while a scale != 1.0 still lies ahead, so guidance-free sampling runs just the B
+        conditional rows.
         """
         check_sampling_args(temperature, top_k, top_p)
         labels = self._check_labels(labels)

@@ -1,12 +1,17 @@
 """Classifier-free guidance: per-token scales and the logit mix.
 
-A scale of 1.0 at a token means "conditional logits only"; the unconditional rows are then only
-run while some later token still needs them (their KV cache must be complete).
+A token's logits are ``uncond + (cond - uncond) * scale``: 1.0 means "conditional logits only",
+> 1 guides towards the class, 0 is the unconditional model and scales in (0, 1) interpolate
+between the two (LlamaGen's sampler instead treats every scale <= 1 as guidance-free). Negative
+scales (sampling away from the class) and non-finite ones are rejected. Unconditional rows are
+only run while some later token still needs them (their KV cache must be complete).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from numbers import Integral
 
 from torch import Tensor
 
@@ -21,7 +26,7 @@ def guidance_scales(
 
     ``cfg_interval`` follows LlamaGen: when > -1, tokens after index ``cfg_interval + 1`` use the
     conditional logits only (its decode step i, which emits token i + 1, stops guiding once
-    i > cfg_interval; the first token is always guided).
+    i > cfg_interval; the first token is always guided). Every scale must be finite and >= 0.
     """
     if callable(cfg_scale):
         scales = [float(cfg_scale(t)) for t in range(num_tokens)]
@@ -33,12 +38,26 @@ def guidance_scales(
             )
         scales = [float(s) for s in cfg_scale]
     else:
+        check_scale(float(cfg_scale))
         scales = [float(cfg_scale)] * num_tokens
-    if cfg_interval < -1:
-        raise ValueError(f"cfg_interval must be -1 (guide every token) or >= 0, got {cfg_interval}")
+    for t, scale in enumerate(scales):
+        check_scale(scale, f" at token {t} of the schedule")
+    if not isinstance(cfg_interval, Integral) or cfg_interval < -1:
+        raise ValueError(
+            f"cfg_interval must be an integer, -1 (guide every token) or >= 0; got {cfg_interval!r}"
+        )
     if cfg_interval > -1:
         scales = [s if t <= cfg_interval + 1 else 1.0 for t, s in enumerate(scales)]
     return scales
+
+
+def check_scale(scale: float, where: str = "") -> None:
+    """Raise when a guidance scale is NaN, infinite or negative (``where`` names the token)."""
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(
+            f"cfg_scale must be finite and >= 0, got {scale}{where}: 1 is guidance-free, > 1 "
+            "guides, 0 samples the unconditional model, (0, 1) interpolates between them"
+        )
 
 
 def last_guided_token(scales: Sequence[float]) -> int:
