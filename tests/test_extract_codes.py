@@ -11,11 +11,71 @@ from ccalign.cli import main
 from ccalign.commands import extract_codes
 from ccalign.data import images
 from ccalign.data.codes import open_codes
-from ccalign.data.images import center_crop_arr, list_image_folder, ten_crop, views
+from ccalign.data.images import (
+    center_crop_arr,
+    convert_image,
+    list_image_folder,
+    open_image,
+    ten_crop,
+    views,
+)
 from ccalign.tokenizers import VQConfig, VQModel, load, save
 
 SIZE = 16  # crops of 16 px, tokenizer downsampling 4 -> 4x4 = 16 codes per view
 
+
+def _save_16_bit_grey(path, value: int, size=(20, 20)):
+    Image.fromarray(np.full(size, value, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"  # as PIL opens 16-bit greyscale PNGs
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    _save_16_bit_grey(tmp_path / "grey16.png", 128 * 257)  # mid-grey: 32896 of 65535
+    assert np.all(np.asarray(open_image(tmp_path / "grey16.png")) == 128)  # RGB, not white
+    assert np.all(np.asarray(open_image(tmp_path / "grey16.png", "L")) == 128)
+    ramp = np.array([[0, 257, 32767, 65535]], dtype=np.uint16)  # 32767 / 257 = 127.498
+    Image.fromarray(ramp).save(tmp_path / "ramp16.tif")
+    np.testing.assert_array_equal(np.asarray(open_image(tmp_path / "ramp16.tif", "L")),
+                                  [[0, 1, 127, 255]])
+    wide = Image.fromarray(np.array([[0, 514, 70000]], dtype=np.int32), "I")  # older Pillow's mode
+    np.testing.assert_array_equal(np.asarray(convert_image(wide, "L")), [[0, 2, 255]])
+
+
+def test_other_image_modes_become_the_expected_rgb(tmp_path):
+    Image.fromarray(np.array([[[100, 30]]], dtype=np.uint8), "LA").save(tmp_path / "la.png")
+    palette = Image.new("P", (1, 1))
+    palette.putpalette([0, 0, 0, 10, 200, 30])
+    palette.putpixel((0, 0), 1)
+    palette.save(tmp_path / "p.png")
+    Image.new("CMYK", (1, 1), (0, 255, 0, 0)).save(tmp_path / "cmyk.tif")  # full magenta ink
+    bilevel = Image.new("1", (2, 1))
+    bilevel.putpixel((1, 0), 1)
+    bilevel.save(tmp_path / "one.png")
+    expected = {"la.png": [[[100, 100, 100]]], "p.png": [[[10, 200, 30]]],
+                "cmyk.tif": [[[255, 0, 255]]], "one.png": [[[0, 0, 0], [255, 255, 255]]]}
+    for name, rgb in expected.items():
+        image = open_image(tmp_path / name)
+        assert image.mode == "RGB", name
+        np.testing.assert_array_equal(np.asarray(image), rgb, err_msg=name)
+
+
+def test_extract_codes_encodes_a_16_bit_png_as_mid_grey(tmp_path, monkeypatch):
+    for name in ("a16", "b8"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    _save_16_bit_grey(tmp_path / "data" / "a16" / "grey.png", 128 * 257)
+    Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(tmp_path / "data" / "b8" / "g.png")
+    _tokenizer(tmp_path / "tok.safetensors")
+    seen = []
+    real_encode = images.encode_views
+    monkeypatch.setattr(extract_codes, "encode_views",
+                        lambda tok, v, p: seen.append(v.clone()) or real_encode(tok, v, p))
+    assert main(["extract-codes", str(tmp_path / "data"), "--tokenizer",
+                 str(tmp_path / "tok.safetensors"), "--out", str(tmp_path / "codes"),
+                 "--workers", "0", "--views", "center", "--no-progress"]) == 0
+    pixels = torch.cat(seen)
+    assert pixels.shape == (2, 1, SIZE, SIZE, 3) and bool((pixels == 128).all())  # not 255
+    codes = tmp_path / "codes" / f"imagenet{SIZE}_codes"
+    np.testing.assert_array_equal(np.load(codes / "0.npy"), np.load(codes / "1.npy"))
 
 
 def test_ten_crop_order_and_coordinates():

@@ -54,7 +54,21 @@ def open_image(path: PathLike, mode: str = "RGB") -> Image.Image:
     """Decode an image fully into ``mode`` ("RGB" or "L"); raises OSError/ValueError if corrupt."""
     with Image.open(path) as image:
         image.load()
-        return image.convert(mode)
+        return convert_image(image, mode)
+
+
+def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """``image`` in ``mode`` with 8 bits per channel.
+
+    16-bit greyscale (PIL modes "I;16*", and "I", as which older Pillow opens 16-bit PNGs) is
+    scaled by 1/257 (65535 -> 255) instead of being clipped to 255 by ``convert``; every other
+    mode (LA, P, CMYK, 1, RGBA, ...) goes through PIL's conversion, alpha dropped as
+    torchvision's loader does.
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        pixels = np.asarray(image).astype(np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    return image.convert(mode)
 
 
 def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
