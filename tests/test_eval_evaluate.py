@@ -105,6 +105,52 @@ def test_eval_command_prints_and_writes_the_metrics(tmp_path, tiny_classifier, c
     assert "fid" in capsys.readouterr().out
 
 
+def test_evaluate_rejects_an_unusable_k_before_running_the_network():
+    def unreachable(x):
+        raise AssertionError("the feature network ran before k was checked")
+
+    extractor = FeatureExtractor(unreachable, lambda b: b.float(), "never", "cpu", progress=False)
+    fake, real = _images(30), _images(25)
+    for k, message in ((0, "k must be >= 1"), (-2, "k must be >= 1"),
+                       (25, "k=25 needs more than 25 points in the reference images, got 25"),
+                       (30, "k=30 needs more than 30 points in the samples, got 30")):
+        with pytest.raises(ValueError, match=message):
+            evaluate(fake, real, extractor, k=k)
+
+
+def _eval_argv(tmp_path, classifier, *extra):
+    return ["eval", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"),
+            "--features", "fmnist", "--classifier", str(classifier), "--device", "cpu",
+            "--is-splits", "2", "--no-progress", *extra]
+
+
+def test_eval_command_reads_the_labels_key_that_sample_writes(tmp_path, tiny_classifier, capsys):
+    images, labels = _images(12, (28, 28), 5), np.random.default_rng(6).integers(0, 10, size=12)
+    np.savez(tmp_path / "samples.npz", arr_0=images, labels=labels)  # ccalign sample's layout
+    np.savez(tmp_path / "ref.npz", _images(12, (28, 28), 7))
+    out = tmp_path / "metrics.json"
+    assert main(_eval_argv(tmp_path, tiny_classifier, "--out", str(out))) == 0
+    extractor = load_classifier_extractor(tiny_classifier, device="cpu", progress=False)
+    want = conditional_accuracy(extractor.extract(images).logits, labels)
+    assert json.loads(out.read_text())["accuracy"] == want  # not None ("n/a")
+    assert "n/a" not in capsys.readouterr().out
+
+
+def test_eval_command_rejects_bad_k_and_labels_outside_the_classes(
+    tmp_path, tiny_classifier, capsys
+):
+    np.savez(tmp_path / "samples.npz", _images(12, (28, 28), 5), np.arange(12))  # labels 0..11
+    np.savez(tmp_path / "ref.npz", _images(12, (28, 28), 7))
+    assert main(_eval_argv(tmp_path, tiny_classifier, "--k", "0")) == 1
+    assert "k must be >= 1" in capsys.readouterr().err
+    assert main(_eval_argv(tmp_path, tiny_classifier, "--k", "12")) == 1
+    assert "k=12 needs more than 12 points in the samples" in capsys.readouterr().err
+    assert main(_eval_argv(tmp_path, tiny_classifier)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "labels range from 0 to 11 but the classifier has 10 classes (0 to 9)" in err
+    assert "\n" not in err  # one line, no traceback
+
+
 def test_eval_command_reports_bad_files(tmp_path, tiny_classifier, capsys):
     np.savez(tmp_path / "samples.npz", np.zeros((4, 28, 28, 3), np.float32))
     np.savez(tmp_path / "ref.npz", _images(4, (28, 28)))

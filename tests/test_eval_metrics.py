@@ -179,8 +179,13 @@ def test_precision_recall_exact_small_case():
 def test_precision_recall_rejects_bad_input():
     with pytest.raises(ValueError, match="feature sizes differ"):
         precision_recall(np.zeros((10, 3)), np.zeros((10, 4)), device="cpu")
-    with pytest.raises(ValueError, match="more than k=3"):
+    with pytest.raises(ValueError, match="k=3 needs more than 3 points in fake_features, got 3"):
         precision_recall(np.zeros((10, 3)), np.zeros((3, 3)), device="cpu")
+    for k in (0, -1):  # k = 0 would make every radius 0: precision = recall = 0, silently
+        with pytest.raises(ValueError, match=f"k must be >= 1 .*got {k}"):
+            precision_recall(np.zeros((10, 3)), np.zeros((10, 3)), k=k, device="cpu")
+        with pytest.raises(ValueError, match="k must be >= 1"):
+            manifold_radii(np.zeros((10, 3)), k=k)
 
 
 def test_conditional_accuracy():
@@ -191,3 +196,12 @@ def test_conditional_accuracy():
         conditional_accuracy(logits, np.array([0, 1]))
     with pytest.raises(ValueError, match="integers"):
         conditional_accuracy(logits, np.zeros(4))
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, 0], [0, 1, -1, 0]])
+def test_conditional_accuracy_rejects_labels_the_classifier_does_not_have(labels):
+    logits = np.zeros((4, 2))  # two classes: a label 2 could never be predicted (accuracy 0)
+    low, high = min(labels), max(labels)
+    with pytest.raises(ValueError, match=rf"labels range from {low} to {high} but the classifier "
+                                         r"has 2 classes \(0 to 1\)"):
+        conditional_accuracy(logits, np.array(labels))

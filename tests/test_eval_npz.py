@@ -19,6 +19,14 @@ def test_samples_rgb_with_labels(tmp_path):
     assert batch.labels.dtype == np.int64
 
 
+def test_samples_labels_key_as_ccalign_sample_writes_it(tmp_path):
+    images, labels = _images((3, 4, 4, 3)), np.array([2, 0, 1])
+    np.savez(tmp_path / "s.npz", arr_0=images, labels=labels)
+    np.testing.assert_array_equal(load_samples(tmp_path / "s.npz").labels, labels)
+    np.savez(tmp_path / "both.npz", arr_0=images, arr_1=labels, labels=labels)
+    np.testing.assert_array_equal(load_samples(tmp_path / "both.npz").labels, labels)
+
+
 @pytest.mark.parametrize("shape", [(3, 6, 6), (3, 6, 6, 1)])
 def test_samples_grey_layouts_become_one_channel(tmp_path, shape):
     images = _images(shape)
@@ -59,6 +67,10 @@ def test_reference_statistics_only_or_images_only(tmp_path):
         ({"arr_0": _images((2, 4, 4, 3)), "arr_1": np.array([0.0, 1.0])}, "expected integers"),
         ({"arr_0": _images((2, 4, 4, 3)), "arr_1": np.array([0, -1])}, "negative"),
         ({"images": _images((2, 4, 4, 3))}, r"no 'arr_0' array \(found \['images'\]\)"),
+        ({"arr_0": _images((2, 4, 4, 3)), "labels": np.array([0, 1, 2])},
+         r"bad.npz labels: labels have shape \(3,\), expected \(2,\)"),
+        ({"arr_0": _images((2, 4, 4, 3)), "labels": np.array([0, 1]), "arr_1": np.array([1, 0])},
+         "'labels' and 'arr_1' both hold labels but they differ"),
     ],
 )
 def test_samples_rejected_with_clear_message(tmp_path, arrays, message):

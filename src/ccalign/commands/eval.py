@@ -12,7 +12,8 @@ HELP = "evaluate a samples .npz against a reference .npz (FID, IS, precision/rec
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
     parser.add_argument("--samples", type=Path, required=True,
-                        help="samples .npz: arr_0 uint8 (N, H, W, 3) images, optional arr_1 labels")
+                        help="samples .npz: arr_0 uint8 (N, H, W, 3) images, optional labels (key "
+                             "'labels' as ccalign sample writes, or arr_1)")
     parser.add_argument("--ref", type=Path, required=True,
                         help="reference .npz: arr_0 images and/or mu, sigma statistics")
     parser.add_argument("--features", choices=("inception", "fmnist"), default="inception",
@@ -25,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (default: 100 inception, 500 fmnist)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood size")
+    parser.add_argument("--k", type=int, default=3,
+                        help="precision/recall neighbourhood size, >= 1 and below the number of "
+                             "samples and reference images (default: %(default)s)")
     parser.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
     parser.add_argument("--out", type=Path, default=None, help="also write the metrics as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")

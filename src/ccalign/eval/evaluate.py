@@ -9,6 +9,7 @@ import torch
 
 from ccalign.eval.extractors import FeatureExtractor
 from ccalign.eval.metrics import (
+    check_neighbourhood,
     conditional_accuracy,
     feature_statistics,
     frechet_distance,
@@ -40,6 +41,7 @@ def evaluate(
         samples = samples.images
     if not isinstance(reference, ReferenceBatch):
         reference = ReferenceBatch(images=reference)
+    _check_k(k, samples, reference)
     fake = extractor.extract(samples)
     real = extractor(reference.images) if reference.images is not None else None
     mu, sigma = _reference_statistics(reference, real, fake.features.shape[1], extractor.name)
@@ -59,6 +61,14 @@ def evaluate(
         "accuracy": (conditional_accuracy(fake.logits, labels)
                      if has_logits and labels is not None else None),
     }
+
+
+def _check_k(k: int, samples: Images, reference: ReferenceBatch) -> None:
+    """Reject an unusable precision/recall k before any feature network runs (the set sizes
+    only matter when there are reference images to compute precision/recall with)."""
+    sizes = {} if reference.images is None else {
+        "the samples": len(samples), "the reference images": len(reference.images)}
+    check_neighbourhood(k, sizes)
 
 
 def _reference_statistics(

@@ -105,13 +105,23 @@ def _split_score(log_probs: torch.Tensor) -> float:
 
 
 def conditional_accuracy(logits: ArrayLike, labels: ArrayLike) -> float:
-    """Fraction of samples whose classifier prediction is the label they were generated for."""
+    """Fraction of samples whose classifier prediction is the label they were generated for.
+
+    Labels outside the classifier's classes [0, C) are an error, not silently wrong predictions.
+    """
     scores = as_float64(logits, "logits", 2)
     targets = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
     if targets.shape != (scores.shape[0],):
         raise ValueError(f"labels must have shape ({scores.shape[0]},), got {targets.shape}")
     if not np.issubdtype(targets.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {targets.dtype}")
+    num_classes = scores.shape[1]
+    if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(
+            f"labels range from {targets.min()} to {targets.max()} but the classifier has "
+            f"{num_classes} classes (0 to {num_classes - 1}); the samples were drawn for another "
+            "label set than the feature network's"
+        )
     return float(np.mean(scores.argmax(axis=1) == targets))
 
 
@@ -135,9 +145,7 @@ def precision_recall(
     fake = _features_tensor(fake_features, "fake_features", real.device)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
-    for name, feats in (("real_features", real), ("fake_features", fake)):
-        if feats.shape[0] <= k:
-            raise ValueError(f"{name} needs more than k={k} rows, got {feats.shape[0]}")
+    check_neighbourhood(k, {"real_features": real.shape[0], "fake_features": fake.shape[0]})
     if real_radii is None:
         real_radii = manifold_radii(real, k, block_size)
     elif real_radii.shape != (real.shape[0],):
@@ -166,10 +174,21 @@ def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min_(0.0)
 
 
+def check_neighbourhood(k: int, sizes: dict[str, int]) -> None:
+    """Precision/recall's k must be >= 1 (k = 0 makes every radius 0: both metrics 0) and below
+    each point set's size (``sizes``: name -> points), as every point needs k others."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (the neighbourhood size, 3 in ADM's evaluator); got {k}")
+    for name, count in sizes.items():
+        if count <= k:
+            raise ValueError(f"k={k} needs more than {k} points in {name}, got {count}; lower k")
+
+
 def manifold_radii(features: ArrayLike, k: int = 3, block_size: int = 1024) -> torch.Tensor:
     """Squared distance from each point to its k-th nearest neighbour (itself excluded)."""
     if not isinstance(features, torch.Tensor) or features.dtype != torch.float64:
         features = _features_tensor(features, "features", None)
+    check_neighbourhood(k, {"features": features.shape[0]})
     radii = [
         _squared_distances(block, features).kthvalue(k + 1, dim=1).values
         for block in features.split(block_size)

@@ -1,9 +1,10 @@
 """Readers for the OpenAI (ADM) evaluator's ``.npz`` layouts: sample batches and reference batches.
 
-Samples: ``arr_0`` uint8 images (N, H, W, 3) (grey (N, H, W) or (N, H, W, 1) accepted) and an
-optional ``arr_1`` of integer class labels (N,). Reference batches: ``arr_0`` images and/or
-precomputed feature statistics ``mu`` (D,) and ``sigma`` (D, D); the spatial statistics
-``mu_s`` / ``sigma_s`` that ADM also stores are not used.
+Samples: ``arr_0`` uint8 images (N, H, W, 3) (grey (N, H, W) or (N, H, W, 1) accepted) and
+optional integer class labels (N,): ``labels`` (as ``ccalign sample`` writes them) or ``arr_1``
+(``np.savez(path, images, labels)``); when both are stored they must agree. Reference batches:
+``arr_0`` images and/or precomputed feature statistics ``mu`` (D,) and ``sigma`` (D, D); the
+spatial statistics ``mu_s`` / ``sigma_s`` that ADM also stores are not used.
 """
 
 from __future__ import annotations
@@ -35,16 +36,18 @@ class ReferenceBatch:
 
 
 def load_samples(path: str | Path) -> SampleBatch:
-    """Read a samples ``.npz`` (``arr_0`` images, optional ``arr_1`` labels)."""
-    arrays, stored = _read_npz(path, ("arr_0", "arr_1"))
+    """Read a samples ``.npz`` (``arr_0`` images, optional ``labels`` or ``arr_1`` labels)."""
+    arrays, stored = _read_npz(path, ("arr_0", "labels", "arr_1"))
     if "arr_0" not in arrays:
         raise ValueError(f"{path}: no 'arr_0' array (found {stored}); a samples file "
                          "stores its images as arr_0, e.g. np.savez(path, images, labels)")
     images = uint8_nhwc_layout(arrays["arr_0"], f"{path} arr_0")
-    labels = arrays.get("arr_1")
-    if labels is not None:
-        labels = _check_labels(labels, images.shape[0], f"{path} arr_1")
-    return SampleBatch(images=images, labels=labels)
+    found = {key: _check_labels(arrays[key], images.shape[0], f"{path} {key}")
+             for key in ("labels", "arr_1") if key in arrays}
+    if len(found) == 2 and not np.array_equal(found["labels"], found["arr_1"]):
+        raise ValueError(f"{path}: 'labels' and 'arr_1' both hold labels but they differ; keep "
+                         "the right one (or store them under one key)")
+    return SampleBatch(images=images, labels=next(iter(found.values()), None))
 
 
 def load_reference(path: str | Path) -> ReferenceBatch:
