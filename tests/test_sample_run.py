@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 
 import ccalign.tokenizers
 from ccalign.cli import main
 from ccalign.commands.sample import parse_classes
 from ccalign.models import llamagen
 from ccalign.sample import RunConfig, Sampler, image_grid, plan_labels, run_sampling, sample_grid
-from ccalign.sample.runner import shard_seed
+from ccalign.sample.runner import shard_seed, weights_fingerprint
 from ccalign.tokenizers.base import ImageTokenizer
 
 
@@ -37,8 +38,8 @@ class CodebookTokenizer:
         return torch.cdist(flat, self.patches.view(self.vocab_size, -1)).argmin(1).view(b, -1)
 
 
-def tiny_model() -> llamagen.LlamaGen:
-    torch.manual_seed(0)
+def tiny_model(seed: int = 0) -> llamagen.LlamaGen:
+    torch.manual_seed(seed)
     model = llamagen.build(
         "custom", grid=4, dim=32, n_layer=1, n_head=2, vocab_size=64, num_classes=5
     )
@@ -78,6 +79,48 @@ def test_plan_labels_and_class_parsing():
         plan_labels(4, per_class=1, num_samples=2)
     with pytest.raises(ValueError, match="expected indices"):
         parse_classes("a-b")
+
+
+def test_random_labels_are_uniform_reproducible_and_seeded_apart_from_the_shards():
+    labels = plan_labels(10, num_samples=20000, mode="random", seed=3)
+    assert labels == plan_labels(10, num_samples=20000, mode="random", seed=3)
+    assert labels != plan_labels(10, num_samples=20000, mode="random", seed=4)
+    counts = np.bincount(labels, minlength=10)
+    assert stats.chisquare(counts).pvalue > 1e-3 and counts.sum() == 20000
+    subset = plan_labels(10, classes=[7, 2], num_samples=500, mode="random", seed=3)
+    assert set(subset) == {2, 7}
+    # not the balanced order, and not drawn from a shard's stream
+    assert labels[:10] != list(range(10))
+    shard0 = np.random.default_rng(shard_seed(3, 0)).integers(0, 10, size=10).tolist()
+    assert labels[:10] != shard0
+    with pytest.raises(ValueError, match="--labels random draws every label at random: give"):
+        plan_labels(10, per_class=5, mode="random")
+    with pytest.raises(ValueError, match="--num-samples"):
+        plan_labels(10, classes=[1, 2], mode="random")
+    with pytest.raises(ValueError, match="choose one of balanced, random"):
+        plan_labels(10, num_samples=5, mode="uniform")
+
+
+def test_random_labels_give_the_same_run_on_two_ranks_and_after_a_kill(tmp_path):
+    labels = plan_labels(5, num_samples=10, mode="random", seed=7)
+    single = run_sampling(Sampler(tiny_model()), config(labels=labels), tmp_path / "one",
+                          progress=False)
+    assert np.load(single.tokens)["labels"].tolist() == labels
+
+    def killed(shard):
+        raise KeyboardInterrupt  # rank 0 dies after its first shard
+
+    folder = tmp_path / "two"
+    with pytest.raises(KeyboardInterrupt):
+        run_sampling(Sampler(tiny_model()), config(labels=labels), folder, rank=0, world_size=2,
+                     progress=False, on_shard_done=killed)
+    labels_again = plan_labels(5, num_samples=10, mode="random", seed=7)  # a new process
+    assert run_sampling(Sampler(tiny_model()), config(labels=labels_again), folder, rank=1,
+                        world_size=2, progress=False) is None
+    both = run_sampling(Sampler(tiny_model()), config(labels=labels_again), folder, rank=0,
+                        world_size=2, progress=False)
+    assert both.shards_sampled == 1  # rank 0's second shard; its first survived the kill
+    assert both.tokens.read_bytes() == single.tokens.read_bytes()
 
 
 def test_run_writes_tokens_pngs_and_adm_npz(tmp_path):
@@ -157,6 +200,42 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         run_sampling(
             Sampler(tiny_model()), config(seed=8, sampling={}), tmp_path, progress=False
         )
+    with pytest.raises(ValueError, match="resize must be >= 1 pixel"):
+        run_sampling(Sampler(tiny_model()), config(resize=0), tmp_path / "new", progress=False)
+
+
+def test_resume_with_other_weights_or_tokenizer_is_refused(tmp_path):
+    def killed(shard):
+        raise KeyboardInterrupt
+
+    tok = CodebookTokenizer()
+    with pytest.raises(KeyboardInterrupt):
+        run_sampling(Sampler(tiny_model()), config(), tmp_path, tokenizer=tok, progress=False,
+                     on_shard_done=killed)
+    other = tiny_model(seed=1)  # same architecture and settings, other weights
+    with pytest.raises(ValueError, match="holds samples of a different model .*new output"):
+        run_sampling(Sampler(other), config(), tmp_path, tokenizer=tok, progress=False)
+    edited = tiny_model()
+    with torch.no_grad():
+        edited.output.weight[3, 5] += 1e-3  # one weight, slightly
+    with pytest.raises(ValueError, match="different model"):
+        run_sampling(Sampler(edited), config(), tmp_path, tokenizer=tok, progress=False)
+    retrained = CodebookTokenizer()
+    retrained.vocab_size = 65  # a tokenizer that is not a torch module: class and sizes
+    with pytest.raises(ValueError, match="holds samples of images of a different tokenizer"):
+        run_sampling(Sampler(tiny_model()), config(), tmp_path, tokenizer=retrained,
+                     progress=False)
+    assert len(list((tmp_path / "shards").iterdir())) == 1  # nothing was mixed in
+    done = run_sampling(Sampler(tiny_model()), config(), tmp_path, tokenizer=tok, progress=False)
+    assert done.shards_sampled == 3  # the same model and tokenizer resume
+
+
+def test_weights_fingerprint_follows_contents_not_identity():
+    a, b = tiny_model(), tiny_model()
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    assert weights_fingerprint(a) != weights_fingerprint(tiny_model(seed=1))
+    assert weights_fingerprint(a) != weights_fingerprint(a.to(torch.bfloat16))
+    assert weights_fingerprint(b, grid=4) != weights_fingerprint(b, grid=5)
 
 
 def test_grid_helpers():

@@ -25,6 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--classes", help="class indices, e.g. '1,5,207' or '0-9'")
     what.add_argument("--per-class", type=int, help="images per class (of --classes, default all)")
     what.add_argument("--num-samples", type=int, help="total images, cycling through the classes")
+    what.add_argument(
+        "--labels",
+        choices=("balanced", "random"),
+        default="balanced",
+        help="balanced (default): equal counts per class; random: each label uniform over the "
+        "classes, drawn from --seed, as LlamaGen's sample_c2i_ddp (the paper's FIDs); needs "
+        "--num-samples",
+    )
     how = parser.add_argument_group("sampling")
     how.add_argument("--batch-size", type=int, default=64, help="images per batch (= per shard)")
     how.add_argument("--seed", type=int, default=0)
@@ -74,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             classes=classes,
             per_class=args.per_class,
             num_samples=args.num_samples,
+            mode=args.labels,
+            seed=args.seed,
         )
         tokenizer = (
             _load_tokenizer(args.tokenizer, device, model.config.grid) if args.tokenizer else None
@@ -92,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
             sampling=sampling,
             resize=args.resize,
             decode=tokenizer is not None,
-            source=os.path.abspath(args.checkpoint),
         )
         use_graph = False if args.no_cuda_graph or device.type != "cuda" else None
         sampler = Sampler(

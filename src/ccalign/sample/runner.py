@@ -30,35 +30,62 @@ TOKENS_FILE = "tokens.npz"
 SAMPLES_FILE = "samples.npz"
 
 
+LABEL_MODES = ("balanced", "random")
+
+
 def plan_labels(
     num_classes: int,
     *,
     classes: Sequence[int] | None = None,
     per_class: int | None = None,
     num_samples: int | None = None,
+    mode: str = "balanced",
+    seed: int = 0,
 ) -> list[int]:
-    """The label of every image to sample, class-major.
+    """The label of every image to sample.
 
-    ``per_class`` K: K images of each class (of ``classes``, default all). ``num_samples`` N: N
-    images cycling through the classes. Neither: one image per given class.
+    "balanced" (class-major): ``per_class`` K gives K images of each class (of ``classes``,
+    default all), ``num_samples`` N gives N images cycling through the classes, neither one image
+    per given class. "random": N labels drawn uniformly from the classes, as LlamaGen's
+    sample_c2i_ddp draws them, but from ``seed`` alone (a stream of its own, apart from the
+    shards'), so the list does not depend on the ranks, the batch size or resumes.
     """
+    if mode not in LABEL_MODES:
+        raise ValueError(f"--labels {mode!r}: choose one of {', '.join(LABEL_MODES)}")
     if per_class is not None and num_samples is not None:
         raise ValueError("give either --per-class or --num-samples, not both")
     chosen = list(range(num_classes)) if classes is None else [int(c) for c in classes]
     bad = [c for c in chosen if not 0 <= c < num_classes]
     if bad or not chosen:
         raise ValueError(f"classes must be in [0, {num_classes - 1}]; got {bad or 'none'}")
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {per_class}")
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if mode == "random":
+        return _random_labels(chosen, per_class, num_samples, seed)
     if per_class is not None:
-        if per_class < 1:
-            raise ValueError(f"--per-class must be >= 1, got {per_class}")
         return [c for c in chosen for _ in range(per_class)]
     if num_samples is not None:
-        if num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
         return [chosen[i % len(chosen)] for i in range(num_samples)]
     if classes is None:
         raise ValueError("say what to sample: --classes, --per-class K or --num-samples N")
     return chosen
+
+
+def _random_labels(
+    chosen: list[int], per_class: int | None, num_samples: int | None, seed: int
+) -> list[int]:
+    """``num_samples`` labels uniform over ``chosen``, from the first child stream of ``seed``."""
+    if per_class is not None or num_samples is None:
+        raise ValueError(
+            "--labels random draws every label at random: give the total as --num-samples N "
+            "(e.g. 50000), not --per-class"
+        )
+    if seed < 0:
+        raise ValueError(f"the seed must be >= 0, got {seed}")
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    return [chosen[i] for i in rng.integers(0, len(chosen), size=num_samples)]
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -80,7 +107,8 @@ class RunOutputs:
 
 @dataclass
 class RunConfig:
-    """Everything that determines a run's output; stored in ``run.json`` to guard resumes."""
+    """The settings that determine a run's output; stored in ``run.json`` (with fingerprints of
+    the model and tokenizer, see ``run_sampling``) to guard resumes."""
 
     labels: list[int]
     batch_size: int
@@ -88,7 +116,6 @@ class RunConfig:
     sampling: dict = field(default_factory=dict)
     resize: int | None = None
     decode: bool = False
-    source: str = ""
 
     def fingerprint(self) -> dict:
         digest = hashlib.sha256(json.dumps(self.labels).encode()).hexdigest()
@@ -100,8 +127,16 @@ class RunConfig:
             "sampling": json.loads(json.dumps(self.sampling, default=repr)),
             "resize": self.resize,
             "decode": self.decode,
-            "source": self.source,
         }
+
+    def check(self) -> None:
+        """Raise on settings no run can use (before any model work)."""
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.resize is not None and self.resize < 1:
+            raise ValueError(
+                f"resize must be >= 1 pixel (or None for the decoded size), got {self.resize}"
+            )
 
     @property
     def num_shards(self) -> int:
@@ -127,14 +162,15 @@ def run_sampling(
     """Sample this rank's missing shards, then (rank 0) assemble the final files.
 
     Returns the outputs on rank 0, None elsewhere. ``barrier`` synchronises the ranks
-    (``torch.distributed.barrier`` under torchrun).
+    (``torch.distributed.barrier`` under torchrun). The folder records fingerprints of the
+    model's and the tokenizer's contents (not their paths), so a checkpoint replaced at the same
+    path is noticed instead of mixing its samples with the old ones.
     """
-    if config.batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {config.batch_size}")
+    config.check()
     if tokenizer is not None:
         check_tokenizer(tokenizer, sampler.seq_len, sampler.model.vocab_size)
     out = Path(out_dir)
-    _claim_directory(out, config, rank, barrier)
+    _claim_directory(out, _manifest(config, sampler, tokenizer), rank, barrier)
     start = time.perf_counter()
     done = _sample_missing_shards(
         sampler, config, out, tokenizer, write_png, rank, world_size, progress, on_shard_done
@@ -149,21 +185,67 @@ def run_sampling(
     return outputs
 
 
-def _claim_directory(out: Path, config: RunConfig, rank: int, barrier: Callable[[], None]) -> None:
-    """Write run.json on a fresh folder; refuse to resume a run made with other settings."""
+def _manifest(config: RunConfig, sampler: Sampler, tokenizer: ImageTokenizer | None) -> dict:
+    """What run.json records: the settings, the model's and tokenizer's fingerprints, and the
+    device type (CPU and CUDA generators draw different streams)."""
+    model = sampler.model
+    return {
+        **config.fingerprint(),
+        "model": weights_fingerprint(model, config=model.config.to_dict()),
+        "tokenizer": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+        "device": sampler.device.type,
+    }
+
+
+def weights_fingerprint(module: torch.nn.Module, **extra) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes, bytes) and of ``extra``: identifies
+    weights by their contents, wherever and whenever they were loaded from."""
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=repr).encode())
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: ImageTokenizer) -> str:
+    """The tokenizer's sizes and, for a torch module, its weights (others: class and sizes)."""
+    sizes = {k: getattr(tokenizer, k) for k in ("vocab_size", "grid", "image_size", "channels")}
+    sizes["type"] = type(tokenizer).__qualname__
+    if isinstance(tokenizer, torch.nn.Module):
+        return weights_fingerprint(tokenizer, **sizes)
+    return hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()
+
+
+#: Manifest keys whose change means the folder holds samples of other weights.
+_WEIGHTS = {
+    "model": "a different model (weights, architecture or precision)",
+    "tokenizer": "images of a different tokenizer",
+}
+
+
+def _claim_directory(out: Path, wanted: dict, rank: int, barrier: Callable[[], None]) -> None:
+    """Write run.json on a fresh folder; refuse to resume a run made with another model,
+    tokenizer or other settings."""
     manifest = out / MANIFEST
-    wanted = config.fingerprint()
     if rank == 0 and not manifest.exists():
         text = json.dumps(wanted, indent=2, sort_keys=True)
         atomic_write(manifest, lambda tmp: Path(tmp).write_text(text))
     barrier()
     found = json.loads(manifest.read_text())
-    if found != wanted:
-        changed = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
+    if found == wanted:
+        return
+    changed = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
+    other = [_WEIGHTS[k] for k in changed if k in _WEIGHTS and found.get(k) is not None]
+    if other:
         raise ValueError(
-            f"{out} holds a run made with different settings ({', '.join(changed)}); "
-            "give a new output folder, or delete it to start over"
+            f"{out} holds samples of {' and '.join(other)} (its contents differ, even if the "
+            "file path is the same); use a new output folder (--out) or remove it to start over"
         )
+    raise ValueError(
+        f"{out} holds a run made with different settings ({', '.join(changed)}); "
+        "give a new output folder, or delete it to start over"
+    )
 
 
 def shard_path(out: Path, shard: int) -> Path:
