@@ -36,7 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how = parser.add_argument_group("sampling")
     how.add_argument("--batch-size", type=int, default=64, help="images per batch (= per shard)")
     how.add_argument("--seed", type=int, default=0)
-    how.add_argument("--cfg-scale", type=float, default=1.0, help="1.0 = guidance-free")
+    how.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.0,
+        help="logits = uncond + scale * (cond - uncond): 1.0 = guidance-free (default), > 1 "
+        "guides, 0 = the unconditional model, between 0 and 1 interpolates (LlamaGen's sampler "
+        "treats any scale <= 1 as guidance-free); must be finite and >= 0",
+    )
     how.add_argument("--cfg-interval", type=int, default=-1, help="guide tokens <= this + 1 only")
     how.add_argument("--temperature", type=float, default=1.0)
     how.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -53,18 +60,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_classes(text: str) -> list[int]:
-    """'1,5,7-9' -> [1, 5, 7, 8, 9]."""
+    """'1,5,7-9' -> [1, 5, 7, 8, 9]; empty lists and reversed ranges ('3-1') are errors."""
     classes: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        classes.extend(_class_range(part, text))
+    if not classes:
+        raise ValueError(f"--classes {text!r}: no class given; expected e.g. '1,5,207' or '0-9'")
+    return classes
+
+
+def _class_range(part: str, text: str) -> range:
+    """One comma-separated item of --classes: 'k' or 'low-high' (inclusive)."""
     try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if "-" in part[1:]:
-                low, high = part.split("-", 1)
-                classes.extend(range(int(low), int(high) + 1))
-            else:
-                classes.append(int(part))
+        low, _, high = part.partition("-") if "-" in part[1:] else (part, "", part)
+        first, last = int(low), int(high)
     except ValueError:
         raise ValueError(f"--classes {text!r}: expected indices like '1,5,207' or '0-9'") from None
-    return classes
+    if first > last:
+        raise ValueError(
+            f"--classes {text!r}: the range {part!r} is empty; write low-high with low <= high"
+        )
+    return range(first, last + 1)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject unusable options before any model is loaded, naming the option."""
+    from ccalign.sample.filtering import check_sampling_args
+    from ccalign.sample.guidance import check_scale
+
+    if args.resize is not None and args.resize < 1:
+        raise ValueError(f"--resize {args.resize}: give the image side in pixels (>= 1), e.g. 256")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed}: must be >= 0")
+    check_scale(args.cfg_scale)
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+
+
+def check_recorded_architecture(path: str, name: str | None, grid: int | None) -> None:
+    """A --model or --grid that contradicts the architecture a ccalign file records is an error
+    (the file's config would silently win, or the grid be overridden)."""
+    from ccalign.models import llamagen
+
+    recorded = llamagen.config_from_file(path)
+    if recorded is None:
+        return
+    if grid is not None and grid != recorded.grid:
+        raise ValueError(
+            f"--grid {grid} contradicts {path}, which records grid {recorded.grid}; leave "
+            "--grid out (ccalign files carry their architecture)"
+        )
+    if name is None:
+        return
+    if name not in llamagen.PRESETS:
+        raise ValueError(f"--model {name!r}: choose one of {sorted(llamagen.PRESETS)}")
+    preset = llamagen.PRESETS[name]
+    found = {key: getattr(recorded, key) for key in preset}
+    if found != preset:
+        raise ValueError(
+            f"--model {name} ({_sizes(preset)}) contradicts {path}, which records "
+            f"{_sizes(found)}; leave --model out (ccalign files carry their architecture)"
+        )
+
+
+def _sizes(sizes: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(sizes.items()))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,9 +135,11 @@ def run(args: argparse.Namespace) -> int:
     from ccalign.sample.engine import Sampler
     from ccalign.sample.runner import RunConfig, plan_labels, run_sampling
 
+    check_args(args)
+    classes = parse_classes(args.classes) if args.classes is not None else None
+    check_recorded_architecture(args.checkpoint, args.model, args.grid)
     with _distributed(args.device) as (rank, world_size, device, barrier):
         model = llamagen.load(args.checkpoint, args.model, grid=args.grid)
-        classes = parse_classes(args.classes) if args.classes else None
         labels = plan_labels(
             model.num_classes,
             classes=classes,
