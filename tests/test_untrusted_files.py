@@ -276,3 +276,13 @@ def test_damaged_torch_files_raise_a_value_error_naming_the_file(tmp_path, how):
     damage(path, how)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is damaged or not a torch file"):
         read_tensor_file(path)
+
+
+def test_a_damaged_classifier_file_is_named(tmp_path):
+    from ccalign.eval.classifier import bundled_classifier_path, load_classifier
+
+    damaged = tmp_path / "classifier.safetensors"
+    data = bundled_classifier_path().read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="classifier.safetensors is damaged or not a safetensors"):
+        load_classifier(damaged)

@@ -92,9 +92,9 @@ def bundled_classifier_path() -> Path:
 
 def classifier_metadata(path: str | Path) -> dict[str, str]:
     """The metadata strings stored with a classifier file (format, config, accuracy, ...)."""
-    from safetensors import safe_open
+    from ccalign.io import open_safetensors
 
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         return dict(f.metadata() or {})
 
 
@@ -102,7 +102,7 @@ def load_classifier(
     path: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> FashionClassifier:
     """Load a classifier file (default: the bundled one) in eval mode on ``device``."""
-    from safetensors.torch import load_file
+    from ccalign.io import read_safetensors
 
     path = Path(path) if path is not None else bundled_classifier_path()
     if not path.is_file():
@@ -115,5 +115,5 @@ def load_classifier(
     config = json.loads(metadata["config"])
     config["channels"] = tuple(config["channels"])
     model = FashionClassifier(ClassifierConfig(**config))
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(read_safetensors(path))
     return model.to(device).eval()
