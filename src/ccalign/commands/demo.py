@@ -19,10 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--samples",
         type=int,
-        help="samples per headline setting: base, base + CFG, CCA, CCA + CFG (default 10000)",
+        help="samples per headline row: base, base + CFG, CCA (default 10000)",
     )
     parser.add_argument(
-        "--curve-samples", type=int, help="samples per other CFG scale or sweep point (2000)"
+        "--curve-samples", type=int, help="samples per other row: CFG scales, CCA + CFG (2000)"
     )
     parser.add_argument("--steps", type=int, help="CCA optimizer steps")
     parser.add_argument("--lam", type=float, help="CCA lambda")

@@ -5,10 +5,11 @@ in the output folder), CCA fine-tuning through the project's trainer (resumable)
 setting with the same labels and seeds, and evaluation with the bundled classifier against the
 10k test images: domain FID, conditional accuracy, precision/recall, IS analogue and images/s.
 
-The headline rows (base, base + CFG at the CCA + CFG scale, CCA, CCA + CFG) get enough samples
-for a bootstrap FID spread <= 1; the rest of the CFG curve fewer. Sampling runs the settings
-interleaved batch by batch, so every setting is timed many times under the same machine load and
-the guidance-free / CFG speed ratio is a median over rounds, not one timing per setting.
+The headline rows (base, base + CFG at the CCA + CFG scale, CCA) get enough samples for a
+bootstrap FID spread <= 1; the rest of the curve (other CFG scales, CCA + CFG, sweeps) fewer.
+Sampling runs the settings interleaved batch by batch, so every setting is timed many times under
+the same machine load and the guidance-free / CFG speed ratio is a median over rounds, not one
+timing per setting.
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ class DemoSettings:
     out: Path = Path("runs/demo")
     base_model: Path = BASE_MODEL
     seed: int = 0
-    train_images: int = 60000  # Fashion-MNIST training images encoded for fine-tuning
+    train_images: int = 10000  # training images encoded for fine-tuning (150 x 64 use 9600)
     reference_images: int = 10000  # test images the samples are compared with
-    samples: int = 10000  # per headline setting, balanced over the 10 classes (FID spread <= 1)
-    curve_samples: int = 2000  # per other setting (the rest of the CFG curve, the sweeps)
+    samples: int = 10000  # per headline row (base, base + CFG, CCA): FID spread <= 1
+    curve_samples: int = 2000  # per other row (CFG scales, CCA + CFG, sweeps)
     batch_size: int = 1000  # sampling batch, the same for every setting (fair images/s)
     cfg_scales: tuple[float, ...] = (1.5, 2.0, 3.0)
     cca_cfg_scale: float = 1.5  # CCA + CFG
@@ -306,7 +307,7 @@ def plan_settings(settings: DemoSettings) -> list[dict]:
         dict(
             name="cca+cfg",
             model="cca",
-            headline=True,
+            headline=False,
             cfg_scale=settings.cca_cfg_scale,
             family="CCA + CFG",
             lam=settings.lam,

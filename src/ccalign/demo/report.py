@@ -19,6 +19,7 @@ METRIC_COLUMNS = (
     ("recall", "recall ↑", "{:.3f}"),
     ("inception_score", "IS ↑", "{:.2f}"),
     ("images_per_s", "images/s", "{:.0f}"),
+    ("num_samples", "samples", "{}"),
 )
 
 
