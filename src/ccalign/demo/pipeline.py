@@ -115,7 +115,9 @@ def run_demo(settings: DemoSettings) -> dict:
     for row in rows:
         labels, tokens, speed = drawn[row["name"]]
         images = decode_images(tokenizer, tokens)
-        metrics = score(images, labels, reference, reference_radii, extractor)
+        metrics = score(
+            images, labels, reference, reference_radii, extractor, settings.curve_samples
+        )
         record = {**row, **metrics, "images_per_s": speed}
         runs.append(record)
         grid = report.class_grid(images, labels, per_row=settings.grid_columns)
@@ -391,11 +393,26 @@ def decode_images(tokenizer, tokens: torch.Tensor) -> np.ndarray:
     return ((pixels[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def score(images: np.ndarray, labels: np.ndarray, reference, reference_radii, extractor) -> dict:
-    """Domain metrics of uint8 samples against the reference's classifier features."""
+def score(
+    images: np.ndarray,
+    labels: np.ndarray,
+    reference,
+    reference_radii,
+    extractor,
+    manifold_samples: int,
+) -> dict:
+    """Domain metrics of uint8 samples against the reference's classifier features.
+
+    Precision and recall use the first ``manifold_samples`` samples of every row (balanced, as
+    the labels cycle): recall's k-NN radii shrink as samples grow, so rows of different sizes
+    are only comparable on the same count. FID, accuracy and IS use every sample.
+    """
     extracted = extractor.extract(images)
     precision, recall = precision_recall(
-        reference.features, extracted.features, k=3, real_radii=reference_radii
+        reference.features,
+        extracted.features[:manifold_samples],
+        k=3,
+        real_radii=reference_radii,
     )
     return {
         "fid": fid_from_features(reference.features, extracted.features),
@@ -437,10 +454,12 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
     text = "\n\n".join(
         [
             "# CCA on Fashion-MNIST",
-            f"{meta['samples_per_setting']} samples per headline setting and "
-            f"{meta['curve_samples_per_setting']} per other CFG scale (balanced over the 10 "
-            f"classes, seed {meta['seed']}), compared with {meta['reference_images']} test "
-            "images through the bundled classifier's features. CCA: "
+            f"{meta['samples_per_setting']} samples per headline row (base, base + CFG, CCA) and "
+            f"{meta['curve_samples_per_setting']} per other row (balanced over the 10 classes, "
+            f"seed {meta['seed']}), compared with {meta['reference_images']} test images "
+            "through the bundled classifier's features; precision and recall on the first "
+            f"{meta['curve_samples_per_setting']} samples of every row (their k-NN radii depend "
+            "on the count). CCA: "
             f"beta {meta['cca']['beta']}, lambda {meta['cca']['lam']}, dropout "
             f"{meta['cca']['dropout']} (policy and reference; mean D+ at step 1 "
             f"{meta['cca']['d_pos_step1']:+.2f} nats per image), "
