@@ -369,21 +369,28 @@ class Trainer:
         )
 
     def _check_finite_weights(self, model_state: dict[str, Tensor]) -> None:
-        """Refuse to save non-finite weights: the newest checkpoint is the one users resume."""
-        floats = {k: v for k, v in model_state.items() if v.is_floating_point()}
-        bad = [k for k, v in floats.items() if not bool(v.isfinite().all())]
-        if bad:
+        """Refuse to save non-finite weights: the newest checkpoint is the one users resume.
+
+        Rank 0 holds the whole state and checks it; every rank learns the verdict, so all raise
+        together instead of the others waiting at the next barrier.
+        """
+        bad = []
+        if self.dist.is_main:
+            floats = {k: v for k, v in model_state.items() if v.is_floating_point()}
+            bad = [k for k, v in floats.items() if not bool(v.isfinite().all())]
+        verdict = torch.tensor([float(len(bad))], device=self.device)
+        if D.all_reduce_mean(verdict, self.dist).item() > 0:
+            first = f", first {bad[0]}" if bad else ""
             raise NonFiniteLossError(
-                f"step {self.step}: the weights became non-finite ({len(bad)} tensors, first "
-                f"{bad[0]}); no checkpoint was written. {self._recovery_advice()}"
+                f"step {self.step}: the weights became non-finite{first}; no checkpoint was "
+                f"written. {self._recovery_advice()}"
             )
 
     def save(self) -> Path | None:
         """Write a resumable checkpoint for the current step (rank 0 writes, all take part)."""
         rngs = D.gather_objects(capture_rng(), self.dist)
         model_state, optimizer_state = self._full_states()
-        if self.dist.is_main:
-            self._check_finite_weights(model_state)
+        self._check_finite_weights(model_state)
         ema_state = self.ema.state_dict() if self.ema is not None else None
         path = None
         if self.dist.is_main:
