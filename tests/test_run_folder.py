@@ -11,10 +11,11 @@ import torch
 
 from ccalign.cli import describe_error, main
 from ccalign.io import atomic_save_safetensors
+from ccalign.models import llamagen
 from ccalign.train import NonFiniteLossError, run_training
 from ccalign.train.rundir import RunLock
 from ccalign.train.state import latest_checkpoint, list_checkpoints
-from test_train import REPO, load_final, make_config, write_files
+from test_train import REPO, load_final, make_config, tiny_model, write_files
 
 
 def finetune_args(init: str, codes: str, out: Path) -> list[str]:
@@ -66,6 +67,12 @@ def test_a_folder_being_written_is_locked(tmp_path, capsys):
     finally:
         holder.release()
     assert main(finetune_args(init, codes, out)) == 0  # free again once released
+    holder = RunLock(out)
+    try:  # the lock is claimed before any model work: a missing --init is not reached
+        code, err = run_cli([*finetune_args(init + ".missing", codes, out), "--resume"], capsys)
+        assert code == 1 and "being written by another ccalign run" in err
+    finally:
+        holder.release()
 
 
 def test_resume_refuses_a_changed_recipe_and_records_harmless_changes(tmp_path, capsys):
@@ -73,12 +80,21 @@ def test_resume_refuses_a_changed_recipe_and_records_harmless_changes(tmp_path, 
     out = tmp_path / "run"
     args = finetune_args(init, codes, out)
     assert main(args) == 0
+    llamagen.save(llamagen.load(init), out / "init_copy.safetensors")
     before = (out / "metrics.jsonl").read_text()
     code, err = run_cli([*args, "--resume", "--set", "method.lam=3.0"], capsys)
     assert code == 1 and "method.lam: 10.0 -> 3.0" in err and "different recipe" in err
     code, err = run_cli([*args, "--resume", "--set", "method.dropout='none'"], capsys)
     assert code == 1 and "method.dropout: 'both' -> 'none'" in err
     assert (out / "metrics.jsonl").read_text() == before
+
+    code, err = run_cli([*args, "--resume", "--set", "train.micro_batch=2"], capsys)
+    assert code == 1 and "train.micro_batch: 4 -> 2" in err  # negatives roll within it
+    llamagen.save(tiny_model(seed=5), init)  # another reference: refused after the recipe check
+    code, err = run_cli([*args, "--resume", "--steps", "5"], capsys)
+    assert code == 1 and "reference (init) weights differ" in err
+    assert not (out / "resumes.jsonl").exists()  # a refused resume is not recorded
+    llamagen.save(llamagen.load(out / "init_copy.safetensors"), init)
 
     assert main([*args, "--resume", "--steps", "5", "--set", "checkpoint.every=1"]) == 0
     (entry,) = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]

@@ -247,7 +247,8 @@ def _validate_data(data: DataSection) -> None:
         )
 
 
-#: keys a resumed run may change: how it runs and logs, not what it computes
+#: keys a resumed run may change (each change is recorded): where files are, how it runs,
+#: logs and checkpoints, and how long it trains (which also stretches a decaying lr schedule)
 RESUMABLE_CHANGES = frozenset(
     {
         "model.init",  # the weights themselves are checked by fingerprint
@@ -257,7 +258,6 @@ RESUMABLE_CHANGES = frozenset(
         "data.validate",
         "train.steps",
         "train.epochs",
-        "train.micro_batch",  # same global batch: the same update
         "train.activation_checkpointing",
         "train.device",
         "train.log_every",
@@ -267,6 +267,14 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint.keep",
     }
 )
+
+
+def resumable_change(key: str, method: str) -> bool:
+    """Whether a resumed run may change ``key``; the micro-batch only for MLE, since contrastive
+    objectives draw their negatives within it."""
+    if key == "train.micro_batch":
+        return method not in ALIGNMENT_METHODS
+    return key in RESUMABLE_CHANGES
 
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

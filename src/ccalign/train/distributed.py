@@ -55,6 +55,12 @@ def init_from_env(device_type: str) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, True)
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 (or alone), known from torchrun's environment before the
+    process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def shutdown(info: DistInfo) -> None:
     """Leave the process group if this module created it."""
     if info.initialized_here and dist.is_initialized():

@@ -10,7 +10,7 @@ import torch
 from ccalign.data.codes import CodeDataset, open_codes, validate_codes
 from ccalign.models import llamagen
 from ccalign.train.config import ModelSection, TrainConfig
-from ccalign.train.distributed import barrier
+from ccalign.train.distributed import launched_as_main
 from ccalign.train.rundir import check_output_folder, claim_output_folder
 from ccalign.train.trainer import Callback, Trainer
 
@@ -82,18 +82,21 @@ def run_training(
         )
     out = Path(config.checkpoint.out)
     check_output_folder(out, resume=resume, restart=restart)
-    torch.manual_seed(config.train.seed)
-    model = model_from_config(config.model)
-    dataset = open_training_data(config, model)
-    trainer = Trainer(config, model, dataset, callbacks=callbacks)
-    lock = claim_output_folder(out, restart=restart) if trainer.dist.is_main else None
+    # claimed first (a conflict fails before any model work) and by the main process only:
+    # the others never write into the folder
+    lock = claim_output_folder(out, restart=restart) if launched_as_main() else None
     try:
-        barrier(trainer.dist)
-        if resume and trainer.resume() and trainer.dist.is_main:
-            print(f"resuming {out} at step {trainer.step} of {trainer.total_steps}")
-        trainer.fit()
+        torch.manual_seed(config.train.seed)
+        model = model_from_config(config.model)
+        dataset = open_training_data(config, model)
+        trainer = Trainer(config, model, dataset, callbacks=callbacks)
+        try:
+            if resume and trainer.resume() and trainer.dist.is_main:
+                print(f"resuming {out} at step {trainer.step} of {trainer.total_steps}")
+            trainer.fit()
+        finally:
+            trainer.close()
     finally:
         if lock is not None:
             lock.release()
-        trainer.close()
     return out

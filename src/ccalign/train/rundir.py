@@ -72,17 +72,14 @@ def claim_output_folder(out: Path, *, restart: bool) -> RunLock:
     out = Path(out)
     if restart and holds_run(out):
         old_lock = RunLock(out)  # never move a folder another run is writing to
-        aside = _aside_name(out)
-        out.rename(aside)
-        old_lock.release()
+        try:
+            aside = _aside_name(out)
+            out.rename(aside)
+        finally:
+            old_lock.release()
         print(f"moved the previous run in {out} to {aside}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        return RunLock(out)
-    except PermissionError as exc:
-        raise ValueError(
-            f"cannot write to {out} ({exc.strerror}); choose a writable --out"
-        ) from None
+    out.mkdir(parents=True, exist_ok=True)
+    return RunLock(out)
 
 
 def _aside_name(out: Path) -> Path:

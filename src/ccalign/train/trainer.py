@@ -41,7 +41,7 @@ from ccalign.io import atomic_write
 from ccalign.models import llamagen
 from ccalign.train import distributed as D
 from ccalign.train import sharding
-from ccalign.train.config import RESUMABLE_CHANGES, TrainConfig, config_changes
+from ccalign.train.config import TrainConfig, config_changes, resumable_change
 from ccalign.train.objectives import Objective, make_objective
 from ccalign.train.optim import EMA, make_optimizer, make_schedule
 from ccalign.train.state import (
@@ -140,7 +140,7 @@ class Trainer:
         if found is None:
             return False
         path, state = found
-        self._check_compatible(path, state)
+        changes = self._check_compatible(path, state)
         if self.fsdp:
             sharding.load_full_model_state(self.model, state["model"])
             sharding.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
@@ -160,10 +160,13 @@ class Trainer:
             seed_everything(self.config.train.seed + self.dist.rank + 7919 * self.step)
         if self.dist.is_main:
             self._truncate_metrics_log(self.step)
+            if changes:
+                self._record_resume_changes(self.step, changes)
         return True
 
-    def _check_compatible(self, path: Path, state: dict) -> None:
-        """Refuse a resume that would change what the run computes; record harmless changes."""
+    def _check_compatible(self, path: Path, state: dict) -> dict:
+        """Refuse a resume that would change what the run computes; returns the harmless
+        changes of settings, which ``resume`` records once the state is loaded."""
         saved = {**state["data"], "parallel": state["parallel"]}
         here = {
             "dataset_size": len(self.dataset),
@@ -177,15 +180,14 @@ class Trainer:
                     f"has {value}; resume with the same data and batch or start a new --out"
                 )
         changes = config_changes(state["config"], self.config.to_dict())
-        refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+        method = self.config.method.name
+        refused = {k: v for k, v in changes.items() if not resumable_change(k, method)}
         if refused:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
             raise ValueError(
                 f"cannot resume from {path} with a different recipe ({listed}); resume with the "
                 "run's own settings (its config.json), or start over with --restart or a new --out"
             )
-        if changes and self.dist.is_main:
-            self._record_resume_changes(state["step"], changes)
         fingerprint = state.get("reference_fingerprint")
         if fingerprint is not None and self.reference is not None:
             if not math.isclose(fingerprint, self.reference_fingerprint, rel_tol=1e-9):
@@ -193,6 +195,7 @@ class Trainer:
                     f"cannot resume from {path}: the reference (init) weights differ from those "
                     "the run started from; pass the same --init checkpoint"
                 )
+        return changes
 
     # ---- the loop ----
     def fit(self) -> nn.Module:
