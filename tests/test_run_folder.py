@@ -232,3 +232,22 @@ def test_a_real_full_disk_and_a_read_only_folder_are_one_line(tmp_path, capsys, 
     remount_read_only()
     code, err = run_cli(finetune_args(init, codes, point / "other"), capsys)
     assert code == 1 and "Read-only file system" in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_from_before_weights_only_loading_says_so(tmp_path, capsys):
+    """Older checkpoints pickled numpy's RNG tuple: refused with the way forward, and the run
+    neither falls back to an older file nor starts from scratch."""
+    import numpy as np
+
+    init, codes = write_files(tmp_path)
+    out = tmp_path / "run"
+    args = finetune_args(init, codes, out)
+    assert main(args) == 0
+    for _, path in list_checkpoints(out):
+        state = torch.load(path, weights_only=True)
+        state["rng"] = [{**state["rng"][0], "numpy": np.random.get_state()}]  # the old layout
+        torch.save(state, path)
+    final = (out / "final.safetensors").read_bytes()
+    code, err = run_cli([*args, "--resume", "--steps", "4"], capsys)
+    assert code == 1 and "older than its weights-only checkpoints" in err and "--restart" in err
+    assert (out / "final.safetensors").read_bytes() == final

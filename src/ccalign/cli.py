@@ -58,8 +58,8 @@ def describe_error(exc: BaseException) -> str:
         return str(exc) or type(exc).__name__
     where = f": {exc.filename}" if exc.filename else ""
     fixes = {
-        errno.ENOSPC: "free some space, then rerun (with --resume for training: every file is "
-        "written atomically, so the last complete checkpoint is intact)",
+        errno.ENOSPC: "free some space, then rerun; files are written atomically, so every "
+        "complete file is intact (a training run continues with --resume)",
         errno.EACCES: "choose a location you can write to, or fix its permissions",
         errno.EROFS: "choose a location on a writable file system",
         errno.ENOTDIR: "a path component is a file, not a folder: choose another path",

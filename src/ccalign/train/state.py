@@ -39,7 +39,16 @@ def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
 
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint's contents on the CPU, loaded weights-only (see :func:`load_torch_file`)."""
-    state = load_torch_file(path)
+    try:
+        state = load_torch_file(path)
+    except UnsafePickleError as exc:
+        if "numpy" not in str(exc):
+            raise
+        raise UnsafePickleError(
+            f"{path} comes from a ccalign older than its weights-only checkpoints (it pickles "
+            "numpy's random state), so it is not read; start over with --restart (the old run "
+            "is moved aside, not deleted)"
+        ) from exc
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise ValueError(f"{path} is not a ccalign training checkpoint")
     return state
