@@ -147,8 +147,10 @@ class LlamaGenCodeFolder(CodeDataset):
         With two sets the set is drawn first (1/2 each), then a uniform view; with one set the
         single draw is the view, as :meth:`CodeDataset.view_index` draws it.
         """
+        if len(self.sets) == 1:
+            return 0, super().view_index(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        which = int(rng.integers(len(self.sets))) if len(self.sets) > 1 else 0
+        which = int(rng.integers(len(self.sets)))
         return which, int(rng.integers(self.num_views))
 
     def view_index(self, index: int) -> int:
