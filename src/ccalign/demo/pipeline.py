@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +322,23 @@ def balanced_labels(count: int) -> np.ndarray:
     return np.arange(count) % 10
 
 
+@dataclass
+class _Draw:
+    """One setting's sampling: labels, seeded generator, the batches drawn and their times."""
+
+    row: dict
+    sampler: Sampler
+    labels: np.ndarray
+    generator: torch.Generator
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def images_per_s(self) -> float:
+        """Median over the batches (robust to a batch slowed by other load)."""
+        speeds = [len(t) / s for t, s in zip(self.tokens, self.seconds, strict=True)]
+        return float(np.median(speeds))
+
+
 def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -> dict:
     """Tokens of every setting, drawn batch by batch in rounds over the settings.
 
@@ -333,40 +350,34 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
     from tqdm import tqdm
 
     samplers = {key: Sampler(model) for key, model in models.items()}
-    plans = []
+    draws = []
     for row in rows:
         count = settings.samples if row.get("headline") else settings.curve_samples
         key = "base" if row["model"] == "base" else f"cca{row['lam']:g}"
         generator = torch.Generator().manual_seed(settings.seed)
-        plans.append((row, samplers[key], balanced_labels(count), generator, [], []))
-    total = sum(len(p[2]) for p in plans)
+        draws.append(_Draw(row, samplers[key], balanced_labels(count), generator))
+    longest = max(len(d.labels) for d in draws)
     rounds: list[dict[str, list[float]]] = []
+    total = sum(len(d.labels) for d in draws)
     with tqdm(total=total, desc="sample", unit="image", disable=not settings.progress) as bar:
-        for start in range(0, max(len(p[2]) for p in plans), settings.batch_size):
+        for start in range(0, longest, settings.batch_size):
             speeds: dict[str, list[float]] = {"free": [], "cfg": []}
-            for row, sampler, labels, generator, tokens, seconds in plans:
-                batch = torch.from_numpy(labels[start : start + settings.batch_size])
+            for draw in draws:
+                batch = torch.from_numpy(draw.labels[start : start + settings.batch_size])
                 if len(batch) == 0:
                     continue
+                scale = draw.row["cfg_scale"]
                 begin = time.perf_counter()
-                tokens.append(
-                    sampler.generate(batch, cfg_scale=row["cfg_scale"], generator=generator)
+                draw.tokens.append(
+                    draw.sampler.generate(batch, cfg_scale=scale, generator=draw.generator)
                 )
-                seconds.append(time.perf_counter() - begin)
-                kind = "free" if row["cfg_scale"] == 1.0 else "cfg"
-                speeds[kind].append(len(batch) / seconds[-1])
+                draw.seconds.append(time.perf_counter() - begin)
+                speeds["free" if scale == 1.0 else "cfg"].append(len(batch) / draw.seconds[-1])
                 bar.update(len(batch))
             rounds.append(speeds)
     for sampler in samplers.values():
         sampler.release()
-    drawn = {
-        row["name"]: (
-            labels,
-            torch.cat(tokens),
-            float(np.median([len(t) / s for t, s in zip(tokens, seconds, strict=True)])),
-        )
-        for row, _, labels, _, tokens, seconds in plans
-    }
+    drawn = {d.row["name"]: (d.labels, torch.cat(d.tokens), d.images_per_s()) for d in draws}
     drawn["speed_ratio"] = speed_ratio(rounds)
     return drawn
 
