@@ -33,6 +33,10 @@ _STRING_OPS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRI
                "BINSTRING", "SHORT_BINSTRING"}
 
 
+#: How much of a legacy torch file is scanned for globals: its pickles come first and are small.
+_LEGACY_PICKLE_BYTES = 1 << 24
+
+
 class UnsafePickleError(ValueError):
     """A torch file holds a pickled object outside the weights-only allow-list (could run code)."""
 
@@ -195,7 +199,8 @@ def _pickled_globals(path: Path) -> list[str]:
         with zipfile.ZipFile(path) as archive:
             data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
     except (zipfile.BadZipFile, StopIteration):
-        data = path.read_bytes()  # legacy format: several pickles in a row, then raw storages
+        with open(path, "rb") as f:  # legacy format: a few pickles, then the raw storages
+            data = f.read(_LEGACY_PICKLE_BYTES)
     stream, names = io.BytesIO(data), []
     try:
         while stream.tell() < len(data):
