@@ -60,3 +60,32 @@ def test_bootstrap_fid_spread_equals_exact_fids_of_the_same_resamples():
     draws = np.random.default_rng(0)  # the function's own resampling stream
     exact = [fid_from_features(reference, samples[draws.integers(0, 150, 150)]) for _ in range(5)]
     assert bootstrap_fid_std(reference, samples, rounds=5) == pytest.approx(np.std(exact), rel=1e-6)
+
+
+def test_interleaved_sampling_equals_each_setting_alone_and_times_every_batch():
+    from ccalign.demo.pipeline import sample_interleaved, speed_ratio
+    from ccalign.sample import Sampler
+
+    settings = DemoSettings.quick(samples=30, curve_samples=10, batch_size=10, progress=False)
+    base = llamagen.load(BASE_MODEL).eval()
+    rows = [r for r in plan_settings(settings) if r["model"] == "base"]
+    drawn = sample_interleaved(rows, {"base": base}, settings)
+    for row in rows:
+        labels, tokens, speed = drawn[row["name"]]
+        assert len(labels) == (30 if row["headline"] else 10) and speed > 0
+        alone, generator = Sampler(base), torch.Generator().manual_seed(settings.seed)
+        expected = torch.cat(
+            [
+                alone.generate(
+                    torch.from_numpy(labels[i : i + 10]),
+                    cfg_scale=row["cfg_scale"],
+                    generator=generator,
+                )
+                for i in range(0, len(labels), 10)
+            ]
+        )
+        assert torch.equal(tokens, expected), row["name"]
+    assert drawn["speed_ratio"]["rounds"] == 1  # CFG (10 samples) ran in the first round only
+    rounds = [{"free": [300.0, 100.0], "cfg": [100.0]}, {"free": [200.0], "cfg": [50.0, 150.0]}]
+    ratio = speed_ratio([*rounds, {"free": [90.0], "cfg": []}])  # a round without CFG is skipped
+    assert ratio == {"median": 2.0, "min": 2.0, "max": 2.0, "rounds": 2}
