@@ -42,7 +42,7 @@ def run_config(out, init, codes, micro_batch: int, **train) -> TrainConfig:
                 "progress": False,
                 **train,
             },
-            "checkpoint": {"out": str(out), "every": 2},
+            "checkpoint": {"out": str(out), "every": 2, "format": "full"},  # sharded: own tests
         }
     )
 

@@ -28,6 +28,7 @@ PARALLEL = ("ddp", "fsdp")
 DATA_VIEWS = ("center", "flip")
 DROPOUT_MODES = ("both", "none", "policy-only")
 ALIGNMENT_METHODS = ("cca", "dpo", "unlearning")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: keys that no longer exist, and what to write instead
 _RENAMED = {
@@ -117,6 +118,9 @@ class CheckpointSection:
     out: str = "runs/ccalign"
     every: int = 500
     keep: int = 3
+    # "full": one file, whole states gathered on rank 0; "sharded": a folder, each process
+    # writes its own shard (torch.distributed.checkpoint); "auto": sharded under FSDP, else full
+    format: str = "auto"
 
 
 @dataclass
@@ -152,6 +156,7 @@ class TrainConfig:
         _choice("train.precision", self.train.precision, PRECISIONS)
         _choice("train.parallel", self.train.parallel, PARALLEL)
         _choice("method.dropout", self.method.dropout, DROPOUT_MODES)
+        _choice("checkpoint.format", self.checkpoint.format, CHECKPOINT_FORMATS)
         if not _DEVICE.match(self.train.device):
             raise ValueError(
                 f"train.device = {self.train.device!r} is not a device ccalign trains on; use "
@@ -265,6 +270,7 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint.out",
         "checkpoint.every",
         "checkpoint.keep",
+        "checkpoint.format",  # resuming reads either kind
     }
 )
 

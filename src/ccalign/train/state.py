@@ -1,17 +1,20 @@
 """Resumable training state: checkpoint files, their rotation, and every random state.
 
-A checkpoint ``<out>/checkpoints/step_<step>.pt`` holds the model, optimizer, schedule, EMA,
-the RNG states of every process (torch, CUDA, numpy, python), the step, the data position
+A full checkpoint ``<out>/checkpoints/step_<step>.pt`` holds the model, optimizer, schedule,
+EMA, the RNG states of every process (torch, CUDA, numpy, python), the step, the data position
 (epoch, step within the epoch) and the config. It is written atomically by rank 0, so a file
 that exists is complete; ``latest_checkpoint`` still skips files that fail to load, but not a
 file refused for holding a pickled object that could run code. Everything is stored as tensors
 and plain Python values so that checkpoints load weights-only (no unpickling of objects).
+A sharded checkpoint is the folder ``step_<step>/`` (see ``ccalign.train.sharded``); both kinds
+may sit side by side and count alike for ``checkpoint.keep``.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -19,17 +22,23 @@ import numpy as np
 import torch
 
 from ccalign.io import UnsafePickleError, atomic_torch_save, load_torch_file
+from ccalign.train import sharded
 
 CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)(\.pt)?$")
 
 
-def checkpoint_path(out: str | Path, step: int) -> Path:
-    return Path(out) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+def checkpoint_path(out: str | Path, step: int, *, folder: bool = False) -> Path:
+    """The file of a full checkpoint, or the folder of a sharded one."""
+    name = f"step_{step:08d}" if folder else f"step_{step:08d}.pt"
+    return Path(out) / CHECKPOINT_DIR / name
 
 
 def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoints under ``out``, oldest first."""
+    """(step, path) of the checkpoints under ``out`` (files and folders), oldest first.
+
+    Saves that did not finish live under another name and are not listed.
+    """
     folder = Path(out) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
@@ -38,7 +47,12 @@ def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents on the CPU, loaded weights-only (see :func:`load_torch_file`)."""
+    """A checkpoint's contents on the CPU, loaded weights-only (see :func:`load_torch_file`).
+
+    For a sharded folder: its small state only; the tensors are read by ``sharded.restore``.
+    """
+    if Path(path).is_dir():
+        return sharded.read_state(Path(path))
     try:
         state = load_torch_file(path)
     except UnsafePickleError as exc:
@@ -58,8 +72,15 @@ def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads, or None when there is none.
 
     A damaged file is skipped with a warning; one refused as unsafe raises, since falling back
-    to an older checkpoint would hide that someone planted it.
+    to an older checkpoint would hide that someone planted it. Folders of saves that did not
+    finish (a run stopped while saving) are skipped with a warning too.
     """
+    for partial in sharded.partial_folders(Path(out) / CHECKPOINT_DIR):
+        warnings.warn(
+            f"skipping incomplete checkpoint {partial}: a save that did not finish (the run "
+            "stopped while writing it); the next save removes it",
+            stacklevel=2,
+        )
     for step, path in reversed(list_checkpoints(out)):
         try:
             return path, load_checkpoint(path)
@@ -76,9 +97,17 @@ def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
 def save_checkpoint(state: dict, out: str | Path, keep: int) -> Path:
     """Write ``state`` for its step atomically, then delete all but the newest ``keep``."""
     path = atomic_torch_save(state, checkpoint_path(out, state["step"]))
-    for _, old in list_checkpoints(out)[:-keep]:
-        old.unlink(missing_ok=True)
+    prune_checkpoints(out, keep)
     return path
+
+
+def prune_checkpoints(out: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints, files and folders alike."""
+    for _, old in list_checkpoints(out)[:-keep]:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def capture_rng() -> dict:

@@ -4,7 +4,8 @@ One optimizer step = ``accum`` micro-steps per process. Each micro-batch loss (a
 rows) is divided by ``accum`` before backward, and DDP only all-reduces on the last micro-step
 (``no_sync`` before), so the update is that of the mean loss over the global batch. With
 ``train.parallel = "fsdp"`` the policy and the reference are sharded per block (FSDP2) and
-checkpoints gather whole states (see ``ccalign.train.sharding``).
+each process saves its own shard (``ccalign.train.sharded``; ``checkpoint.format = "full"``
+gathers whole states instead, see ``ccalign.train.sharding``).
 
 The frozen reference is a copy of the policy taken before training: ``requires_grad`` off, run
 under ``no_grad``. Dropout is consistent between the two (``method.dropout``): "both" keeps both
@@ -40,14 +41,16 @@ from ccalign.errors import UserError
 from ccalign.io import atomic_write
 from ccalign.models import llamagen
 from ccalign.train import distributed as D
-from ccalign.train import sharding
+from ccalign.train import sharded, sharding
 from ccalign.train.config import TrainConfig, config_changes, resumable_change
 from ccalign.train.objectives import Objective, make_objective
 from ccalign.train.optim import EMA, make_optimizer, make_schedule
 from ccalign.train.state import (
     capture_rng,
+    checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
+    prune_checkpoints,
     restore_rng,
     save_checkpoint,
     seed_everything,
@@ -82,6 +85,7 @@ class Trainer:
         self.objective = objective or make_objective(config.method, null_class=model.null_class)
         self.seq_len = model.seq_len
         self.fsdp = self.dist.distributed and train.parallel == "fsdp"
+        self.sharded_saves = sharded.use_sharded(config.checkpoint.format, self.fsdp)
         self.model_class = type(model)  # FSDP swaps the instance's class for a subclass
         self.reference = self._make_reference(model) if self.objective.needs_reference else None
         self.reference_fingerprint = (
@@ -135,22 +139,17 @@ class Trainer:
 
         The data position carries over to any number of processes (same global batch); the
         dropout RNG streams are restored exactly only with the same number, else reseeded.
+        A sharded checkpoint loads into any number of processes, with FSDP or without.
         """
         found = latest_checkpoint(self.out)
         if found is None:
             return False
         path, state = found
         changes = self._check_compatible(path, state)
-        if self.fsdp:
-            sharding.load_full_model_state(self.model, state["model"])
-            sharding.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if state.get("format") == "sharded":
+            self._load_sharded(path, state)
         else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        elif self.ema is not None:  # EMA switched on at resume: average from here
-            self.ema = EMA(self.model, self.ema.decay)
+            self._load_full(state)
         self.step = state["step"]
         self.clipped_steps = state.get("clipped_steps", 0)
         rngs = state["rng"]
@@ -164,6 +163,29 @@ class Trainer:
                 self._record_resume_changes(self.step, changes)
         return True
 
+    def _load_full(self, state: dict) -> None:
+        """Model, optimizer and EMA from a full checkpoint (given whole on every rank)."""
+        if self.fsdp:
+            sharding.load_full_model_state(self.model, state["model"])
+            sharding.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # EMA switched on at resume: average from here
+            self.ema = EMA(self.model, self.ema.decay)
+
+    def _load_sharded(self, path: Path, state: dict) -> None:
+        """Model, optimizer and EMA from a sharded checkpoint: each rank reads its own shard."""
+        saved_ema = self.ema is not None and state["ema_decay"] is not None
+        shadow = self.ema.shadow if saved_ema else None
+        sharded.restore(self.model, self.optimizer, shadow, path, state["param_groups"], self.dist)
+        if saved_ema:
+            self.ema.decay = state["ema_decay"]
+        elif self.ema is not None:  # EMA switched on at resume: average from here
+            self.ema = EMA(self.model, self.ema.decay)
+
     def _check_compatible(self, path: Path, state: dict) -> dict:
         """Refuse a resume that would change what the run computes; returns the harmless
         changes of settings, which ``resume`` records once the state is loaded."""
@@ -173,6 +195,8 @@ class Trainer:
             "global_batch": self.plan.global_batch,
             "parallel": self._parallel_mode(),
         }
+        if state.get("format") == "sharded":  # keyed by name: loads into any layout
+            del here["parallel"]
         for key, value in here.items():
             if saved[key] != value:
                 raise ValueError(
@@ -374,13 +398,11 @@ class Trainer:
     def _check_finite_weights(self, model_state: dict[str, Tensor]) -> None:
         """Refuse to save non-finite weights: the newest checkpoint is the one users resume.
 
-        Rank 0 holds the whole state and checks it; every rank learns the verdict, so all raise
-        together instead of the others waiting at the next barrier.
+        Each rank checks what it holds (a gathered state lies on rank 0 alone, a shard on its
+        rank); every rank learns the verdict, so all raise together instead of the others
+        waiting at the next barrier.
         """
-        bad = []
-        if self.dist.is_main:
-            floats = {k: v for k, v in model_state.items() if v.is_floating_point()}
-            bad = [k for k, v in floats.items() if not bool(v.isfinite().all())]
+        bad = sharded.non_finite(model_state)
         verdict = torch.tensor([float(len(bad))], device=self.device)
         if D.all_reduce_mean(verdict, self.dist).item() > 0:
             first = f", first {bad[0]}" if bad else ""
@@ -390,35 +412,62 @@ class Trainer:
             )
 
     def save(self) -> Path | None:
-        """Write a resumable checkpoint for the current step (rank 0 writes, all take part)."""
+        """Write a resumable checkpoint for the current step; every rank takes part.
+
+        "full": rank 0 writes the gathered states to one file; "sharded": each rank writes its
+        own shard into the step's folder. Returns the path on rank 0, None elsewhere.
+        """
         rngs = D.gather_objects(capture_rng(), self.dist)
+        if self.sharded_saves:
+            path = self._save_sharded(rngs)
+            return path if self.dist.is_main else None
         model_state, optimizer_state = self._full_states()
         self._check_finite_weights(model_state)
         ema_state = self.ema.state_dict() if self.ema is not None else None
         path = None
         if self.dist.is_main:
-            epoch, step_in_epoch = divmod(self.step, self.plan.steps_per_epoch)
-            state = {
-                "step": self.step,
-                "data": {
-                    "epoch": epoch,
-                    "step_in_epoch": step_in_epoch,
-                    "dataset_size": len(self.dataset),
-                    "global_batch": self.plan.global_batch,
-                },
-                "parallel": self._parallel_mode(),
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "schedule": {"step": self.step, "total_steps": self.total_steps},
-                "ema": ema_state,
-                "rng": rngs,
-                "clipped_steps": self.clipped_steps,
-                "reference_fingerprint": self.reference_fingerprint,
-                "config": self.config.to_dict(),
-            }
+            state = self._small_state(rngs)
+            state.update(model=model_state, optimizer=optimizer_state, ema=ema_state)
             path = save_checkpoint(state, self.out, self.config.checkpoint.keep)
         D.barrier(self.dist)
         return path
+
+    def _save_sharded(self, rngs: list) -> Path:
+        """Each rank writes its shard of model, optimizer and EMA; rank 0 the small state."""
+        shadow = self.ema.shadow if self.ema is not None else None
+        tensors, param_groups = sharded.tensor_state(self.model, self.optimizer, shadow)
+        self._check_finite_weights(tensors["model"])
+        state = self._small_state(rngs)
+        state.update(
+            format="sharded",
+            param_groups=param_groups,
+            ema_decay=self.ema.decay if self.ema is not None else None,
+        )
+        folder = checkpoint_path(self.out, self.step, folder=True)
+        path = sharded.save(tensors, state, folder, self.dist)
+        if self.dist.is_main:
+            prune_checkpoints(self.out, self.config.checkpoint.keep)
+        D.barrier(self.dist)
+        return path
+
+    def _small_state(self, rngs: list) -> dict:
+        """What a checkpoint holds besides tensors: step, data position, RNGs, config, ..."""
+        epoch, step_in_epoch = divmod(self.step, self.plan.steps_per_epoch)
+        return {
+            "step": self.step,
+            "data": {
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "dataset_size": len(self.dataset),
+                "global_batch": self.plan.global_batch,
+            },
+            "parallel": self._parallel_mode(),
+            "schedule": {"step": self.step, "total_steps": self.total_steps},
+            "rng": rngs,
+            "clipped_steps": self.clipped_steps,
+            "reference_fingerprint": self.reference_fingerprint,
+            "config": self.config.to_dict(),
+        }
 
     def _parallel_mode(self) -> str:
         """How optimizer states are laid out in checkpoints: "fsdp" (by name) or "replicated"."""
