@@ -66,12 +66,14 @@ def files(tmp_path_factory) -> tuple[str, str]:
     return init, codes
 
 
-def run_config(out, files, **checkpoint) -> TrainConfig:
+def run_config(
+    out, files, dropout: float = 0.0, parallel: str = "fsdp", **checkpoint
+) -> TrainConfig:
     """6 steps of 8 rows, checkpoints every 2; 2 processes x 4 rows or 1 process x 2 x 4."""
     init, codes = files
     return TrainConfig.from_dict(
         {
-            "model": {"init": init},
+            "model": {"init": init, "arch": {"resid_dropout": dropout}},
             "data": {"path": codes},
             "method": {"name": "cca", "beta": 0.5, "lam": 10.0, "uncond_ratio": 0.3},
             "optim": {"lr": 1e-3, "grad_clip": 0.5, "ema_decay": 0.5, "schedule": "cosine"},
@@ -81,7 +83,7 @@ def run_config(out, files, **checkpoint) -> TrainConfig:
                 "steps": 6,
                 "device": "cpu",
                 "precision": "fp32",
-                "parallel": "fsdp",
+                "parallel": parallel,
                 "progress": False,
             },
             "checkpoint": {"out": str(out), "every": 2, **checkpoint},
@@ -162,10 +164,10 @@ def test_each_process_writes_its_own_shard(straight):
     assert "model" not in state and "optimizer" not in state  # the small state holds no tensors
 
 
-def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resumes_bit_exact(
-    files, straight, tmp_path
-):
-    broken = run_config(tmp_path / "broken", files)
+def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resumes_bit_exact(files, tmp_path):
+    # with dropout, so every process's RNG stream must come back too
+    launch(run_config(tmp_path / "straight", files, dropout=0.1))
+    broken = run_config(tmp_path / "broken", files, dropout=0.1)
     with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
         launch(broken, die=True)
     checkpoints = tmp_path / "broken" / "checkpoints"
@@ -176,6 +178,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resumes_bit_exact(
     assert path.name == "step_00000002" and state["step"] == 2
 
     launch(broken, resume=True)
+    straight = tmp_path / "straight"
     for a, b in zip(final_states(straight), final_states(tmp_path / "broken"), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / "broken") == losses(straight)
@@ -216,12 +219,15 @@ def test_two_process_checkpoint_resumes_on_one_process(files, straight, tmp_path
             torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_one_process_checkpoint_resumes_on_two_processes(files, straight, tmp_path):
-    config = run_config(tmp_path / "run", files, format="sharded")
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_one_process_checkpoint_resumes_on_two_processes(files, straight, tmp_path, parallel):
+    config = run_config(tmp_path / "run", files, parallel=parallel, format="sharded")
     with pytest.raises(Killed):
         run_training(config, callbacks=[kill_after(3)])
     assert [p.name for _, p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
     launch(config, resume=True)
+    last = tmp_path / "run" / "checkpoints" / "step_00000006"  # under DDP: each rank writes half
+    assert {p.name for p in last.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     for a, b in zip(final_states(straight), final_states(tmp_path / "run"), strict=True):
         for key, value in a.items():
             torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6)
@@ -259,5 +265,5 @@ def test_a_damaged_folder_is_skipped_and_a_planted_one_refused(files, tmp_path):
             return (os.system, ("echo planted",))
 
     (path / ".metadata").write_bytes(pickle.dumps(Planted()))
-    with pytest.raises(UnsafePickleError, match="posix.system"):
-        latest_checkpoint(tmp_path / "run")
+    with pytest.raises(UnsafePickleError, match="posix.system"), pytest.warns(UserWarning):
+        latest_checkpoint(tmp_path / "run")  # refused, not skipped: someone planted it

@@ -1,9 +1,10 @@
 """FSDP (``train.parallel = "fsdp"``): shard each transformer block and the root with FSDP2.
 
-Checkpoints stay in the single-process layout: the full model and optimizer states are gathered
-with ``torch.distributed.checkpoint.state_dict`` (to the CPU, on rank 0) and loaded back the
-same way, so an FSDP checkpoint resumes under DDP or one process and vice versa (same global
-batch). Works with nccl on CUDA and with gloo on the CPU.
+Checkpoints are sharded by default (``ccalign.train.sharded``). With ``checkpoint.format =
+"full"`` the whole model and optimizer states are gathered here with
+``torch.distributed.checkpoint.state_dict`` (to the CPU, on rank 0) and loaded back the same way;
+the final model is always gathered into one file. Works with nccl on CUDA and with gloo on the
+CPU.
 """
 
 from __future__ import annotations
