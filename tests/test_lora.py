@@ -171,6 +171,33 @@ def test_policy_only_runs_the_reference_in_eval_mode_and_restores_the_policy(tmp
     assert trainable and all(trainable)
 
 
+def test_activation_checkpointing_recomputes_with_the_adapters_on(tmp_path):
+    """Blocks recomputed in backward (after the reference ran with adapters off) give the same
+    gradients as stored activations, dropout masks included."""
+    grads = []
+    for enabled in (False, True):
+        config = lora_config(
+            tmp_path / str(enabled),
+            lora={"dropout": 0.1},
+            method={"dropout": "both"},
+            train={"steps": 2, "activation_checkpointing": enabled},
+        )
+        trainer = Trainer(config, tiny_model(dropout=0.1), RandomCodes(16))
+        seen = []
+        trainer.optimizer.register_step_pre_hook(
+            lambda *a, t=trainer, s=seen: s.append(
+                {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+            )
+        )
+        trainer.fit()
+        grads.append(seen)
+    for step in range(2):
+        assert grads[0][step].keys() == grads[1][step].keys()
+        for name, grad in grads[0][step].items():
+            torch.testing.assert_close(grads[1][step][name], grad, rtol=1e-6, atol=1e-8)
+    assert any(g.abs().max() > 0 for n, g in grads[1][1].items() if ".lora_A." in n)
+
+
 # ---- merge and files ----
 def test_merged_final_model_equals_the_adapted_model_and_peft_merge(tmp_path):
     init = tiny_model()
