@@ -143,6 +143,16 @@ def test_only_adapters_train_and_the_reference_is_the_unchanged_base(tmp_path):
     assert records[-1]["d_pos"] != 0.0
 
 
+def test_d_is_exactly_zero_at_step_one_under_bf16_autocast_too(tmp_path):
+    """B = 0 adds exact zeros, so adapters on and off give the same bits in any precision."""
+    config = lora_config(tmp_path, train={"steps": 1, "precision": "bf16"})
+    trainer = Trainer(config, tiny_model(dropout=0.1), RandomCodes(16))
+    records = []
+    trainer.callbacks.append(lambda t, record: records.append(record))
+    trainer.fit()
+    assert records[0]["d_pos"] == 0.0 and records[0]["d_neg"] == 0.0
+
+
 def test_no_second_copy_of_the_weights(tmp_path):
     """The reference owns no tensor: every weight it uses is a policy parameter's storage."""
     trainer = Trainer(lora_config(tmp_path, train={"steps": 1}), tiny_model(), RandomCodes(16))
