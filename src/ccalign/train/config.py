@@ -304,8 +304,9 @@ def _validate_lora(config: TrainConfig) -> None:
         )
     if config.train.parallel == "fsdp":
         raise ValueError(
-            'method.lora with train.parallel = "fsdp" is not supported: use "ddp" (with LoRA '
-            "the optimizer holds only the adapters, so each process fits the frozen weights)"
+            'method.lora with train.parallel = "fsdp" is not supported yet: use "ddp" (with '
+            "LoRA each process holds the frozen weights once and only the adapters' optimizer "
+            "state)"
         )
 
 
