@@ -61,6 +61,25 @@ class DataSection:
     validate: bool = True  # check labels / tokens / length against the model before training
 
 
+#: the linear layers of a LlamaGen block: attention (wqkv, wo) and MLP (w1, w2, w3)
+LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters on the policy (``[method.lora]``, through peft); off by default.
+
+    The reference is then the policy with its adapters switched off: no second copy of the
+    weights, and the optimizer holds only the adapters' state.
+    """
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0  # adapter output scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input (policy in train mode only)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class MethodSection:
     """The objective: an alignment loss against a frozen reference, or plain MLE."""
@@ -76,6 +95,7 @@ class MethodSection:
     # "policy-only": policy with dropout against an exact reference, which biases D by the
     # dropout gap (as if lambda were multiplied by exp(-beta * gap)): only on explicit request.
     dropout: str = "both"
+    lora: LoraSection = field(default_factory=LoraSection)
 
 
 @dataclass
@@ -163,6 +183,7 @@ class TrainConfig:
                 "auto, cpu, cuda, cuda:N or mps"
             )
         _validate_data(self.data)
+        _validate_lora(self)
         for key, value in (
             ("train.global_batch", self.train.global_batch),
             ("train.micro_batch", self.train.micro_batch),
@@ -222,6 +243,10 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
             return None
         hint = next(o for o in options if o is not type(None))
     origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return _build_table(key, value, hint)
+    if origin is list and isinstance(value, list):
+        return [_typed(key, v, typing.get_args(hint)[0]) for v in value]
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if origin is tuple and isinstance(value, list | tuple):
@@ -233,11 +258,24 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
     raise ValueError(f"{key} = {value!r} must be {_type_name(hint)}, not {type(value).__name__}")
 
 
+def _build_table(key: str, values: dict, table_type: type) -> Any:
+    """A nested table (``[method.lora]``) as its dataclass, rejecting unknown keys by name."""
+    valid = {f.name for f in dataclasses.fields(table_type)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in [{key}]; valid keys: {sorted(valid)}")
+    hints = typing.get_type_hints(table_type)
+    return table_type(**{k: _typed(f"{key}.{k}", v, hints[k]) for k, v in values.items()})
+
+
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return f"a list of {len(typing.get_args(hint))} numbers"
+    if typing.get_origin(hint) is list:
+        return "a list of strings"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    return names.get(hint, "a table {...}" if hint is dict else str(hint))
+    table = hint is dict or dataclasses.is_dataclass(hint)
+    return names.get(hint, "a table {...}" if table else str(hint))
 
 
 def _validate_data(data: DataSection) -> None:
@@ -249,6 +287,36 @@ def _validate_data(data: DataSection) -> None:
         raise ValueError(
             "data.views and data.image_size apply to images encoded on the fly: set "
             "data.tokenizer (--tokenizer), or leave them out when data.path holds codes"
+        )
+
+
+def _validate_lora(config: TrainConfig) -> None:
+    """LoRA's sizes, and the options it does not combine with (EMA, FSDP)."""
+    lora = config.method.lora
+    if not lora.enabled:
+        return
+    if lora.rank < 1 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
+        raise ValueError(
+            f"method.lora needs rank >= 1, alpha > 0 and dropout in [0, 1); got rank "
+            f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}"
+        )
+    if not lora.target_modules:
+        raise ValueError(f"method.lora.target_modules is empty; e.g. {list(LORA_TARGETS)}")
+    if config.optim.ema_decay > 0:
+        raise ValueError(
+            "optim.ema_decay > 0 with method.lora is not supported (the average would copy the "
+            "whole model): set optim.ema_decay = 0 or method.lora.enabled = false"
+        )
+    if config.train.parallel == "fsdp":
+        raise ValueError(
+            'method.lora with train.parallel = "fsdp" is not supported yet: use "ddp" (with '
+            "LoRA each process holds the frozen weights once and only the adapters' optimizer "
+            "state)"
+        )
+    if config.checkpoint.format == "sharded":
+        raise ValueError(
+            'method.lora with checkpoint.format = "sharded" is not supported: LoRA checkpoints '
+            'hold only the adapters, which are small; use "auto" or "full"'
         )
 
 
@@ -284,8 +352,12 @@ def resumable_change(key: str, method: str) -> bool:
 
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (saved value, current value)}`` for every key that differs."""
-    old, new = _flatten(saved), _flatten(current)
+    """``{dotted key: (saved value, current value)}`` for every key that differs.
+
+    A key the saved config lacks (written before the key existed) counts as its default.
+    """
+    old = {**_flatten(TrainConfig().to_dict()), **_flatten(saved)}
+    new = _flatten(current)
     return {
         key: (old.get(key), new.get(key))
         for key in sorted(old.keys() | new.keys())

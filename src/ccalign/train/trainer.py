@@ -15,6 +15,9 @@ noisy but zero-mean at step 1); "none" turns it off in both (D = 0 exactly at st
 the measured D at the start is in ``metrics.jsonl``. Gradient clipping is logged per step
 (``clipped``) and as the fraction of clipped steps so far (``clipped_fraction``).
 
+With ``method.lora`` the policy gets peft LoRA adapters and only they train; the reference is the
+same network with the adapters off (no copy of the weights; see ``ccalign.train.lora``).
+
 Random choices are keyed so a run is reproducible and resumable: null-class rows come from
 (seed, step, global position), the data order from (seed, epoch), dropout from each process's
 torch RNG, which checkpoints save. A run killed and resumed ends bitwise equal on the CPU.
@@ -41,7 +44,7 @@ from ccalign.errors import UserError
 from ccalign.io import atomic_write
 from ccalign.models import llamagen
 from ccalign.train import distributed as D
-from ccalign.train import sharded, sharding
+from ccalign.train import lora, sharded, sharding
 from ccalign.train.config import TrainConfig, config_changes, resumable_change
 from ccalign.train.objectives import Objective, make_objective
 from ccalign.train.optim import EMA, make_optimizer, make_schedule
@@ -87,6 +90,11 @@ class Trainer:
         self.fsdp = self.dist.distributed and train.parallel == "fsdp"
         self.sharded_saves = sharded.use_sharded(config.checkpoint.format, self.fsdp)
         self.model_class = type(model)  # FSDP swaps the instance's class for a subclass
+        self.lora = (
+            lora.add_adapters(model, config.method.lora, train.seed)
+            if config.method.lora.enabled
+            else None
+        )
         self.reference = self._make_reference(model) if self.objective.needs_reference else None
         self.reference_fingerprint = (
             tensor_fingerprint(self.reference) if self.reference is not None else None
@@ -118,9 +126,13 @@ class Trainer:
 
     # ---- setup ----
     def _make_reference(self, model: nn.Module) -> nn.Module:
-        """A frozen copy of the policy as it is now (see the module doc for its mode)."""
-        reference = copy.deepcopy(model).to(self.device)
-        reference.requires_grad_(False)
+        """A frozen copy of the policy as it is now (see the module doc for its mode); with
+        LoRA the policy's own network with its adapters off."""
+        if self.lora is not None:
+            reference = lora.BaseReference(self.lora)
+        else:
+            reference = copy.deepcopy(model).to(self.device)
+            reference.requires_grad_(False)
         reference.train(self.config.method.dropout == "both")
         return reference
 
@@ -168,6 +180,9 @@ class Trainer:
         if self.fsdp:
             sharding.load_full_model_state(self.model, state["model"])
             sharding.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        elif self.lora is not None:
+            lora.load_adapter_state(self.model, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         else:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -474,7 +489,10 @@ class Trainer:
         return "fsdp" if self.fsdp else "replicated"
 
     def _full_states(self) -> tuple[dict, dict]:
-        """Whole model and optimizer states (gathered under FSDP: every rank calls this)."""
+        """Whole model and optimizer states (gathered under FSDP: every rank calls this); with
+        LoRA the adapters only (the frozen base is ``model.init``)."""
+        if self.lora is not None:
+            return lora.adapter_state(self.model), self.optimizer.state_dict()
         if self.fsdp:
             return (
                 sharding.full_model_state(self.model),
@@ -483,8 +501,14 @@ class Trainer:
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def _write_final_model(self) -> None:
-        """final.safetensors (and final_ema, and the official .pt layout when asked)."""
-        weights = sharding.full_model_state(self.model) if self.fsdp else self.model.state_dict()
+        """final.safetensors (and final_ema, and the official .pt layout when asked); with LoRA
+        the merged weights, and the adapters alone in final_lora.safetensors."""
+        if self.lora is not None:
+            weights = lora.merged_state(self.model)
+        elif self.fsdp:
+            weights = sharding.full_model_state(self.model)
+        else:
+            weights = self.model.state_dict()
         averaged = self.ema.state_dict()["shadow"] if self.ema is not None else None
         if not self.dist.is_main:
             return
@@ -496,6 +520,8 @@ class Trainer:
             llamagen.save(model, self.out / f"{name}.safetensors")
             if self.config.model.save_official:
                 llamagen.save(model, self.out / f"{name}.pt", official=True)
+        if self.lora is not None:
+            lora.save_adapters(self.lora, self.out / "final_lora.safetensors")
 
     def _plain_copy(self, state: dict[str, Tensor]) -> nn.Module:
         """An unsharded CPU model holding ``state`` (cast to its dtypes), for saving only.
