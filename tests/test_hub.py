@@ -270,3 +270,24 @@ def test_export_safetensors_with_config_json_from_a_registry_name(cache, tiny_pr
     exported = llamagen.load(out).eval()  # the file carries its own config
     assert exported.config == model.config
     assert torch.equal(logits(exported), logits(model))
+
+
+def test_eval_takes_its_feature_network_as_an_hf_uri(cache, tmp_path):
+    from ccalign.eval.classifier import ClassifierConfig, FashionClassifier, save_classifier
+
+    torch.manual_seed(0)
+    classifier = FashionClassifier(ClassifierConfig(channels=(4, 8), feature_dim=16)).eval()
+    path = save_classifier(classifier, tmp_path / "clf.safetensors")
+    put(cache, "someone/fmnist-classifier", "clf.safetensors", path.read_bytes())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", rng.integers(0, 256, (12, 28, 28), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (16, 28, 28), dtype=np.uint8))
+    results = []
+    for weights in (str(path), "hf://someone/fmnist-classifier/clf.safetensors"):
+        out = tmp_path / f"metrics{len(results)}.json"
+        assert main(["eval", "--samples", str(tmp_path / "samples.npz"), "--ref",
+                     str(tmp_path / "ref.npz"), "--features", "fmnist", "--classifier", weights,
+                     "--device", "cpu", "--is-splits", "2", "--out", str(out),
+                     "--no-progress"]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0] == results[1]
