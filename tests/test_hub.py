@@ -8,11 +8,14 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub.constants
+import huggingface_hub.utils
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
 from ccalign import hub, tokenizers
 from ccalign.cli import main
@@ -176,6 +179,39 @@ def test_a_name_missing_from_the_cache_fails_offline_in_one_line(cache, tmp_path
     assert main(["export", f"hf://{LLAMAGEN}@v3/c2i_B_256.pt", "--format", "official",
                  "--out", str(tmp_path / "x.pt")]) == 1
     assert "--revision v3`" in one_line_error(capsys)
+
+
+def _http_error(kind: str) -> Exception:
+    """An error of huggingface_hub's kind ``kind``, as its HTTP layer raises it."""
+    response = SimpleNamespace(headers={}, status_code=404, url="u", request=None)
+    message = "404 Client Error.\nEntry Not Found for url: u"
+    return getattr(huggingface_hub.utils, kind)(message, response=response)
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (lambda: _http_error("GatedRepoError"), "the repo is gated; accept its terms"),
+        (lambda: _http_error("RepositoryNotFoundError"), "no such repo (or it is private"),
+        (lambda: _http_error("RevisionNotFoundError"), "the repo has no revision 'v9'"),
+        (lambda: _http_error("HfHubHTTPError"), "could not be downloaded: 404 Client Error."),
+        (lambda: EntryNotFoundError("gone"), "the repo has no such file"),
+        (lambda: LocalEntryNotFoundError("no"), "is not in the Hugging Face cache"),
+    ],
+)
+def test_hub_failures_become_one_line_naming_file_and_repo(cache, monkeypatch, error, message):
+    def fail(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    with pytest.raises(UserError) as raised:
+        hub.resolve("llamagen-B-256@v9")
+    text = str(raised.value)
+    assert "\n" not in text and message in text
+    assert "c2i_B_256.pt of the Hub repo FoundationVision/LlamaGen at revision v9" in text
+    if "cache" in message:
+        assert "the Hub cannot be reached" in text and "check the network" in text
 
 
 def test_wrong_kind_and_families_not_loadable_yet_are_refused_before_download(cache, capsys,

@@ -14,8 +14,11 @@ are listed by ``ccalign models``, and are refused with a clear message when load
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +189,8 @@ def download(repo: str, file: str, revision: str | None = None) -> Path:
 
     where = f"{file} of the Hub repo {repo}" + (f" at revision {revision}" if revision else "")
     try:
-        return Path(hf_hub_download(repo, file, revision=revision))
+        with _quiet_retries():
+            return Path(hf_hub_download(repo, file, revision=revision))
     except LocalEntryNotFoundError:
         raise UserError(_not_cached(repo, file, revision)) from None
     except GatedRepoError:
@@ -206,6 +210,18 @@ def download(repo: str, file: str, revision: str | None = None) -> Path:
         raise UserError(f"{where}: {_first_line(exc)}") from None
     except HfHubHTTPError as exc:
         raise UserError(f"{where} could not be downloaded: {_first_line(exc)}") from None
+
+
+@contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """Silence huggingface_hub's per-retry warnings: a failure ends in one line of our own."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _not_cached(repo: str, file: str, revision: str | None) -> str:
