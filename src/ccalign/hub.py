@@ -64,7 +64,9 @@ class Release:
         return f"{HF_SCHEME}{self.repo}/{self.file}"
 
 
-def _llamagen(prefix: str, repo: str, pattern: str, sizes: list[tuple[str, int]], family: str):
+def _llamagen(
+    prefix: str, repo: str, pattern: str, sizes: list[tuple[str, int]], family: str
+) -> list[Release]:
     """Releases of LlamaGen GPTs: one per (size letter, image size), file from ``pattern``."""
     return [
         Release(f"{prefix}-{size}-{px}", family, repo, pattern.format(size=size, px=px),
@@ -98,7 +100,8 @@ _RELEASES: list[Release] = [
                "llamagen"),
     *_var("cca-var", "ChenDRAG/CCA_VAR", "CCA_VAR_Guidance_Free/VAR_d{depth}_CCA.pth",
           [16, 20, 24, 30]),
-    # FoundationVision/VAR README: the 256-px models, the 512-px d36 and the VQVAE
+    # FoundationVision/VAR README: the 256-px models, the 512-px d36 and the VQVAE (the README
+    # trains d36 with shared AdaLN, "d36-s"; whether var_d36.pth is that model is unconfirmed)
     *_var("var", "FoundationVision/var", "var_d{depth}.pth", [16, 20, 24, 30]),
     Release("var-d36", "var", "FoundationVision/var", "var_d36.pth", "VAR-d36", 32, "var-vae"),
     Release("var-vae", "var-vqvae", "FoundationVision/var", "vae_ch160v4096z32.pth"),
