@@ -7,8 +7,10 @@ from ccalign.cli import build_parser, main
 COMMANDS = {
     "demo",
     "eval",
+    "export",
     "extract-codes",
     "finetune",
+    "models",
     "pretrain",
     "sample",
     "theory",

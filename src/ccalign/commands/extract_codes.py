@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         required=True,
-        help="tokenizer file (LlamaGen vq_ds16_c2i.pt, a ccalign .safetensors) "
-        "or fmnist-vq for the bundled one",
+        help="tokenizer file (LlamaGen vq_ds16_c2i.pt, a ccalign .safetensors), fmnist-vq for "
+        "the bundled one, a registry name (llamagen-vq16) or hf://owner/repo/file",
     )
     parser.add_argument(
         "--tokenizer-name",

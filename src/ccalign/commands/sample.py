@@ -15,7 +15,12 @@ HELP = "sample images from a checkpoint (tokens, PNGs, ADM .npz); resumable, mul
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="model weights (ccalign .safetensors or official .pt)")
+    parser.add_argument(
+        "checkpoint",
+        help="model weights: ccalign .safetensors, official .pt, a registry name (`ccalign "
+        "models`, e.g. cca-llamagen-L-384: preset, grid and tokenizer come with it) or "
+        "hf://owner/repo/file",
+    )
     parser.add_argument("--out", required=True, help="output folder (resumes if it holds a run)")
     parser.add_argument("--model", help="preset of an official checkpoint, e.g. GPT-L")
     parser.add_argument(
@@ -49,7 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--top-k", type=int, default=0, help="0 = off")
     how.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     images = parser.add_argument_group("images")
-    images.add_argument("--tokenizer", help="tokenizer file: decode to PNGs and samples.npz")
+    images.add_argument(
+        "--tokenizer",
+        help="tokenizer file, registry name or hf:// URI: decode to PNGs and samples.npz "
+        "(default for a registry checkpoint: its tokenizer)",
+    )
     images.add_argument("--resize", type=int, help="resize decoded images (bicubic), e.g. 256")
     images.add_argument("--no-png", action="store_true", help="write samples.npz but no PNGs")
     run = parser.add_argument_group("hardware")
@@ -131,15 +140,22 @@ def _sizes(sizes: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ccalign import hub
     from ccalign.models import llamagen
     from ccalign.sample.engine import Sampler
     from ccalign.sample.runner import RunConfig, plan_labels, run_sampling
 
     check_args(args)
     classes = parse_classes(args.classes) if args.classes is not None else None
-    check_recorded_architecture(args.checkpoint, args.model, args.grid)
+    release = hub.find(args.checkpoint)
+    if release is not None:  # a registry name supplies what the command line leaves out
+        args.model = args.model or release.preset
+        args.grid = args.grid or release.grid
+        args.tokenizer = args.tokenizer or release.tokenizer
+    checkpoint = hub.resolve(args.checkpoint, kind="model")
+    check_recorded_architecture(checkpoint, args.model, args.grid)
     with _distributed(args.device) as (rank, world_size, device, barrier):
-        model = llamagen.load(args.checkpoint, args.model, grid=args.grid)
+        model = llamagen.load(checkpoint, args.model, grid=args.grid)
         labels = plan_labels(
             model.num_classes,
             classes=classes,

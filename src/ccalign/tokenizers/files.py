@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ccalign.hub import resolve
 from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors, read_tensor_file
 from ccalign.models.checkpoint import check_state_dict, extract_state_dict
 from ccalign.tokenizers.llamagen_vq import (
@@ -49,7 +50,8 @@ def load(
     under "model", else "ema", or a raw state_dict) is read weights-only by key names and
     shapes; a damaged or unsafe file raises ValueError naming it. Give ``name``
     ("VQ-16", "VQ-8") to insist on that architecture and ``image_size`` (default 256) for the
-    grid the sampler should assume. ``"fmnist-vq"`` names the bundled Fashion-MNIST tokenizer.
+    grid the sampler should assume. ``"fmnist-vq"`` names the bundled Fashion-MNIST tokenizer;
+    registry names (``llamagen-vq16``) and ``hf://`` URIs come through :mod:`ccalign.hub`.
     The model is returned in eval mode on the CPU.
     """
     path = _resolve(path)
@@ -73,11 +75,12 @@ def _resolve(path: PathLike) -> Path:
                 f"the bundled tokenizer {path} is missing; rebuild it with "
                 "`ccalign train-tokenizer` (see BENCHMARKS.md)"
             )
-    path = Path(path)
+    path = resolve(path, kind="tokenizer")
     if not path.exists():
         raise FileNotFoundError(
             f"tokenizer file not found: {path} (give a LlamaGen vq_ds16_c2i.pt, a ccalign "
-            f".safetensors tokenizer, or one of {sorted(ALIASES)})"
+            f".safetensors tokenizer, one of {sorted(ALIASES)}, a registry name such as "
+            "llamagen-vq16 (`ccalign models`) or hf://owner/repo/file)"
         )
     return path
 

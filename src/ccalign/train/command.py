@@ -35,10 +35,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tokenizer",
-        help="encode --data images on the fly with this tokenizer (a tokenizer file or "
-        "fmnist-vq); --set data.views=flip adds random mirrors",
+        help="encode --data images on the fly with this tokenizer (a tokenizer file, fmnist-vq, "
+        "a registry name such as llamagen-vq16, or hf://owner/repo/file); --set "
+        "data.views=flip adds random mirrors",
     )
-    parser.add_argument("--init", help="starting checkpoint (ccalign .safetensors or official .pt)")
+    parser.add_argument(
+        "--init",
+        help="starting checkpoint: ccalign .safetensors, official .pt, a registry name "
+        "(`ccalign models`, e.g. llamagen-L-384) or hf://owner/repo/file",
+    )
     parser.add_argument("--out", help="output folder for checkpoints, logs and the final model")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: from train.epochs)")
     parser.add_argument("--device", help="cpu, cuda or auto")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ccalign import hub
 from ccalign.data.codes import CodeDataset, open_codes, validate_codes
 from ccalign.models import llamagen
 from ccalign.train.config import ModelSection, TrainConfig
@@ -18,15 +19,19 @@ from ccalign.train.trainer import Callback, Trainer
 def model_from_config(section: ModelSection) -> llamagen.LlamaGen:
     """Load ``section.init`` (ccalign safetensors or any official layout) or build a fresh model.
 
-    A ccalign file carries its architecture; official files need ``name`` and ``grid``.
+    ``init`` may be a registry name or an hf:// URI (:mod:`ccalign.hub`). A ccalign file carries
+    its architecture, a registry name supplies it; other official files need ``name`` and ``grid``.
     ``arch`` overrides config fields either way (e.g. dropouts, or sizes of a custom model).
     """
     if section.init is None:
         return llamagen.build(section.name, grid=section.grid, **section.arch)
-    if llamagen.config_from_file(section.init) is not None:
-        return llamagen.load(section.init, **section.arch)
+    init, release = hub.resolve(section.init, kind="model"), hub.find(section.init)
+    if llamagen.config_from_file(init) is not None:
+        return llamagen.load(init, **section.arch)
+    if release is not None:  # the registry knows the file's architecture
+        return llamagen.load(init, release.preset, grid=release.grid, **section.arch)
     name = None if section.name == "custom" else section.name
-    return llamagen.load(section.init, name, grid=section.grid, **section.arch)
+    return llamagen.load(init, name, grid=section.grid, **section.arch)
 
 
 def open_training_data(config: TrainConfig, model: llamagen.LlamaGen) -> CodeDataset:

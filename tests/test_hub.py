@@ -1,0 +1,329 @@
+"""Released checkpoints by name: the registry, resolution through a Hugging Face cache built here
+(offline), the one-line failure for a file that is not cached, `ccalign models`, the commands
+that take names, and `ccalign export` round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub.constants
+import huggingface_hub.utils
+import numpy as np
+import pytest
+import torch
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+from ccalign import hub, tokenizers
+from ccalign.cli import main
+from ccalign.errors import UserError
+from ccalign.models import llamagen
+from ccalign.train.config import ModelSection
+from ccalign.train.run import model_from_config
+
+LLAMAGEN = "FoundationVision/LlamaGen"
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+TINY = dict(n_layer=1, n_head=2, dim=32)
+
+
+def put(cache: Path, repo: str, file: str, data: bytes, commit: str = COMMIT_A,
+        refs: tuple[str, ...] = ("main",)) -> Path:
+    """Place ``data`` as ``file`` of ``repo`` at ``commit`` the way huggingface_hub caches it:
+    a blob named by its hash, a snapshot link to it, and refs naming the commit."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = folder / "snapshots" / commit / file
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path(*[".."] * (len(Path(file).parts) + 1), "blobs", blob.name))
+    for ref in refs:
+        (folder / "refs").mkdir(exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
+    return link
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, offline: nothing may come from the network."""
+    root = tmp_path / "hf-cache"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    """A tiny LlamaGen preset standing in for GPT-L under the registry name llamagen-L-384."""
+    monkeypatch.setitem(llamagen.PRESETS, "GPT-tiny", TINY)
+    entry = hub.REGISTRY["llamagen-L-384"]
+    monkeypatch.setitem(
+        hub.REGISTRY, entry.name, dataclasses.replace(entry, preset="GPT-tiny", grid=4)
+    )
+
+
+def tiny_gpt(seed: int = 0) -> llamagen.LlamaGen:
+    torch.manual_seed(seed)
+    model = llamagen.build("GPT-tiny", grid=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def tiny_vq() -> tokenizers.VQModel:
+    torch.manual_seed(0)
+    return tokenizers.build(
+        "VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1, usage_window=0
+    ).eval()
+
+
+def official_bytes(state_dict: dict, tmp_path: Path) -> bytes:
+    path = tmp_path / "official.pt"
+    torch.save({"model": state_dict}, path)
+    return path.read_bytes()
+
+
+def logits(model: llamagen.LlamaGen) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.vocab_size, (3, model.seq_len), generator=generator)
+    with torch.no_grad():
+        return model.logits(torch.tensor([0, 7, 999]), tokens)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+# ---- the registry ----
+
+
+def test_every_release_names_a_known_family_tokenizer_and_preset():
+    for name, release in hub.REGISTRY.items():
+        assert release.name == name and release.family in hub.FAMILIES
+        assert release.tokenizer is None or release.tokenizer in hub.REGISTRY
+        assert hub.FAMILIES[release.family].kind == ("tokenizer" if release.grid is None
+                                                     else "model")
+        if release.family == "llamagen":
+            assert release.preset in llamagen.PRESETS
+            assert release.grid == int(name.rsplit("-", 1)[1]) // 16  # 256 px: 16, 384 px: 24
+        if release.family == "vq":
+            assert release.preset in tokenizers.NAMES
+    assert hub.REGISTRY["cca-llamagen-L-384"].file.endswith("c2i_L_384_CCA_0005000.pt")
+    assert hub.REGISTRY["var-d16"].uri == "hf://FoundationVision/var/var_d16.pth"
+
+
+def test_uris_parse_with_and_without_a_revision():
+    assert hub.parse_uri("hf://o/r/f.pt") == ("o/r", None, "f.pt")
+    assert hub.parse_uri("hf://o/r@v1.0/sub/f.pt") == ("o/r", "v1.0", "sub/f.pt")
+    assert hub.parse_uri("hf://o/r@refs/pr/3/f.pt") == ("o/r", "refs/pr/3", "f.pt")
+    for bad in ("hf://o/r", "hf://o", "hf://o/r@v1"):
+        with pytest.raises(ValueError, match="is not a Hub file URI"):
+            hub.parse_uri(bad)
+
+
+# ---- resolution through the cache ----
+
+
+def test_names_and_uris_resolve_to_the_cached_files(cache, tmp_path):
+    gpt = put(cache, LLAMAGEN, "c2i_L_384.pt", b"gpt")
+    cca_file = "CCA_LlamaGen_Guidance_Free/c2i_L_384_CCA_0005000.pt"
+    cca = put(cache, "ChenDRAG/CCA_LlamaGen", cca_file, b"cca")
+    assert hub.resolve("llamagen-L-384") == gpt
+    assert hub.resolve("llamagen-L-384").read_bytes() == b"gpt"
+    assert hub.resolve(f"hf://{LLAMAGEN}/c2i_L_384.pt") == gpt
+    assert hub.resolve("cca-llamagen-L-384").read_bytes() == b"cca"
+    assert hub.resolve(f"hf://ChenDRAG/CCA_LlamaGen/{cca_file}") == cca
+    local = tmp_path / "mine.pt"
+    assert hub.resolve(local) == local and hub.resolve(str(local)) == local  # paths unchanged
+    assert hub.find(local) is None and hub.find("llamagen-L-384@v1").name == "llamagen-L-384"
+
+
+def test_a_local_file_wins_over_a_registry_name(cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("llamagen-L-384").write_bytes(b"local")
+    assert hub.find("llamagen-L-384") is None
+    assert hub.resolve("llamagen-L-384") == Path("llamagen-L-384")
+
+
+def test_revisions_pick_their_snapshot(cache):
+    put(cache, LLAMAGEN, "c2i_L_384.pt", b"old", COMMIT_A, refs=("v1",))
+    put(cache, LLAMAGEN, "c2i_L_384.pt", b"new", COMMIT_B, refs=("main",))
+    assert hub.resolve("llamagen-L-384").read_bytes() == b"new"
+    assert hub.resolve("llamagen-L-384@v1").read_bytes() == b"old"
+    assert hub.resolve(f"llamagen-L-384@{COMMIT_A}").read_bytes() == b"old"
+    assert hub.resolve(f"hf://{LLAMAGEN}@v1/c2i_L_384.pt").read_bytes() == b"old"
+    assert hub.resolve(f"hf://{LLAMAGEN}@{COMMIT_B}/c2i_L_384.pt").read_bytes() == b"new"
+    with pytest.raises(UserError, match="at revision v2 is not in the Hugging Face cache"):
+        hub.resolve("llamagen-L-384@v2")
+
+
+def test_a_name_missing_from_the_cache_fails_offline_in_one_line(cache, tmp_path, capsys):
+    assert main(["sample", "llamagen-XL-384", "--out", str(tmp_path / "s"), "--classes", "1",
+                 "--device", "cpu"]) == 1
+    err = one_line_error(capsys)
+    assert "c2i_XL_384.pt of the Hub repo FoundationVision/LlamaGen is not in" in err
+    assert str(cache) in err and "HF_HUB_OFFLINE is set" in err
+    assert "`hf download FoundationVision/LlamaGen c2i_XL_384.pt`" in err
+    assert main(["extract-codes", "fashion-mnist:test", "--tokenizer", "llamagen-vq8",
+                 "--out", str(tmp_path / "codes")]) == 1
+    assert "`hf download FoundationVision/LlamaGen vq_ds8_c2i.pt`" in one_line_error(capsys)
+    assert main(["export", f"hf://{LLAMAGEN}@v3/c2i_B_256.pt", "--format", "official",
+                 "--out", str(tmp_path / "x.pt")]) == 1
+    assert "--revision v3`" in one_line_error(capsys)
+
+
+def _http_error(kind: str) -> Exception:
+    """An error of huggingface_hub's kind ``kind``, as its HTTP layer raises it."""
+    response = SimpleNamespace(headers={}, status_code=404, url="u", request=None)
+    message = "404 Client Error.\nEntry Not Found for url: u"
+    return getattr(huggingface_hub.utils, kind)(message, response=response)
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (lambda: _http_error("GatedRepoError"), "the repo is gated; accept its terms"),
+        (lambda: _http_error("RepositoryNotFoundError"), "no such repo (or it is private"),
+        (lambda: _http_error("RevisionNotFoundError"), "the repo has no revision 'v9'"),
+        (lambda: _http_error("HfHubHTTPError"), "could not be downloaded: 404 Client Error."),
+        (lambda: EntryNotFoundError("gone"), "the repo has no such file"),
+        (lambda: LocalEntryNotFoundError("no"), "is not in the Hugging Face cache"),
+    ],
+)
+def test_hub_failures_become_one_line_naming_file_and_repo(cache, monkeypatch, error, message):
+    def fail(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    with pytest.raises(UserError) as raised:
+        hub.resolve("llamagen-B-256@v9")
+    text = str(raised.value)
+    assert "\n" not in text and message in text
+    assert "c2i_B_256.pt of the Hub repo FoundationVision/LlamaGen at revision v9" in text
+    if "cache" in message:
+        assert "the Hub cannot be reached" in text and "check the network" in text
+
+
+def test_wrong_kind_and_families_not_loadable_yet_are_refused_before_download(cache, capsys,
+                                                                             tmp_path):
+    with pytest.raises(UserError, match="llamagen-vq16 is a LlamaGen VQ tokenizer, not a model"):
+        hub.resolve("llamagen-vq16", kind="model")
+    with pytest.raises(UserError, match="llamagen-L-384 is a LlamaGen GPT, not a tokenizer"):
+        tokenizers.load("llamagen-L-384")
+    assert main(["sample", "var-d16", "--out", str(tmp_path / "s"), "--classes", "1"]) == 1
+    err = one_line_error(capsys)
+    assert "var-d16 is a VAR checkpoint (family 'var'), which this version of ccalign cannot " \
+           "load yet" in err
+    with pytest.raises(UserError, match="VAR multi-scale VQVAE checkpoint"):
+        tokenizers.load("var-vae")
+
+
+# ---- the commands ----
+
+
+def test_sample_a_registry_name_end_to_end(cache, tiny_preset, tmp_path, capsys):
+    """The name brings the preset, the grid and the tokenizer: the same run as from the files
+    with every option spelled out."""
+    model, vq = tiny_gpt(), tiny_vq()
+    gpt_path = put(cache, LLAMAGEN, "c2i_L_384.pt", official_bytes(model.state_dict(), tmp_path))
+    vq_path = put(cache, LLAMAGEN, "vq_ds16_c2i.pt", official_bytes(vq.state_dict(), tmp_path))
+    common = ["--classes", "1,2", "--device", "cpu", "--quiet", "--batch-size", "2", "--no-png"]
+    assert main(["sample", "llamagen-L-384", "--out", str(tmp_path / "named"), *common]) == 0
+    assert main(["sample", str(gpt_path), "--model", "GPT-tiny", "--grid", "4", "--tokenizer",
+                 str(vq_path), "--out", str(tmp_path / "files"), *common]) == 0
+    named, files = np.load(tmp_path / "named" / "tokens.npz"), np.load(tmp_path / "files" /
+                                                                        "tokens.npz")
+    assert named["tokens"].shape == (2, 16)
+    np.testing.assert_array_equal(named["tokens"], files["tokens"])
+    images = np.load(tmp_path / "named" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 8, 8, 3)  # decoded by the registry's tokenizer at grid 4
+    np.testing.assert_array_equal(images, np.load(tmp_path / "files" / "samples.npz")["arr_0"])
+
+
+def test_finetune_init_and_data_tokenizer_take_names(cache, tiny_preset, tmp_path):
+    model, vq = tiny_gpt(), tiny_vq()
+    put(cache, LLAMAGEN, "c2i_L_384.pt", official_bytes(model.state_dict(), tmp_path))
+    put(cache, LLAMAGEN, "vq_ds16_c2i.pt", official_bytes(vq.state_dict(), tmp_path))
+    # the registry's preset and grid win over the section's defaults (GPT-L, 24)
+    loaded = model_from_config(ModelSection(init="llamagen-L-384", arch={"token_dropout": 0.0}))
+    assert loaded.config.grid == 4 and loaded.config.token_dropout == 0.0
+    assert torch.equal(logits(loaded.eval()), logits(model))
+    by_uri = model_from_config(ModelSection(name="GPT-tiny", grid=4,
+                                            init=f"hf://{LLAMAGEN}/c2i_L_384.pt"))
+    assert torch.equal(logits(by_uri.eval()), logits(model))
+    named = tokenizers.load("llamagen-vq16")
+    for key, value in vq.state_dict().items():
+        assert torch.equal(named.state_dict()[key], value)
+
+
+def test_models_lists_the_registry_with_cached_flags(cache, capsys):
+    put(cache, LLAMAGEN, "c2i_L_384.pt", b"gpt")
+    assert main(["models"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert set(hub.REGISTRY) <= set(rows)
+    assert rows["llamagen-L-384"] == ["llamagen-L-384", "llamagen", "GPT-L", "24",
+                                      "llamagen-vq16", "yes", f"hf://{LLAMAGEN}/c2i_L_384.pt"]
+    assert rows["llamagen-L-256"][5] == "no"
+    assert rows["var-d16"][1:4] == ["var", "(not", "yet)"]
+    assert main(["models", "--family", "vq"]) == 0
+    shown = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]]
+    assert shown == ["llamagen-vq16", "llamagen-vq8"]
+    assert main(["models", "--family", "dit"]) == 1
+    assert "--family 'dit': choose one of" in one_line_error(capsys)
+
+
+# ---- export ----
+
+
+def test_export_official_round_trip_gives_identical_logits(tiny_preset, tmp_path):
+    model = tiny_gpt()
+    source = tmp_path / "model.safetensors"
+    llamagen.save(model, source)
+    out = tmp_path / "export" / "c2i_tiny.pt"
+    assert main(["export", str(source), "--format", "official", "--out", str(out)]) == 0
+    saved = torch.load(out, map_location="cpu", weights_only=True)
+    assert list(saved) == ["model"] and saved["model"].keys() == model.state_dict().keys()
+    assert torch.equal(logits(llamagen.load(out, "GPT-tiny", grid=4).eval()), logits(model))
+
+
+def test_export_safetensors_with_config_json_from_a_registry_name(cache, tiny_preset, tmp_path):
+    model = tiny_gpt(seed=3)
+    put(cache, LLAMAGEN, "c2i_L_384.pt", official_bytes(model.state_dict(), tmp_path))
+    out = tmp_path / "export" / "model.safetensors"
+    assert main(["export", "llamagen-L-384", "--format", "safetensors", "--out", str(out)]) == 0
+    config = json.loads((out.parent / "config.json").read_text())
+    assert config == {"family": "llamagen", **model.config.to_dict()}
+    exported = llamagen.load(out).eval()  # the file carries its own config
+    assert exported.config == model.config
+    assert torch.equal(logits(exported), logits(model))
+
+
+def test_eval_takes_its_feature_network_as_an_hf_uri(cache, tmp_path):
+    from ccalign.eval.classifier import ClassifierConfig, FashionClassifier, save_classifier
+
+    torch.manual_seed(0)
+    classifier = FashionClassifier(ClassifierConfig(channels=(4, 8), feature_dim=16)).eval()
+    path = save_classifier(classifier, tmp_path / "clf.safetensors")
+    put(cache, "someone/fmnist-classifier", "clf.safetensors", path.read_bytes())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", rng.integers(0, 256, (12, 28, 28), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (16, 28, 28), dtype=np.uint8))
+    results = []
+    for weights in (str(path), "hf://someone/fmnist-classifier/clf.safetensors"):
+        out = tmp_path / f"metrics{len(results)}.json"
+        assert main(["eval", "--samples", str(tmp_path / "samples.npz"), "--ref",
+                     str(tmp_path / "ref.npz"), "--features", "fmnist", "--classifier", weights,
+                     "--device", "cpu", "--is-splits", "2", "--out", str(out),
+                     "--no-progress"]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0] == results[1]
