@@ -104,6 +104,7 @@ def train(model, args, rounding: str | None) -> tuple[list[torch.Tensor], float]
                 for m, p in zip(master, policy.parameters(), strict=True):
                     p.copy_(m)
         optimizer.zero_grad(set_to_none=True)
+        policy.zero_grad(set_to_none=True)
     weights = [p.detach().float().clone() for p in master or policy.parameters()]
     if rounding == "compensated":  # the weight the optimizer tracks: bf16 value + remainder
         remainders = [optimizer.state[p].get("remainder", 0) for p in policy.parameters()]

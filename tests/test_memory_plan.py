@@ -8,13 +8,23 @@ import pytest
 import torch
 from torch import nn
 
+from _support import Killed, kill_after
 from ccalign.cli import main
 from ccalign.models import llamagen
 from ccalign.train import TrainConfig, Trainer, load_config, make_optimizer
 from ccalign.train import memory as M
 from ccalign.train.precision import CompensatedAdamW, cast_parameters, round_stochastic
+from ccalign.train.state import latest_checkpoint
 from ccalign.train.trainer import enable_activation_checkpointing
-from test_train import REPO, RandomCodes, make_config, tiny_model
+from test_train import (
+    REPO,
+    RandomCodes,
+    load_final,
+    make_config,
+    run_training,
+    tiny_model,
+    write_files,
+)
 
 #: parameter counts of the released models (docs: reference-models.md)
 PRESET_PARAMETERS = {
@@ -131,6 +141,28 @@ def test_bf16_weights_train_step_matches_float32(tmp_path):
     assert record["loss"] == pytest.approx(record32["loss"], rel=2e-2)
     cosine = torch.nn.functional.cosine_similarity(update, update32, dim=0)
     assert cosine > 0.97
+
+
+def test_bf16_weights_run_killed_and_resumed_is_bitwise_identical(tmp_path):
+    """The float32 moments and the bf16 remainders survive a checkpoint exactly."""
+    init, codes = write_files(tmp_path, n=16, dropout=0.1)
+    sections = dict(
+        model={"init": init, "name": "custom"},
+        data={"path": codes},
+        train={"global_batch": 4, "micro_batch": 2, "steps": 4, "weights_dtype": "bf16"},
+    )
+    straight = make_config(tmp_path / "straight", checkpoint={"every": 2}, **sections)
+    run_training(straight)
+    broken = make_config(tmp_path / "broken", checkpoint={"every": 2}, **sections)
+    with pytest.raises(Killed):
+        run_training(broken, callbacks=[kill_after(3)])
+    run_training(broken, resume=True)
+    a = load_final(tmp_path / "straight" / "final.safetensors")
+    b = load_final(tmp_path / "broken" / "final.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _, state = latest_checkpoint(tmp_path / "broken")
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert {m.dtype for m in moments} == {torch.float32}
 
 
 def test_reference_dtype_can_differ_from_the_weights(tmp_path):

@@ -78,6 +78,15 @@ class CompensatedAdamW(torch.optim.Optimizer):
                     self._update(param, group)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the moments stay float32 (torch casts state to the parameter dtype)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            state = self.state[params[index]]
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = saved[key].to(device=params[index].device, dtype=torch.float32)
+
     def _update(self, param: Tensor, group: dict) -> None:
         state = self.state[param]
         if not state:
