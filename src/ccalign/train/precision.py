@@ -1,13 +1,13 @@
 """bf16 weights with float32 optimizer state: the weight cast and a compensated bf16 AdamW.
 
 With bf16 weights, round-to-nearest loses CCA's updates: at lr 1e-5 Adam moves a weight of
-size 0.02 by ~1e-5, less than half a bf16 step there (0.02 * 2^-9 = 3.9e-5), so most updates
+size 0.02 by ~1e-5, less than half a bf16 step there (2^-14 = 6.1e-5), so most updates
 round back to the old value. ``CompensatedAdamW`` keeps each weight as the pair (bf16 weight,
 bf16 remainder): the update is computed in float32 on weight + remainder, the weight gets the
 bf16 rounding of the result and the remainder what the rounding lost. That is 16 significant
 bits for 2 extra bytes per weight (an fp32 master copy costs 4), and it is deterministic,
 unlike stochastic rounding. ``benchmarks/bf16_drift.py`` measures the three roundings against
-the float32 run (figures in BENCHMARKS.md). The moments are float32.
+the float32 run. The moments are float32.
 """
 
 from __future__ import annotations
