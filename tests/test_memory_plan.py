@@ -227,7 +227,8 @@ def test_plan_counts_weights_and_optimizer_exactly_for_presets(name):
         model, micro_batch=2, dtypes=M.Dtypes(weights=torch.bfloat16, reference=torch.bfloat16)
     )
     assert (bf16.weights, bf16.gradients, bf16.reference) == (2 * n, 2 * n, 2 * n)
-    assert bf16.optimizer == 10 * n  # two float32 moments and a bf16 remainder
+    norms = (2 * PRESET_LAYERS[name] + 1) * model.config.dim  # 1-D: a float32 remainder
+    assert bf16.optimizer == 10 * n + 2 * norms  # two float32 moments and a bf16 remainder
     assert bf16.autocast_copies == 0
 
 

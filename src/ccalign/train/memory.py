@@ -146,16 +146,15 @@ def parameter_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() * _BYTES[dtype] for p in model.parameters() if p.is_floating_point())
 
 
-def optimizer_state_bytes(
-    params: Iterable[Tensor], optimizer: str, weights: torch.dtype, fused_step: bool = True
-) -> int:
+def optimizer_state_bytes(params: Iterable[Tensor], optimizer: str, weights: torch.dtype) -> int:
     """Bytes of the optimizer state on the parameters' device, as the trainer's optimizer keeps it.
 
-    adamw, float32 weights: torch AdamW, float32 moments plus a float32 step per tensor (on the
-    device when fused). adamw, bf16 weights: ``CompensatedAdamW``: float32 moments and a bf16
-    remainder, its step a Python int. adamw8bit (torchao ``AdamW8bit``, block 256): tensors of at
-    least 4096 values that divide into blocks get uint8 codes, a float32 scale per block and a
-    256-entry float32 map per moment; smaller ones keep moments in the parameter's dtype.
+    adamw, float32 weights: torch AdamW, float32 moments plus a float32 step per tensor.
+    adamw, bf16 weights: ``CompensatedAdamW``, float32 moments and a remainder (bf16 for
+    matrices, float32 for 1-D tensors), its step a Python int. adamw8bit (torchao ``AdamW8bit``,
+    block 256): tensors of at least 4096 values that divide into blocks get uint8 codes, a
+    float32 scale per block and a 256-entry float32 map per moment; smaller ones keep moments in
+    the parameter's dtype.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optim.optimizer = {optimizer!r} is not one of {list(OPTIMIZERS)}")
@@ -166,9 +165,9 @@ def optimizer_state_bytes(
             quantized = n >= 4096 and n % 256 == 0
             total += 2 * (n + 4 * (n // 256) + 4 * 256) if quantized else 2 * n * _BYTES[weights]
         elif weights == torch.float32:
-            total += 8 * n + (4 if fused_step else 0)
+            total += 8 * n + 4
         else:
-            total += 8 * n + 2 * n
+            total += 8 * n + (2 if p.dim() >= 2 else 4) * n
     return total
 
 
