@@ -87,13 +87,15 @@ class CompensatedAdamW(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but the moments stay float32 (torch casts state to the parameter dtype)."""
+        """As torch's, but each state tensor keeps its saved dtype (torch casts them all to the
+        parameter's: float32 moments would come back bf16)."""
         super().load_state_dict(state_dict)
+        keys = [k for group in state_dict["param_groups"] for k in group["params"]]  # ids or names
         params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
-            state = self.state[params[index]]
-            for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = saved[key].to(device=params[index].device, dtype=torch.float32)
+        for key, param in zip(keys, params, strict=True):
+            for name, value in state_dict["state"].get(key, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[param][name] = value.to(device=param.device, dtype=value.dtype)
 
     def _update(self, param: Tensor, group: dict) -> None:
         state = self.state[param]
