@@ -85,6 +85,7 @@ class MemoryPlan:
     optimizer_name: str
     weights_dtype: str
     reference_dtype: str
+    device_type: str = "cuda"
     gpu_memory: int | None = None
     max_micro_batch: int | None = None
 
@@ -116,6 +117,8 @@ class MemoryPlan:
             _line("optimizer state", self.optimizer),
             _line("reference", self.reference),
         ]
+        if self.device_type != "cuda":
+            lines.insert(1, f"  (planned for {self.device_type}: pass --device cuda for a GPU run)")
         if self.autocast_copies:
             lines.append(_line("autocast bf16 weight copies", self.autocast_copies))
         other = "off" if self.activation_checkpointing else "on"
@@ -285,6 +288,7 @@ def _plan(model, micro_batch, dtypes, optimizer, checkpointing, alignment) -> Me
         optimizer_name=optimizer,
         weights_dtype=_NAMES[dtypes.weights],
         reference_dtype=_NAMES[dtypes.reference],
+        device_type=dtypes.device_type,
     )
 
 
