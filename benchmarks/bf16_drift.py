@@ -6,7 +6,8 @@
 The reference run keeps float32 weights and runs the forward under bf16 autocast (ccalign's
 default mixed precision); the others keep bf16 weights and float32 Adam moments and differ only
 in how the updated weight is rounded back to bf16 (``ccalign.train.precision``), or keep a
-float32 master copy (6 bytes per weight: the ideal that the bf16 forward allows). Same model, data,
+float32 master copy (6 bytes per weight: the ideal that the bf16 forward allows). Same model
+(initial weights that bf16 holds exactly, so every run starts at the same point), data,
 CCA loss (dropout off, so every run is deterministic), AdamW (0.9, 0.95), weight decay 0.05.
 Columns: ``moved`` = |w - w0| / |w_ref - w0| (1.0: the update survives whole), ``error`` =
 |w - w_ref| / |w_ref - w0| (0: the float32 run exactly), loss after the last step. w is the
@@ -61,7 +62,10 @@ def make_model(args) -> llamagen.LlamaGen:
         ffn_dropout=0.0,
     )
     torch.nn.init.normal_(model.output.weight, std=0.02)
-    return model
+    # start every run from the same point: weights that bf16 holds exactly (else the bf16 runs
+    # start off by the rounding of the initial weights, which no update rule can undo)
+    cast_parameters(model, torch.bfloat16)
+    return cast_parameters(model, torch.float32)
 
 
 def train(model, args, rounding: str | None) -> tuple[list[torch.Tensor], float]:
