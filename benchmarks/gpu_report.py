@@ -152,13 +152,13 @@ def markdown(report: dict) -> str:
         "",
         "## CCA training step (one optimizer step, random weights)",
         "",
-        "| model | micro-batch | variant | weights | checkpointing | images/s | peak GiB "
+        "| stage | model | micro-batch | variant | weights | checkpointing | images/s | peak GiB "
         "| plan GiB | official images/s | official GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["train"]:
         lines.append(
-            f"| {r['model']} | {r['micro_batch']} | {r['variant']} | {r['weights']} | "
+            f"| {r['stage']} | {r['model']} | {r['micro_batch']} | {r['variant']} | {r['weights']} | "
             f"{'on' if r['checkpointing'] else 'off'} | {fmt(r['images_per_s'])} | "
             f"{fmt(r['peak_gib'], 2)} | {fmt(r['plan_gib'], 2)} | "
             f"{fmt(r['official_images_per_s'])} | {fmt(r['official_peak_gib'])} |"
@@ -167,13 +167,13 @@ def markdown(report: dict) -> str:
         "",
         "## Sampling (576 tokens unless the model is custom)",
         "",
-        "| model | mode | batch | free img/s | latency s | CFG img/s | CFG cost | setup s "
+        "| stage | model | mode | batch | free img/s | latency s | CFG img/s | CFG cost | setup s "
         "| official free img/s | official CFG img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["sample"]:
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['batch']} | {fmt(r['free_img_s'])} | "
+            f"| {r['stage']} | {r['model']} | {r['mode']} | {r['batch']} | {fmt(r['free_img_s'])} | "
             f"{fmt(r['free_latency_s'], 3)} | {fmt(r['cfg_img_s'])} | {fmt(r['cfg_cost'], 2)}x | "
             f"{fmt(r['free_setup_s'] + r['cfg_setup_s'])} | {fmt(r['official_free_img_s'])} | "
             f"{fmt(r['official_cfg_img_s'])} |"
