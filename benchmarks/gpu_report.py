@@ -158,8 +158,8 @@ def markdown(report: dict) -> str:
     ]
     for r in report["train"]:
         lines.append(
-            f"| {r['stage']} | {r['model']} | {r['micro_batch']} | {r['variant']} | {r['weights']} | "
-            f"{'on' if r['checkpointing'] else 'off'} | {fmt(r['images_per_s'])} | "
+            f"| {r['stage']} | {r['model']} | {r['micro_batch']} | {r['variant']} | "
+            f"{r['weights']} | {'on' if r['checkpointing'] else 'off'} | {fmt(r['images_per_s'])} | "
             f"{fmt(r['peak_gib'], 2)} | {fmt(r['plan_gib'], 2)} | "
             f"{fmt(r['official_images_per_s'])} | {fmt(r['official_peak_gib'])} |"
         )
@@ -173,8 +173,8 @@ def markdown(report: dict) -> str:
     ]
     for r in report["sample"]:
         lines.append(
-            f"| {r['stage']} | {r['model']} | {r['mode']} | {r['batch']} | {fmt(r['free_img_s'])} | "
-            f"{fmt(r['free_latency_s'], 3)} | {fmt(r['cfg_img_s'])} | {fmt(r['cfg_cost'], 2)}x | "
+            f"| {r['stage']} | {r['model']} | {r['mode']} | {r['batch']} | "
+            f"{fmt(r['free_img_s'])} | {fmt(r['free_latency_s'], 3)} | {fmt(r['cfg_img_s'])} | {fmt(r['cfg_cost'], 2)}x | "
             f"{fmt(r['free_setup_s'] + r['cfg_setup_s'])} | {fmt(r['official_free_img_s'])} | "
             f"{fmt(r['official_cfg_img_s'])} |"
         )
