@@ -159,7 +159,8 @@ def markdown(report: dict) -> str:
     for r in report["train"]:
         lines.append(
             f"| {r['stage']} | {r['model']} | {r['micro_batch']} | {r['variant']} | "
-            f"{r['weights']} | {'on' if r['checkpointing'] else 'off'} | {fmt(r['images_per_s'])} | "
+            f"{r['weights']} | {'on' if r['checkpointing'] else 'off'} | "
+            f"{fmt(r['images_per_s'])} | "
             f"{fmt(r['peak_gib'], 2)} | {fmt(r['plan_gib'], 2)} | "
             f"{fmt(r['official_images_per_s'])} | {fmt(r['official_peak_gib'])} |"
         )
@@ -174,7 +175,8 @@ def markdown(report: dict) -> str:
     for r in report["sample"]:
         lines.append(
             f"| {r['stage']} | {r['model']} | {r['mode']} | {r['batch']} | "
-            f"{fmt(r['free_img_s'])} | {fmt(r['free_latency_s'], 3)} | {fmt(r['cfg_img_s'])} | {fmt(r['cfg_cost'], 2)}x | "
+            f"{fmt(r['free_img_s'])} | {fmt(r['free_latency_s'], 3)} | {fmt(r['cfg_img_s'])} | "
+            f"{fmt(r['cfg_cost'], 2)}x | "
             f"{fmt(r['free_setup_s'] + r['cfg_setup_s'])} | {fmt(r['official_free_img_s'])} | "
             f"{fmt(r['official_cfg_img_s'])} |"
         )
