@@ -386,3 +386,38 @@ def test_fsdp_with_bf16_weights_resumes_bitwise(tmp_path):
     b = load_final(tmp_path / "broken" / "final.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert state_dtypes(tmp_path / "broken") == state_dtypes(tmp_path / "straight")
+
+
+# ---- the GPU check script ----
+def test_gpu_check_script_parses():
+    import subprocess
+
+    subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+def test_gpu_report_joins_stages_with_the_official_figures(tmp_path):
+    """The report reads what the stages wrote and puts the official figures beside them."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_report
+
+    (tmp_path / "stages.tsv").write_text("train_GPT-L_mb8\t0\t12000\tpython ...\n")
+    (tmp_path / "env.json").write_text(json.dumps({"machine": "test GPU"}))
+    result = {"variant": "ccalign", "images_per_s": 120.0, "peak_mib": 9000.0}
+    result.update(memory_kind="total", plan_mib={"total": 9500.0})
+    args = {"model": "GPT-L", "micro_batch": 8, "weights_dtype": "fp32"}
+    args["activation_checkpointing"] = False
+    train = {"args": args, "machine": "test GPU", "results": [result]}
+    (tmp_path / "train_GPT-L_mb8.json").write_text(json.dumps(train))
+    row = {"model": "GPT-L", "mode": "graph", "batch": 256, "free_img_s": 300.0}
+    row.update(free_latency_s=0.85, cfg_img_s=160.0, cfg_cost=1.9, free_setup_s=1.0)
+    row.update(cfg_setup_s=1.0)
+    (tmp_path / "sample_GPT-L_graph.json").write_text(json.dumps([row]))
+    gpu_report.main([str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["train"][0]["official_images_per_s"] == 57.3
+    assert report["sample"][0]["official_free_img_s"] == 19.2
+    assert len(report["plans"]) == 10
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| train_GPT-L_mb8 | 0 | 12 |" in text and "test GPU" in text
