@@ -110,7 +110,8 @@ class TrainSection:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     # fp32, or bf16: the policy's weights (and gradients) in bf16, float32 optimizer moments and
-    # a bf16 remainder per weight so that small updates are not rounded away (train.precision)
+    # a bf16 remainder per weight so that small updates are not rounded away (see
+    # ccalign.train.precision); the memory plan: `ccalign finetune --dry-run`
     weights_dtype: str = "fp32"
     reference_dtype: str = "auto"  # the frozen reference's weights; auto: as weights_dtype
     parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp (sharded states)
