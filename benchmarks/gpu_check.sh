@@ -102,6 +102,9 @@ stage plan_GPT-3B 30 "$PY" -m ccalign.cli finetune --config configs/llamagen_3B.
 stage train_GPT-3B_bf16 150 "$PY" benchmarks/train_step.py "${TRAIN_3B[@]}" --device $DEV \
     --weights-dtype bf16 --activation-checkpointing --variants ccalign \
     --json "$OUT/train_GPT-3B_bf16.json"
+stage train_GPT-L_mb8_bf16_ac 60 "$PY" benchmarks/train_step.py "${TRAIN_L[@]}" --device $DEV \
+    --weights-dtype bf16 --activation-checkpointing --variants ccalign \
+    --json "$OUT/train_GPT-L_mb8_bf16_ac.json"
 stage train_GPT-B_mb8 60 "$PY" benchmarks/train_step.py "${TRAIN_B[@]}" --device $DEV \
     --json "$OUT/train_GPT-B_mb8.json"
 stage train_GPT-L_mb32_ac 60 "$PY" benchmarks/train_step.py "${TRAIN_L32[@]}" --device $DEV \
