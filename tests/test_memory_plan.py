@@ -73,21 +73,23 @@ def test_compensated_adamw_on_float32_is_torch_adamw():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def bf16_drift(rounding: str) -> tuple[float, float]:
+def bf16_drift(rounding: str, shape=(64, 64), center: float = 0.0) -> tuple[float, float]:
     """(distance moved, distance from the float64 AdamW run), both over the distance the float64
     run travelled, after 100 steps at the recipe's lr 1e-5 on weights of size 0.02. The weight is
     the one the optimizer tracks: bf16 value plus remainder when compensated."""
     torch.manual_seed(0)
-    start = (0.02 * torch.randn(64, 64)).to(torch.bfloat16)
-    grads = gradient_sequence([(64, 64)], steps=100)
+    start = (center + 0.02 * torch.randn(shape)).to(torch.bfloat16)
+    grads = gradient_sequence([shape], steps=100)
     settings = dict(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.05)
     exact = run_optimizer(
         [start.double()],
         [[g.double() for g in step] for step in grads],
         lambda p: torch.optim.AdamW(p, foreach=False, **settings),
     )[0].double()
-    weight = start.clone()
-    optimizer = CompensatedAdamW([weight], rounding=rounding, **settings)
+    weight = start.float() if rounding == "float32" else start.clone()
+    optimizer = CompensatedAdamW(
+        [weight], rounding=rounding.replace("float32", "nearest"), **settings
+    )
     run_optimizer([weight], grads, lambda p: optimizer)
     ours = weight.double() + optimizer.state[weight].get("remainder", torch.zeros(())).double()
     travelled = (exact - start.double()).norm()
@@ -104,6 +106,15 @@ def test_bf16_compensated_update_follows_the_float64_run():
     moved, error = bf16_drift("compensated")
     assert moved == pytest.approx(1.0, abs=0.01)
     assert error < 0.01
+
+
+def test_norm_weights_near_one_keep_their_updates():
+    """On RMSNorm weights (~1.0) the bf16 pair holds ~2^-18: about as close to the float64 run
+    as float32 weights themselves get (2^-24 steps, errors of 1e-5 updates add up there too)."""
+    moved, error = bf16_drift("compensated", shape=(256,), center=1.0)
+    _, float32_error = bf16_drift("float32", shape=(256,), center=1.0)
+    assert moved == pytest.approx(1.0, abs=0.02)
+    assert error < float32_error + 0.01
 
 
 def test_stochastic_rounding_is_unbiased_and_keeps_bf16_values():
@@ -237,8 +248,7 @@ def test_plan_counts_weights_and_optimizer_exactly_for_presets(name):
         model, micro_batch=2, dtypes=M.Dtypes(weights=torch.bfloat16, reference=torch.bfloat16)
     )
     assert (bf16.weights, bf16.gradients, bf16.reference) == (2 * n, 2 * n, 2 * n)
-    norms = (2 * PRESET_LAYERS[name] + 1) * model.config.dim  # 1-D: a float32 remainder
-    assert bf16.optimizer == 10 * n + 2 * norms  # two float32 moments and a bf16 remainder
+    assert bf16.optimizer == 10 * n  # two float32 moments and a bf16 remainder
     assert bf16.autocast_copies == 0
 
 

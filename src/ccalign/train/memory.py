@@ -153,8 +153,8 @@ def optimizer_state_bytes(params: Iterable[Tensor], optimizer: str, weights: tor
     """Bytes of the optimizer state on the parameters' device, as the trainer's optimizer keeps it.
 
     adamw, float32 weights: torch AdamW, float32 moments plus a float32 step per tensor.
-    adamw, bf16 weights: ``CompensatedAdamW``, float32 moments and a remainder (bf16 for
-    matrices, float32 for 1-D tensors), its step a Python int. adamw8bit (torchao ``AdamW8bit``,
+    adamw, bf16 weights: ``CompensatedAdamW``, float32 moments and a bf16 remainder, its
+    step a Python int. adamw8bit (torchao ``AdamW8bit``,
     block 256): tensors of at least 4096 values that divide into blocks get uint8 codes, a
     float32 scale per block and a 256-entry float32 map per moment; smaller ones keep moments in
     the parameter's dtype.
@@ -170,7 +170,7 @@ def optimizer_state_bytes(params: Iterable[Tensor], optimizer: str, weights: tor
         elif weights == torch.float32:
             total += 8 * n + 4
         else:
-            total += 8 * n + (2 if p.dim() >= 2 else 4) * n
+            total += 8 * n + 2 * n
     return total
 
 
