@@ -131,7 +131,7 @@ def main() -> None:
         rows += bench_mode(model, device, mode, batches, args.cfg_scale, args.repeats)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump([{"model": args.model, "grid": args.grid, **r} for r in rows], f, indent=2)
 
 
 if __name__ == "__main__":

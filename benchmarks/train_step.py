@@ -45,17 +45,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="ccalign variant: recompute each block in backward (trades ~30%% time for memory)",
     )
+    p.add_argument(
+        "--weights-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="ccalign variant: bf16 weights and reference, float32 moments (train.weights_dtype)",
+    )
+    p.add_argument("--variants", default=",".join(VARIANTS), help="which to run, e.g. ccalign")
+    p.add_argument("--json", help="also write the results and ccalign's memory plan to this file")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def build_model(args):
+    """The model, initialised on ``args.device`` (a 3B model initialises in seconds on a GPU)."""
+    import torch
+
     from ccalign.models import llamagen
 
-    if args.model == "custom":
-        sizes = dict(dim=args.dim, n_layer=args.layers, n_head=args.heads)
-        return llamagen.build("custom", grid=args.grid, vocab_size=args.vocab, **sizes)
-    return llamagen.build(args.model, grid=args.grid)
+    with torch.device(args.device):
+        if args.model == "custom":
+            sizes = dict(dim=args.dim, n_layer=args.layers, n_head=args.heads)
+            return llamagen.build("custom", grid=args.grid, vocab_size=args.vocab, **sizes)
+        return llamagen.build(args.model, grid=args.grid)
 
 
 def random_batch(model, batch: int, device):
@@ -96,6 +108,7 @@ def ccalign_step(args, model, tokens, labels):
                 "precision": "auto",
                 "progress": False,
                 "activation_checkpointing": args.activation_checkpointing,
+                "weights_dtype": args.weights_dtype,
             },
             "checkpoint": {"out": "/tmp/ccalign-bench-unused"},
         }
@@ -185,6 +198,8 @@ def measure(args) -> dict:
         "step_s": seconds,
         "parameters": model.num_parameters(),
     }
+    if args.variant == "ccalign":
+        result["plan_mib"] = memory_plan(args, model)
     if device.type == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["memory_kind"] = "torch.cuda.max_memory_allocated (total)"
@@ -193,6 +208,30 @@ def measure(args) -> dict:
         result["peak_mib"] = (rss_after - rss_before) / 1024  # ru_maxrss is in KiB on Linux
         result["memory_kind"] = "peak RSS growth during the steps (above the weights)"
     return result
+
+
+def memory_plan(args, model) -> dict:
+    """ccalign's memory plan for this step (what --dry-run would print), in MiB."""
+    import torch
+
+    from ccalign.train import memory
+
+    bf16 = args.weights_dtype == "bf16"
+    on_cuda = args.device.startswith("cuda")
+    dtypes = memory.Dtypes(
+        weights=torch.bfloat16 if bf16 else torch.float32,
+        reference=torch.bfloat16 if bf16 else torch.float32,
+        autocast=on_cuda,
+        device_type="cuda" if on_cuda else "cpu",
+    )
+    plan = memory.plan_memory(
+        model,
+        micro_batch=args.micro_batch,
+        dtypes=dtypes,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    parts = ("weights", "gradients", "optimizer", "reference", "autocast_copies", "activations")
+    return {k: plan.to_dict()[k] / 2**20 for k in (*parts, "workspace", "total")}
 
 
 def run_variant(variant: str, argv: list[str]) -> dict:
@@ -220,7 +259,7 @@ def main(argv=None) -> None:
     if args.variant:
         print(json.dumps(measure(args)))
         return
-    results = [run_variant(v, argv) for v in VARIANTS]
+    results = [run_variant(v, argv) for v in args.variants.split(",")]
     shape = f"{args.model} grid {args.grid} ({args.grid**2} tokens)" + (
         f" dim {args.dim} x {args.layers} layers vocab {args.vocab}"
         if args.model == "custom"
@@ -236,11 +275,20 @@ def main(argv=None) -> None:
             f"{r['variant']:<10} {r['images_per_s']:>10.2f} {r['step_s']:>10.3f} "
             f"{r['peak_mib']:>10.0f}"
         )
-    ours, naive = results
-    print(
-        f"speed-up {ours['images_per_s'] / naive['images_per_s']:.2f}x, "
-        f"memory {ours['peak_mib'] / max(naive['peak_mib'], 1e-9):.2f}x of naive"
-    )
+    for r in results:
+        if "plan_mib" in r:
+            print(f"ccalign memory plan: {r['plan_mib']['total']:.0f} MiB in all (see --json)")
+    if len(results) == 2:
+        ours, naive = results
+        print(
+            f"speed-up {ours['images_per_s'] / naive['images_per_s']:.2f}x, "
+            f"memory {ours['peak_mib'] / max(naive['peak_mib'], 1e-9):.2f}x of naive"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"args": vars(args), "machine": machine(args), "results": results}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

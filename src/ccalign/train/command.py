@@ -57,6 +57,17 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "over",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan (weights, gradients, optimizer, reference, activations per "
+        "micro-batch, the largest micro-batch that fits) and exit without training",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        help="GPU memory for --dry-run's largest micro-batch, e.g. 80GiB (default: the visible "
+        "GPU's)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, *, method: str | None = None) -> TrainConfig:
@@ -83,6 +94,12 @@ def run_from_args(args: argparse.Namespace, config: TrainConfig) -> int:
 
     from ccalign.train.run import run_training
 
+    if args.dry_run:
+        from ccalign.train.memory import parse_memory, plan_from_config
+
+        memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+        print(plan_from_config(config, memory).table())
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     out = run_training(config, resume=args.resume, restart=args.restart)

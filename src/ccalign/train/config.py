@@ -24,6 +24,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 METHODS = ("cca", "dpo", "unlearning", "mle")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
+WEIGHT_DTYPES = ("fp32", "bf16")
+REFERENCE_DTYPES = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 PARALLEL = ("ddp", "fsdp")
 DATA_VIEWS = ("center", "flip")
 DROPOUT_MODES = ("both", "none", "policy-only")
@@ -112,6 +115,9 @@ class OptimSection:
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     min_lr_ratio: float = 0.0  # final lr of linear / cosine decay, as a fraction of lr
     ema_decay: float = 0.0  # 0 disables EMA
+    # adamw: torch's AdamW (float32 weights) or ccalign's compensated bf16 AdamW (bf16 weights),
+    # float32 moments either way; adamw8bit: torchao's AdamW8bit (pip install torchao)
+    optimizer: str = "adamw"
 
 
 @dataclass
@@ -124,6 +130,11 @@ class TrainSection:
     epochs: float = 1.0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    # fp32, or bf16: the policy's weights (and gradients) in bf16, float32 optimizer moments and
+    # a bf16 remainder per weight so that small updates are not rounded away (see
+    # ccalign.train.precision); the memory plan: `ccalign finetune --dry-run`
+    weights_dtype: str = "fp32"
+    reference_dtype: str = "auto"  # the frozen reference's weights; auto: as weights_dtype
     parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp (sharded states)
     device: str = "auto"
     seed: int = 0
@@ -177,6 +188,9 @@ class TrainConfig:
         _choice("train.parallel", self.train.parallel, PARALLEL)
         _choice("method.dropout", self.method.dropout, DROPOUT_MODES)
         _choice("checkpoint.format", self.checkpoint.format, CHECKPOINT_FORMATS)
+        _choice("train.weights_dtype", self.train.weights_dtype, WEIGHT_DTYPES)
+        _choice("train.reference_dtype", self.train.reference_dtype, REFERENCE_DTYPES)
+        _choice("optim.optimizer", self.optim.optimizer, OPTIMIZERS)
         if not _DEVICE.match(self.train.device):
             raise ValueError(
                 f"train.device = {self.train.device!r} is not a device ccalign trains on; use "

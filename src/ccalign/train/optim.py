@@ -26,15 +26,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: nn.Module, optim, device: torch.device) -> torch.optim.AdamW:
-    """AdamW from an ``OptimSection``; the fused kernel on CUDA."""
-    return torch.optim.AdamW(
-        param_groups(model, optim.weight_decay),
-        lr=optim.lr,
-        betas=tuple(optim.betas),
-        eps=optim.eps,
-        fused=device.type == "cuda",
-    )
+def make_optimizer(model: nn.Module, optim, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW from an ``OptimSection`` for the model's weights: torch's (fused on CUDA) for
+    float32 weights, ``CompensatedAdamW`` for bf16 ones, torchao's 8-bit one when asked."""
+    groups = param_groups(model, optim.weight_decay)
+    settings = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    if optim.optimizer == "adamw8bit":
+        return adamw8bit(groups, bf16=bf16, **settings)
+    if bf16:
+        from ccalign.train.precision import CompensatedAdamW
+
+        return CompensatedAdamW(groups, **settings)
+    return torch.optim.AdamW(groups, **settings, fused=device.type == "cuda")
+
+
+def adamw8bit(groups: list[dict], *, bf16: bool, **settings) -> torch.optim.Optimizer:
+    """torchao's AdamW8bit (8-bit block-quantised moments; bf16 weights rounded stochastically)."""
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as error:
+        raise ImportError(
+            "optim.optimizer = 'adamw8bit' needs torchao, which is not installed: "
+            "pip install torchao (or set optim.optimizer = 'adamw')"
+        ) from error
+    return AdamW8bit(groups, **settings, bf16_stochastic_round=bf16)
 
 
 class LRSchedule:
@@ -72,7 +88,10 @@ class LRSchedule:
         """Set every group's lr for ``step`` and return it."""
         lr = self(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # torchao keeps lr as a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr
 
 

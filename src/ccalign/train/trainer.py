@@ -44,7 +44,7 @@ from ccalign.errors import UserError
 from ccalign.io import atomic_write
 from ccalign.models import llamagen
 from ccalign.train import distributed as D
-from ccalign.train import lora, sharded, sharding
+from ccalign.train import lora, precision, sharded, sharding
 from ccalign.train.config import TrainConfig, config_changes, resumable_change
 from ccalign.train.objectives import Objective, make_objective
 from ccalign.train.optim import EMA, make_optimizer, make_schedule
@@ -96,6 +96,7 @@ class Trainer:
             else None
         )
         self.reference = self._make_reference(model) if self.objective.needs_reference else None
+        precision.cast_parameters(model, precision.WEIGHT_DTYPES[train.weights_dtype])
         self.reference_fingerprint = (
             tensor_fingerprint(self.reference) if self.reference is not None else None
         )
@@ -126,13 +127,14 @@ class Trainer:
 
     # ---- setup ----
     def _make_reference(self, model: nn.Module) -> nn.Module:
-        """A frozen copy of the policy as it is now (see the module doc for its mode); with
-        LoRA the policy's own network with its adapters off."""
+        """A frozen copy of the policy as it is now (see the module doc for its mode), in the
+        reference dtype; with LoRA the policy's own network with its adapters off."""
         if self.lora is not None:
             reference = lora.BaseReference(self.lora)
         else:
-            reference = copy.deepcopy(model).to(self.device)
-            reference.requires_grad_(False)
+            reference = copy.deepcopy(model)
+            precision.cast_parameters(reference, precision.reference_dtype(self.config.train))
+            reference.to(self.device).requires_grad_(False)
         reference.train(self.config.method.dropout == "both")
         return reference
 
