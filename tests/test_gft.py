@@ -16,9 +16,10 @@ from ccalign.cli import main
 from ccalign.data.codes import write_flat_codes
 from ccalign.models import CheckpointMismatchError, llamagen
 from ccalign.sample import Sampler, generate
-from ccalign.train import TrainConfig, run_training
+from ccalign.train import TrainConfig, load_config, run_training
 from ccalign.train.objectives import GFTObjective
 from ccalign.train.state import list_checkpoints
+from test_train import REPO
 
 TINY = dict(grid=3, dim=32, n_layer=2, n_head=4, vocab_size=40, num_classes=5)
 NULL = TINY["num_classes"]
@@ -385,3 +386,19 @@ def test_gft_config_refuses_to_drop_the_embedder():
         TrainConfig.from_dict(
             {"method": {"name": "gft"}, "model": {"arch": {"beta_embedding": False}}}
         )
+
+
+@pytest.mark.parametrize("name", ["llamagen_3B_gft", "llamagen_L_gft"])
+def test_recipe_configs_state_the_released_fine_tuning_settings(name):
+    config = load_config(REPO / "configs" / f"{name}.toml")
+    assert config.method.name == "gft" and config.method.class_dropout == 0.1
+    optim = config.optim
+    assert (optim.lr, optim.schedule, optim.betas, optim.weight_decay) == (
+        2e-4,
+        "cosine",
+        (0.9, 0.95),
+        0.05,
+    )
+    assert optim.lr * optim.min_lr_ratio == pytest.approx(1e-5)
+    assert optim.grad_clip == 1.0 and optim.warmup_steps == 0 and optim.ema_decay == 0.0
+    assert config.train.global_batch == 256 and config.train.precision == "bf16"
