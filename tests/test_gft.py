@@ -19,6 +19,7 @@ from ccalign.sample import Sampler, generate
 from ccalign.train import TrainConfig, load_config, run_training
 from ccalign.train.objectives import GFTObjective
 from ccalign.train.state import list_checkpoints
+from test_ddp import launch
 from test_train import REPO
 
 TINY = dict(grid=3, dim=32, n_layer=2, n_head=4, vocab_size=40, num_classes=5)
@@ -178,10 +179,10 @@ def test_objective_loss_equals_a_float64_hand_computation_with_null_rows():
     model = tiny(trained=True)
     labels, tokens = batch()
     row_mask = torch.tensor([False, True, False, False])
-    torch.manual_seed(5)
-    out = GFTObjective(null_class=NULL, class_dropout=0.1)(model, None, labels, tokens, row_mask)
-    torch.manual_seed(5)
-    beta = torch.rand(4).double()
+    draws = torch.tensor([0.15, 0.6, 0.8, 0.35])
+    objective = GFTObjective(null_class=NULL, class_dropout=0.1)
+    out = objective(model, None, labels, tokens, row_mask, row_draws=draws)
+    beta = draws.double()
     reference = tiny(trained=True).double()
     shown = torch.where(row_mask, NULL, labels)
     with torch.no_grad():
@@ -205,7 +206,7 @@ def test_unconditional_pass_runs_without_dropout_or_gradient_and_mode_is_restore
     model.register_forward_pre_hook(hook, with_kwargs=True)
     labels, tokens = batch()
     out = GFTObjective(null_class=NULL, class_dropout=0.1)(
-        model, None, labels, tokens, torch.zeros(4, dtype=torch.bool)
+        model, None, labels, tokens, torch.zeros(4, dtype=torch.bool), row_draws=torch.rand(4)
     )
     assert calls == [(False, False, True), (True, True, False)]
     assert model.training
@@ -336,10 +337,10 @@ def test_cli_sample_takes_gft_beta_and_refuses_it_for_a_plain_model(tmp_path, ca
 
 
 # ---- training ----
-def gft_config(out, init, codes, **train) -> TrainConfig:
+def gft_config(out, init, codes, dropout: float = 0.1, **train) -> TrainConfig:
     return TrainConfig.from_dict(
         {
-            "model": {"init": init, "name": "custom", "arch": {"resid_dropout": 0.1}},
+            "model": {"init": init, "name": "custom", "arch": {"resid_dropout": dropout}},
             "data": {"path": codes},
             "method": {"name": "gft", "class_dropout": 0.3},
             "optim": {"lr": 1e-3, "schedule": "cosine", "min_lr_ratio": 0.05},
@@ -402,3 +403,37 @@ def test_recipe_configs_state_the_released_fine_tuning_settings(name):
     assert optim.lr * optim.min_lr_ratio == pytest.approx(1e-5)
     assert optim.grad_clip == 1.0 and optim.warmup_steps == 0 and optim.ema_decay == 0.0
     assert config.train.global_batch == 256 and config.train.precision == "bf16"
+
+
+def test_keyed_beta_draws_are_the_rows_own_whatever_the_micro_batch(tmp_path):
+    """beta comes from (seed, step, global position): 4 micro-steps of 1 = 1 step of 4."""
+    init = tmp_path / "init.safetensors"
+    llamagen.save(tiny(beta_embedding=False), init)
+    labels, tokens = batch(8, seed=2)
+    codes = tmp_path / "codes.safetensors"
+    write_flat_codes(codes, tokens, labels, vocab_size=TINY["vocab_size"], grid=TINY["grid"])
+    finals = []
+    for micro in (4, 1):
+        out = tmp_path / f"micro{micro}"
+        run_training(gft_config(out, str(init), str(codes), 0.0, micro_batch=micro, steps=2))
+        finals.append(llamagen.load(out / "final.safetensors").state_dict())
+    for key, value in finals[0].items():
+        torch.testing.assert_close(finals[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, parallel):
+    """Both passes go through the wrapped forward: DDP and FSDP make one process's updates."""
+    init = tmp_path / "init.safetensors"
+    llamagen.save(tiny(beta_embedding=False), init)
+    labels, tokens = batch(16, seed=2)
+    codes = tmp_path / "codes.safetensors"
+    write_flat_codes(codes, tokens, labels, vocab_size=TINY["vocab_size"], grid=TINY["grid"])
+    sizes = dict(global_batch=8, micro_batch=4, steps=3)
+    run_training(gft_config(tmp_path / "single", str(init), str(codes), 0.0, **sizes))
+    launch(gft_config(tmp_path / "multi", str(init), str(codes), 0.0, parallel=parallel, **sizes))
+    single = llamagen.load(tmp_path / "single" / "final.safetensors").state_dict()
+    multi = llamagen.load(tmp_path / "multi" / "final.safetensors").state_dict()
+    assert multi["t_embedder.mlp.2.weight"].any()
+    for key, value in single.items():
+        torch.testing.assert_close(multi[key], value, rtol=1e-5, atol=1e-6)

@@ -32,10 +32,12 @@ class ObjectiveOutput:
 
 
 class Objective(ABC):
-    """Base: ``needs_reference`` and the probability with which a row gets the null class."""
+    """Base: ``needs_reference``, the probability with which a row gets the null class, and
+    ``row_draws``: whether ``__call__`` also takes ``row_draws``, (B,) keyed U[0, 1) per row."""
 
     needs_reference: bool = False
     row_mask_ratio: float = 0.0
+    row_draws: bool = False
 
     @abstractmethod
     def __call__(
@@ -100,20 +102,24 @@ class MLEObjective(Objective):
 class GFTObjective(Objective):
     """Guidance-Free Training: next-token NLL per token of GFT's mixed logits, no reference.
 
-    Per row, beta ~ U(0, 1) from this process's torch RNG (which checkpoints save, so resumes are
-    exact), as the official code draws it (no clamp). The unconditional pass (null class,
-    beta = 1) runs without gradient and with dropout off; the conditional pass (beta input,
-    class dropout to the null class on ``row_mask`` rows, whose beta input is then 1 but whose
-    mixing weight stays beta, as in the official code) trains in the policy's own mode. Both go
-    through the wrapped policy's forward, and the vocabulary projection is chunked inside it.
+    beta ~ U(0, 1) per row (no clamp, as the official code) is ``row_draws``, keyed by the
+    trainer like the null-class rows. The unconditional pass (null class, beta = 1) runs without
+    gradient and with dropout off; the conditional pass (beta input, class dropout to the null
+    class on ``row_mask`` rows, whose beta input is then 1 while their mixing weight stays beta,
+    as in the official code) trains in the policy's own mode. Both go through the wrapped
+    policy's forward (DDP / FSDP hooks run), which chunks the vocabulary projection.
     """
+
+    row_draws = True
 
     def __init__(self, *, null_class: int, class_dropout: float):
         self.null_class = null_class
         self.row_mask_ratio = class_dropout
 
-    def __call__(self, policy, reference, labels, tokens, row_mask) -> ObjectiveOutput:
-        beta = torch.rand(labels.shape[0]).to(labels.device)
+    def __call__(
+        self, policy, reference, labels, tokens, row_mask, row_draws: Tensor
+    ) -> ObjectiveOutput:
+        beta = row_draws.float()
         null = torch.full_like(labels, self.null_class)
         was_training = policy.training
         policy.eval()
