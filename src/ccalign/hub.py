@@ -43,7 +43,7 @@ FAMILIES: dict[str, Family] = {
     "vq": Family("tokenizer", "LlamaGen VQ tokenizer", True),
     "var": Family("model", "VAR", False),
     "var-vqvae": Family("tokenizer", "VAR multi-scale VQVAE", False),
-    "gft": Family("model", "GFT LlamaGen (beta-conditioned)", False),
+    "gft": Family("model", "GFT LlamaGen (beta-conditioned)", True),
 }
 
 

@@ -1,5 +1,7 @@
-"""CCA and its baselines as pure functions of per-sample sequence log-probabilities."""
+"""CCA and its baselines as pure functions of per-sample sequence log-probabilities; GFT's
+mixed logits."""
 
+from ccalign.align.gft import gft_logits, gft_token_logprobs
 from ccalign.align.losses import (
     OBJECTIVES,
     AlignOutput,
@@ -17,6 +19,8 @@ __all__ = [
     "alignment_loss",
     "cca_loss",
     "dpo_loss",
+    "gft_logits",
+    "gft_token_logprobs",
     "make_pairs",
     "roll_labels",
     "unlearning_loss",

@@ -1,10 +1,11 @@
-"""`ccalign finetune`: align a pretrained model with CCA (or the DPO / unlearning baselines)."""
+"""`ccalign finetune`: align a pretrained model with CCA (or the DPO / unlearning baselines), or
+train it guidance-free with GFT."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "CCA / DPO / unlearning fine-tuning on extracted codes or on images encoded on the fly"
+HELP = "CCA / DPO / unlearning / GFT fine-tuning on extracted codes or images encoded on the fly"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

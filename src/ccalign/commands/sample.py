@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "treats any scale <= 1 as guidance-free); must be finite and >= 0",
     )
     how.add_argument("--cfg-interval", type=int, default=-1, help="guide tokens <= this + 1 only")
+    how.add_argument(
+        "--gft-beta",
+        type=float,
+        help="GFT checkpoints only: the beta input, 1 / s for a CFG-like scale s (the released "
+        "GFT models: 0.66 for L, 0.7 for 3B), one pass per token; 1.0 = the plain conditional",
+    )
     how.add_argument("--temperature", type=float, default=1.0)
     how.add_argument("--top-k", type=int, default=0, help="0 = off")
     how.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
@@ -94,6 +100,7 @@ def _class_range(part: str, text: str) -> range:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject unusable options before any model is loaded, naming the option."""
+    from ccalign.sample.engine import check_gft_beta
     from ccalign.sample.filtering import check_sampling_args
     from ccalign.sample.guidance import check_scale
 
@@ -104,6 +111,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.seed < 0:
         raise ValueError(f"--seed {args.seed}: must be >= 0")
     check_scale(args.cfg_scale)
+    check_gft_beta(args.gft_beta)
     check_sampling_args(args.temperature, args.top_k, args.top_p)
 
 
@@ -142,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ccalign import hub
     from ccalign.models import llamagen
-    from ccalign.sample.engine import Sampler
+    from ccalign.sample.engine import Sampler, check_gft_beta
     from ccalign.sample.runner import RunConfig, plan_labels, run_sampling
 
     check_args(args)
@@ -156,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     check_recorded_architecture(checkpoint, args.model, args.grid)
     with _distributed(args.device) as (rank, world_size, device, barrier):
         model = llamagen.load(checkpoint, args.model, grid=args.grid)
+        check_gft_beta(args.gft_beta, model)
         labels = plan_labels(
             model.num_classes,
             classes=classes,
@@ -174,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
         )
+        if args.gft_beta is not None:  # only then: runs without it keep their recorded settings
+            sampling["gft_beta"] = args.gft_beta
         config = RunConfig(
             labels=labels,
             batch_size=args.batch_size,

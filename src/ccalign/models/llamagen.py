@@ -3,17 +3,24 @@
 State-dict keys and shapes are those of the released c2i checkpoints, so official weights load
 strictly. Layout of the sequence: position 0 holds the class embedding, position t >= 1 holds
 image token t-1; the output at position t predicts image token t.
+
+With ``beta_embedding`` (GFT, thu-ml/GFT), the class token also gets an embedding of a scalar
+beta in [0, 1] (``t_embedder``, the released GFT checkpoints' keys); rows with the null class
+get beta 1. ``beta=None`` adds nothing, as the released GFT model does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ccalign.align.gft import gft_token_logprobs
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class LlamaGenConfig:
     ffn_dropout: float = 0.1
     attn_dropout: float = 0.0
     init_std: float = 0.02
+    beta_embedding: bool = False  # GFT: the class token gets an embedding of beta (t_embedder)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -92,6 +100,45 @@ def build(
         raise ValueError(f"a custom LlamaGen model needs {sorted(missing)}")
     config = LlamaGenConfig(grid=grid, num_classes=num_classes, vocab_size=vocab_size, **sizes)
     return LlamaGen(config)
+
+
+Beta = float | Tensor | None
+
+
+@dataclass
+class LogitMix:
+    """GFT's training logits: ``weight * l + (1 - weight) * stopgrad(output(other_hidden))``.
+
+    ``weight`` (B,) per row; ``other_hidden`` (B, N, D) the final hidden states of a second pass
+    (GFT: the unconditional one), projected chunk by chunk with the detached output head so
+    that no full (B, N, V) tensor of its logits is ever held.
+    """
+
+    weight: Tensor
+    other_hidden: Tensor
+
+    def flat(self, batch: int, n: int) -> tuple[Tensor, Tensor]:
+        """(B * N,) weights and (B * N, D) hidden states, row-major like the flattened tokens."""
+        if self.weight.shape != (batch,) or self.other_hidden.shape[:2] != (batch, n):
+            raise ValueError(
+                f"LogitMix needs weight ({batch},) and other_hidden ({batch}, {n}, D); got "
+                f"{tuple(self.weight.shape)} and {tuple(self.other_hidden.shape)}"
+            )
+        weight = self.weight.float().repeat_interleave(n)
+        return weight, self.other_hidden.detach().reshape(batch * n, -1)
+
+
+def _beta_rows(beta: float | Tensor, labels: Tensor, null_class: int) -> Tensor:
+    """Beta per row as float32 (B,), 1 on rows with the null class (as GFT trains them)."""
+    beta = torch.as_tensor(beta, dtype=torch.float32, device=labels.device)
+    if beta.dim() == 0:
+        beta = beta.expand(labels.shape[0])
+    if beta.shape != labels.shape:
+        raise ValueError(
+            f"beta must be a number or one value per row ({labels.shape[0]},); got shape "
+            f"{tuple(beta.shape)}"
+        )
+    return torch.where(labels == null_class, 1.0, beta.float())
 
 
 class RMSNorm(nn.Module):
@@ -247,6 +294,40 @@ class ClassEmbedding(nn.Module):
         return self.embedding_table(labels)
 
 
+#: sinusoidal features of GFT's beta input, and the scale of beta before them (as released)
+BETA_FEATURES = 256
+BETA_SCALE = 1000.0
+BETA_MAX_PERIOD = 10000.0
+
+
+def sinusoidal_features(t: Tensor, features: int = BETA_FEATURES) -> Tensor:
+    """(B,) -> float32 (B, features): [cos(t f_k), sin(t f_k)], f_k = max_period^(-k/half)."""
+    half = features // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
+    freqs = torch.exp(-math.log(BETA_MAX_PERIOD) * exponent)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class BetaEmbedding(nn.Module):
+    """GFT's beta input: sinusoidal features of 1000 * beta -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(BETA_FEATURES, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def reset_parameters(self, std: float) -> None:
+        """N(0, std) first weight, zero biases, zero second layer: the embedding starts at 0."""
+        nn.init.normal_(self.mlp[0].weight, std=std)
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, beta: Tensor) -> Tensor:
+        features = sinusoidal_features(BETA_SCALE * beta)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
 class LlamaGen(nn.Module):
     """Class-conditional next-token image model; ``forward`` returns sequence log-likelihoods."""
 
@@ -263,6 +344,7 @@ class LlamaGen(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.t_embedder = BetaEmbedding(config.dim) if config.beta_embedding else None
         rope = rope_2d_table(config.grid, config.head_dim, config.rope_base)
         self.register_buffer("rope", rope, persistent=False)
         self.reset_parameters()
@@ -292,54 +374,88 @@ class LlamaGen(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         nn.init.zeros_(self.output.weight)
+        if self.t_embedder is not None:
+            self.t_embedder.reset_parameters(self.config.init_std)
 
     # ---- teacher-forced path ----
-    def _embed(self, labels: Tensor, tokens: Tensor) -> Tensor:
-        """[class embedding; embeddings of tokens[:, :-1]] -> (B, N, D)."""
-        cls = self.cls_embedding(labels)[:, None, :]
+    def _class_token(self, labels: Tensor, beta: Beta) -> Tensor:
+        """Class embeddings (B, D), plus the beta embedding when ``beta`` is given (GFT)."""
+        cls = self.cls_embedding(labels)
+        if beta is None:
+            return cls
+        if self.t_embedder is None:
+            raise ValueError(
+                "beta was given but this model has no beta embedding (it is not a GFT model): "
+                "pass beta=None, or build/load it with beta_embedding=True"
+            )
+        beta = _beta_rows(beta, labels, self.null_class)
+        return cls + self.t_embedder(beta).to(cls.dtype)
+
+    def _embed(self, labels: Tensor, tokens: Tensor, beta: Beta = None) -> Tensor:
+        """[class token; embeddings of tokens[:, :-1]] -> (B, N, D)."""
+        cls = self._class_token(labels, beta)[:, None, :]
         h = torch.cat([cls, self.tok_embeddings(tokens[:, :-1])], dim=1)
         return self.tok_dropout(h)
 
-    def hidden_states(self, labels: Tensor, tokens: Tensor) -> Tensor:
+    def hidden_states(self, labels: Tensor, tokens: Tensor, beta: Beta = None) -> Tensor:
         """Final normalised hidden states (B, N, D); position t predicts token t."""
         self._check_inputs(labels, tokens)
-        h = self._embed(labels, tokens)
+        h = self._embed(labels, tokens, beta)
         rope = self.rope[: h.shape[1]]
         for layer in self.layers:
             h = layer(h, rope)
         return self.norm(h)
 
-    def logits(self, labels: Tensor, tokens: Tensor) -> Tensor:
+    def logits(self, labels: Tensor, tokens: Tensor, beta: Beta = None) -> Tensor:
         """Teacher-forced float32 logits (B, N, V); position t predicts ``tokens[:, t]``."""
-        return self.output(self.hidden_states(labels, tokens)).float()
+        return self.output(self.hidden_states(labels, tokens, beta)).float()
 
-    def forward(self, labels: Tensor, tokens: Tensor, chunk_rows: int = 4096) -> Tensor:
+    def forward(
+        self,
+        labels: Tensor,
+        tokens: Tensor,
+        chunk_rows: int = 4096,
+        *,
+        beta: Beta = None,
+        mix: LogitMix | None = None,
+        hidden: bool = False,
+    ) -> Tensor:
         """Sequence log-likelihood (B,) = sum_t log p(tokens[:, t] | tokens[:, :t], label).
 
         The vocabulary projection runs in chunks of ``chunk_rows`` token positions and is
         recomputed in the backward pass, so peak memory holds one chunk of logits, not B x N x V.
+        ``beta``: GFT's beta input (a float or (B,)); ``mix``: score GFT's mixed logits instead
+        (see ``LogitMix``); ``hidden=True`` returns the final hidden states (B, N, D) instead.
+        Both go through ``forward`` so that DDP and FSDP hooks run.
         """
-        return self.token_logprobs(labels, tokens, chunk_rows).sum(dim=1)
+        if hidden:
+            return self.hidden_states(labels, tokens, beta)
+        return self.token_logprobs(labels, tokens, chunk_rows, beta=beta, mix=mix).sum(dim=1)
 
     sequence_logprob = forward
 
-    def token_logprobs(self, labels: Tensor, tokens: Tensor, chunk_rows: int = 4096) -> Tensor:
+    def token_logprobs(
+        self,
+        labels: Tensor,
+        tokens: Tensor,
+        chunk_rows: int = 4096,
+        *,
+        beta: Beta = None,
+        mix: LogitMix | None = None,
+    ) -> Tensor:
         """Per-token log-probabilities (B, N) of the given tokens, computed chunk by chunk."""
-        hidden = self.hidden_states(labels, tokens)
+        hidden = self.hidden_states(labels, tokens, beta)
         b, n, d = hidden.shape
         flat_h, flat_t = hidden.reshape(b * n, d), tokens.reshape(b * n)
+        extra = () if mix is None else mix.flat(b, n)
         pieces = []
         for start in range(0, b * n, chunk_rows):
-            h_chunk = flat_h[start : start + chunk_rows]
-            t_chunk = flat_t[start : start + chunk_rows]
-            if torch.is_grad_enabled() and h_chunk.requires_grad:
-                pieces.append(
-                    checkpoint(
-                        _chunk_logprob, h_chunk, t_chunk, self.output.weight, use_reentrant=False
-                    )
-                )
+            rows = slice(start, start + chunk_rows)
+            args = (flat_h[rows], flat_t[rows], self.output.weight, *(x[rows] for x in extra))
+            if torch.is_grad_enabled() and args[0].requires_grad:
+                pieces.append(checkpoint(_chunk_logprob, *args, use_reentrant=False))
             else:
-                pieces.append(_chunk_logprob(h_chunk, t_chunk, self.output.weight))
+                pieces.append(_chunk_logprob(*args))
         return torch.cat(pieces).view(b, n)
 
     def _check_inputs(self, labels: Tensor, tokens: Tensor) -> None:
@@ -395,9 +511,9 @@ class LlamaGen(nn.Module):
             h = layer(h, rope, positions, mask)
         return self.output(self.norm(h)).float()
 
-    def prefill(self, labels: Tensor) -> Tensor:
+    def prefill(self, labels: Tensor, beta: Beta = None) -> Tensor:
         """Feed the class token at position 0; returns logits (B, V) for image token 0."""
-        x = self.cls_embedding(labels)[:, None, :]
+        x = self._class_token(labels, beta)[:, None, :]
         positions = torch.zeros(1, dtype=torch.long, device=labels.device)
         return self.forward_cached(x, positions)[:, -1]
 
@@ -428,8 +544,17 @@ def causal_mask_table(max_len: int, dtype: torch.dtype, device=None) -> Tensor:
     return zeros.masked_fill(~visible, float("-inf"))
 
 
-def _chunk_logprob(h: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+def _chunk_logprob(
+    h: Tensor,
+    targets: Tensor,
+    weight: Tensor,
+    mix_weight: Tensor | None = None,
+    other_hidden: Tensor | None = None,
+) -> Tensor:
     logits = F.linear(h, weight).float()
+    if other_hidden is not None:
+        other = F.linear(other_hidden.to(h.dtype), weight.detach()).float()
+        return gft_token_logprobs(logits, other, targets, mix_weight)
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -475,12 +600,15 @@ def load(path, name: str | None = None, *, grid: int | None = None, **overrides)
     state_dict, FSDP folder with consolidated.pth) need the preset ``name`` and the ``grid``
     (16 for 256 px, 24 for 384 px) that the file was trained with. The file is read first,
     weights-only: a damaged or unsafe one raises ValueError naming it before anything is built.
+    A file with ``t_embedder`` keys (GFT) gets the beta embedding; ``beta_embedding=True`` on a
+    file without them adds a fresh, zero-output one (to start GFT from a plain model).
     """
     from ccalign.io import read_tensor_file
-    from ccalign.models.checkpoint import load_weights
+    from ccalign.models.checkpoint import extract_state_dict, load_weights
 
     config = config_from_file(path)
-    weights = read_tensor_file(path)
+    weights = extract_state_dict(read_tensor_file(path))
+    in_file = any(key.startswith("t_embedder.") for key in weights)
     if config is not None:
         fields = {**config.to_dict(), **overrides}
         if grid is not None:
@@ -492,5 +620,8 @@ def load(path, name: str | None = None, *, grid: int | None = None, **overrides)
                 f"{path} does not record its architecture: pass the preset name (e.g. 'GPT-L') "
                 "and the grid (16 for 256 px, 24 for 384 px)"
             )
-        model = build(name, grid=grid, **overrides)
+        model = build(name, grid=grid, **{"beta_embedding": in_file, **overrides})
+    if overrides.get("beta_embedding") is True and not in_file:  # asked for on a plain model
+        fresh = model.t_embedder.state_dict()
+        weights.update({f"t_embedder.{key}": value for key, value in fresh.items()})
     return load_weights(model, weights, ignore=IGNORED_KEYS)

@@ -126,6 +126,7 @@ class Sampler:
         top_k: int = 0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        gft_beta: float | None = None,
     ) -> Tensor:
         """Sample one image's tokens per label: (B, N) int64 on the sampler's device.
 
@@ -136,16 +137,21 @@ class Sampler:
         LlamaGen's sampler, which ignores every scale <= 1. Rows with the null class run only
         while a scale != 1.0 still lies ahead, so guidance-free sampling runs just the B
         conditional rows.
+
+        ``gft_beta`` (models trained with GFT only): the beta input of the class token, 1 / s for
+        a CFG-like scale s (the released GFT models: 0.66 for L, 0.7 for 3B), in one pass per
+        token; 1.0 is the plain conditional model. Null-class rows get beta 1, as in training.
         """
         check_sampling_args(temperature, top_k, top_p)
+        check_gft_beta(gft_beta, self.model)
         labels = self._check_labels(labels)
         _check_generator(generator, self.device)
         scales = guidance_scales(cfg_scale, self.seq_len, cfg_interval)
         with torch.inference_mode():  # the leanest per-op path; the cache stays inside it
-            tokens = self._sample(labels, scales, temperature, top_k, top_p, generator)
+            tokens = self._sample(labels, scales, temperature, top_k, top_p, generator, gft_beta)
         return tokens.clone()  # a normal tensor: usable later in autograd (e.g. scoring)
 
-    def _sample(self, labels, scales, temperature, top_k, top_p, generator) -> Tensor:
+    def _sample(self, labels, scales, temperature, top_k, top_p, generator, gft_beta) -> Tensor:
         batch, n = labels.shape[0], self.seq_len
         last_guided = last_guided_token(scales)
         self._ensure_cache(2 * batch if last_guided >= 0 else batch)
@@ -158,7 +164,11 @@ class Sampler:
             return sample_categorical(filter_logits(cond, temperature, top_k, top_p), generator)
 
         with _eval_mode(self.model):
-            logits = self.model.prefill(self._prefill_labels(labels, last_guided >= 0))
+            prefill_labels = self._prefill_labels(labels, last_guided >= 0)
+            if gft_beta is None:  # models without GFT take the labels alone
+                logits = self.model.prefill(prefill_labels)
+            else:
+                logits = self.model.prefill(prefill_labels, gft_beta)
             for t in range(n):
                 out[:, t] = pick(logits, t)
                 if t + 1 < n:
@@ -227,6 +237,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    gft_beta: float | None = None,
 ) -> Tensor:
     """One-off sampling: (B, N) tokens for ``labels``; see ``Sampler.generate``.
 
@@ -244,9 +255,26 @@ def generate(
             top_k=top_k,
             top_p=top_p,
             generator=generator,
+            gft_beta=gft_beta,
         )
     finally:
         sampler.release()
+
+
+def check_gft_beta(beta: float | None, model: LlamaGen | None = None) -> None:
+    """A GFT beta must lie in (0, 1] and needs a model with the beta embedding."""
+    if beta is None:
+        return
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(
+            f"GFT beta {beta}: must lie in (0, 1]; it is 1 / s for a CFG-like scale s >= 1 "
+            "(e.g. 0.66 for s = 1.5), and 1.0 samples the plain conditional model"
+        )
+    if model is not None and model.t_embedder is None:
+        raise ValueError(
+            "a GFT beta was given but the model has no beta embedding (not trained with GFT): "
+            "leave the beta out, or use a GFT checkpoint (one with t_embedder weights)"
+        )
 
 
 def _resolve_device(device: torch.device | str) -> torch.device:

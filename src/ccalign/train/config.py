@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-METHODS = ("cca", "dpo", "unlearning", "mle")
+METHODS = ("cca", "dpo", "unlearning", "mle", "gft")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 WEIGHT_DTYPES = ("fp32", "bf16")
@@ -85,13 +85,13 @@ class LoraSection:
 
 @dataclass
 class MethodSection:
-    """The objective: an alignment loss against a frozen reference, or plain MLE."""
+    """The objective: an alignment loss against a frozen reference, plain MLE, or GFT."""
 
     name: str = "cca"
     beta: float = 0.02
     lam: float = 300.0
     uncond_ratio: float = 0.1  # alignment: rows whose labels become the null class
-    class_dropout: float = 0.1  # mle: rows whose label becomes the null class
+    class_dropout: float = 0.1  # mle, gft: rows whose label becomes the null class
     # Dropout of policy and reference, kept consistent so D = log p_theta - log p_ref starts at 0:
     # "both": both in train mode with their own masks (the official --keep_dropout recipe; D is
     # noisy but unbiased); "none": dropout off in both (D = 0 exactly at the start);
@@ -214,6 +214,11 @@ class TrainConfig:
                 f"train.micro_batch = {self.train.micro_batch} leaves {self.method.name} without "
                 "negatives: a row's negative label is the next row's in its micro-batch, and a "
                 "batch of one rolls onto itself; use micro_batch >= 2 (the official recipe: 2)"
+            )
+        if self.method.name == "gft" and self.model.arch.get("beta_embedding") is False:
+            raise ValueError(
+                "method gft trains the beta embedding: remove model.arch.beta_embedding = false "
+                "(gft adds it to a plain model)"
             )
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")

@@ -128,13 +128,23 @@ class BatchPlan:
         return [(first + m) * self.micro_batch for m in range(self.accum_steps)]
 
 
+#: streams of keyed draws: the null-class row mask, and the objectives' per-row uniforms
+MASK_STREAM = 0x6D61736B  # "mask"
+DRAWS_STREAM = 0x64726177  # "draw"
+
+
 def keyed_row_mask(seed: int, step: int, size: int, ratio: float) -> torch.Tensor:
     """(size,) bool with P(True) = ratio, a pure function of (seed, step): equal on all ranks."""
     if ratio <= 0.0:
         return torch.zeros(size, dtype=torch.bool)
-    state = np.random.SeedSequence([seed, step, 0x6D61736B]).generate_state(2, dtype=np.uint32)
+    return keyed_uniforms(seed, step, size, MASK_STREAM) < ratio
+
+
+def keyed_uniforms(seed: int, step: int, size: int, stream: int) -> torch.Tensor:
+    """(size,) float32 U[0, 1), a pure function of (seed, step, stream): equal on all ranks."""
+    state = np.random.SeedSequence([seed, step, stream]).generate_state(2, dtype=np.uint32)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.rand(size, generator=generator) < ratio
+    return torch.rand(size, generator=generator)
 
 
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

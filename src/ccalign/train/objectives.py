@@ -3,7 +3,9 @@
 Alignment (CCA / DPO / unlearning): the batch becomes 2B rows ``[positives; negatives]`` (the
 same tokens twice, true labels then rolled labels, null-masked rows keyed by the trainer), and
 the policy and the reference each run ONE forward over those 2B rows. MLE (pretraining): the
-mean next-token NLL per token, with class dropout to the null class keyed the same way.
+mean next-token NLL per token, with class dropout to the null class keyed the same way. GFT:
+the same NLL of the mixed logits ``beta * cond + (1 - beta) * stopgrad(uncond)`` (see
+``ccalign.align.gft``).
 
 ``row_mask`` is decided by the trainer from (seed, step, global sample position), so the same
 sample gets the same draw whatever the number of processes or micro-steps.
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ccalign.align import alignment_loss, make_pairs
+from ccalign.models.llamagen import LogitMix
 
 
 @dataclass
@@ -29,10 +32,12 @@ class ObjectiveOutput:
 
 
 class Objective(ABC):
-    """Base: ``needs_reference`` and the probability with which a row gets the null class."""
+    """Base: ``needs_reference``, the probability with which a row gets the null class, and
+    ``row_draws``: whether ``__call__`` also takes ``row_draws``, (B,) keyed U[0, 1) per row."""
 
     needs_reference: bool = False
     row_mask_ratio: float = 0.0
+    row_draws: bool = False
 
     @abstractmethod
     def __call__(
@@ -94,10 +99,48 @@ class MLEObjective(Objective):
         return ObjectiveOutput(loss, {"nll_per_token": loss.detach()})
 
 
+class GFTObjective(Objective):
+    """Guidance-Free Training: next-token NLL per token of GFT's mixed logits, no reference.
+
+    beta ~ U(0, 1) per row (no clamp, as the official code) is ``row_draws``, keyed by the
+    trainer like the null-class rows. The unconditional pass (null class, beta = 1) runs without
+    gradient and with dropout off; the conditional pass (beta input, class dropout to the null
+    class on ``row_mask`` rows, whose beta input is then 1 while their mixing weight stays beta,
+    as in the official code) trains in the policy's own mode. Both go through the wrapped
+    policy's forward (DDP / FSDP hooks run), which chunks the vocabulary projection.
+    """
+
+    row_draws = True
+
+    def __init__(self, *, null_class: int, class_dropout: float):
+        self.null_class = null_class
+        self.row_mask_ratio = class_dropout
+
+    def __call__(
+        self, policy, reference, labels, tokens, row_mask, row_draws: Tensor
+    ) -> ObjectiveOutput:
+        beta = row_draws.float()
+        null = torch.full_like(labels, self.null_class)
+        was_training = policy.training
+        policy.eval()
+        try:
+            with torch.no_grad():
+                uncond_hidden = policy(null, tokens, beta=1.0, hidden=True)
+        finally:
+            policy.train(was_training)
+        labels = torch.where(row_mask.to(labels.device), self.null_class, labels)
+        mix = LogitMix(weight=beta, other_hidden=uncond_hidden)
+        nll = -policy(labels, tokens, beta=beta, mix=mix).float() / tokens.shape[1]
+        loss = nll.mean()
+        return ObjectiveOutput(loss, {"nll_per_token": loss.detach(), "beta": beta.mean()})
+
+
 def make_objective(method, *, null_class: int) -> Objective:
     """The objective a ``MethodSection`` describes."""
     if method.name == "mle":
         return MLEObjective(null_class=null_class, class_dropout=method.class_dropout)
+    if method.name == "gft":
+        return GFTObjective(null_class=null_class, class_dropout=method.class_dropout)
     return AlignmentObjective(
         method.name,
         null_class=null_class,

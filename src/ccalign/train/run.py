@@ -10,28 +10,30 @@ import torch
 from ccalign import hub
 from ccalign.data.codes import CodeDataset, open_codes, validate_codes
 from ccalign.models import llamagen
-from ccalign.train.config import ModelSection, TrainConfig
+from ccalign.train.config import ALIGNMENT_METHODS, ModelSection, TrainConfig
 from ccalign.train.distributed import launched_as_main
 from ccalign.train.rundir import check_output_folder, claim_output_folder
 from ccalign.train.trainer import Callback, Trainer
 
 
-def model_from_config(section: ModelSection) -> llamagen.LlamaGen:
+def model_from_config(section: ModelSection, method: str | None = None) -> llamagen.LlamaGen:
     """Load ``section.init`` (ccalign safetensors or any official layout) or build a fresh model.
 
     ``init`` may be a registry name or an hf:// URI (:mod:`ccalign.hub`). A ccalign file carries
     its architecture, a registry name supplies it; other official files need ``name`` and ``grid``.
     ``arch`` overrides config fields either way (e.g. dropouts, or sizes of a custom model).
+    ``method`` "gft" adds the beta embedding (a fresh one when the model has none).
     """
+    arch = {"beta_embedding": True, **section.arch} if method == "gft" else section.arch
     if section.init is None:
-        return llamagen.build(section.name, grid=section.grid, **section.arch)
+        return llamagen.build(section.name, grid=section.grid, **arch)
     init, release = hub.resolve(section.init, kind="model"), hub.find(section.init)
     if llamagen.config_from_file(init) is not None:
-        return llamagen.load(init, **section.arch)
+        return llamagen.load(init, **arch)
     if release is not None:  # the registry knows the file's architecture
-        return llamagen.load(init, release.preset, grid=release.grid, **section.arch)
+        return llamagen.load(init, release.preset, grid=release.grid, **arch)
     name = None if section.name == "custom" else section.name
-    return llamagen.load(init, name, grid=section.grid, **section.arch)
+    return llamagen.load(init, name, grid=section.grid, **arch)
 
 
 def open_training_data(config: TrainConfig, model: llamagen.LlamaGen) -> CodeDataset:
@@ -77,11 +79,11 @@ def run_training(
 
     The folder holds one run (``ccalign.train.rundir``): one that has a run already needs
     ``resume`` (continue from its newest checkpoint) or ``restart`` (move it aside, start over),
-    and it is locked while this run writes. Fine-tuning methods need ``model.init``; ``mle``
-    starts from it when given, else from a fresh model initialised from ``train.seed`` (the same
-    on every process).
+    and it is locked while this run writes. Alignment methods need ``model.init``; ``mle`` and
+    ``gft`` start from it when given, else from a fresh model initialised from ``train.seed``
+    (the same on every process).
     """
-    if config.method.name != "mle" and config.model.init is None:
+    if config.method.name in ALIGNMENT_METHODS and config.model.init is None:
         raise ValueError(
             f"{config.method.name} fine-tunes a pretrained model: set model.init or pass --init"
         )
@@ -92,7 +94,7 @@ def run_training(
     lock = claim_output_folder(out, restart=restart) if launched_as_main() else None
     try:
         torch.manual_seed(config.train.seed)
-        model = model_from_config(config.model)
+        model = model_from_config(config.model, config.method.name)
         dataset = open_training_data(config, model)
         trainer = Trainer(config, model, dataset, callbacks=callbacks)
         try:

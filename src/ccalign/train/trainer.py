@@ -18,9 +18,10 @@ the measured D at the start is in ``metrics.jsonl``. Gradient clipping is logged
 With ``method.lora`` the policy gets peft LoRA adapters and only they train; the reference is the
 same network with the adapters off (no copy of the weights; see ``ccalign.train.lora``).
 
-Random choices are keyed so a run is reproducible and resumable: null-class rows come from
-(seed, step, global position), the data order from (seed, epoch), dropout from each process's
-torch RNG, which checkpoints save. A run killed and resumed ends bitwise equal on the CPU.
+Random choices are keyed so a run is reproducible and resumable: null-class rows (and the
+per-row draws an objective asks for, e.g. GFT's beta) come from (seed, step, global position),
+the data order from (seed, epoch), dropout from each process's torch RNG, which checkpoints
+save. A run killed and resumed ends bitwise equal on the CPU.
 """
 
 from __future__ import annotations
@@ -294,13 +295,16 @@ class Trainer:
         accum = len(micro_batches)
         if accum != self.plan.accum_steps:
             raise ValueError(f"expected {self.plan.accum_steps} micro-batches, got {accum}")
-        masks = D.keyed_row_mask(
-            self.config.train.seed, step, self.plan.global_batch, self.objective.row_mask_ratio
-        )
+        seed, size = self.config.train.seed, self.plan.global_batch
+        masks = D.keyed_row_mask(seed, step, size, self.objective.row_mask_ratio)
+        draws = None
+        if self.objective.row_draws:
+            draws = D.keyed_uniforms(seed, step, size, D.DRAWS_STREAM)
         offsets = self.plan.chunk_offsets(self.dist.rank)
         sums: dict[str, Tensor] = {}
         for m, (tokens, labels) in enumerate(micro_batches):
-            row_mask = masks[offsets[m] : offsets[m] + labels.shape[0]].to(self.device)
+            rows = slice(offsets[m], offsets[m] + labels.shape[0])
+            keyed = {} if draws is None else {"row_draws": draws[rows].to(self.device)}
             with self._gradient_sync(last=m == accum - 1):
                 with self._autocast():
                     out = self.objective(
@@ -308,7 +312,8 @@ class Trainer:
                         self.reference,
                         labels.to(self.device, non_blocking=True),
                         tokens.to(self.device, non_blocking=True),
-                        row_mask,
+                        masks[rows].to(self.device),
+                        **keyed,
                     )
                 (out.loss / accum).backward()
             for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
