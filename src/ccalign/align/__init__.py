@@ -1,10 +1,11 @@
-"""CCA and its baselines as pure functions of per-sample sequence log-probabilities."""
+"""CCA, its baselines and DDO as pure functions of per-sample sequence log-probabilities."""
 
 from ccalign.align.losses import (
     OBJECTIVES,
     AlignOutput,
     alignment_loss,
     cca_loss,
+    ddo_loss,
     dpo_loss,
     unlearning_loss,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "ContrastPairs",
     "alignment_loss",
     "cca_loss",
+    "ddo_loss",
     "dpo_loss",
     "make_pairs",
     "roll_labels",
