@@ -1,4 +1,4 @@
-"""The training loop shared by fine-tuning (CCA / DPO / unlearning) and pretraining (MLE).
+"""The training loop shared by fine-tuning (CCA / DDO / DPO / unlearning) and pretraining (MLE).
 
 One optimizer step = ``accum`` micro-steps per process. Each micro-batch loss (a mean over its
 rows) is divided by ``accum`` before backward, and DDP only all-reduces on the last micro-step
@@ -257,9 +257,14 @@ class Trainer:
             self.config.train.seed, step, self.plan.global_batch, self.objective.row_mask_ratio
         )
         offsets = self.plan.chunk_offsets(self.dist.rank)
+        first_row = (step - 1) * self.plan.global_batch
         sums: dict[str, Tensor] = {}
         for m, (tokens, labels) in enumerate(micro_batches):
             row_mask = masks[offsets[m] : offsets[m] + labels.shape[0]].to(self.device)
+            extra = {}
+            if self.objective.needs_row_ids:  # global positions: (step - 1) * G + offset
+                start = first_row + offsets[m]
+                extra["row_ids"] = torch.arange(start, start + labels.shape[0])
             with self._gradient_sync(last=m == accum - 1):
                 with self._autocast():
                     out = self.objective(
@@ -268,6 +273,7 @@ class Trainer:
                         labels.to(self.device, non_blocking=True),
                         tokens.to(self.device, non_blocking=True),
                         row_mask,
+                        **extra,
                     )
                 (out.loss / accum).backward()
             for key, value in {"loss": out.loss.detach(), **out.metrics}.items():
