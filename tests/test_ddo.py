@@ -267,6 +267,21 @@ def test_file_negatives_cover_the_conditional_rows_with_their_labels(tmp_path):
         negatives.draw(None, torch.tensor([0]), torch.tensor([999]))
 
 
+def test_a_resume_with_more_steps_samples_only_the_new_steps(tmp_path):
+    init, codes = write_files(tmp_path)
+    run_training(ddo_config(tmp_path / "run", init, codes))
+    before = FileNegatives(tmp_path / "run" / "negatives.safetensors")
+    longer = ddo_config(tmp_path / "run", init, codes)
+    longer.train.steps = 7
+    run_training(longer, resume=True)
+    after = FileNegatives(tmp_path / "run" / "negatives.safetensors")
+    assert after.meta["steps"] == "7" and len(after.rows) > len(before.rows)
+    kept = len(before.rows)
+    assert torch.equal(after.rows[:kept], before.rows)
+    assert torch.equal(after.tokens[:kept], before.tokens)
+    assert int(after.rows[-1]) // 4 == 6  # a row of step 7
+
+
 # ---- rounds, resume ----
 @pytest.mark.parametrize("source", ["file", "online"])
 def test_killed_and_resumed_round_is_bitwise_identical(tmp_path, source):

@@ -147,18 +147,21 @@ def write_negatives(reference: LlamaGen, trainer: Trainer) -> Path:
     """Sample every negative of ``trainer``'s round into ``<out>/negatives.safetensors``.
 
     ``reference`` must hold the round's reference weights; each process samples its steps, the
-    main process joins them. An existing complete file for the same settings is reused.
+    main process joins them. An existing file for the same settings and steps is reused; a
+    resume with more steps samples only the new steps' negatives.
     """
-    config, out = trainer.config, trainer.out
+    config, out, steps = trainer.config, trainer.out, trainer.total_steps
     manifest = _manifest(config, trainer)
     final = out / NEGATIVES_FILE
-    if final.exists() and FileNegatives(final).meta.get("manifest") == json.dumps(manifest):
-        return final
+    if final.exists():
+        meta = FileNegatives(final).meta
+        if meta.get("manifest") == json.dumps(manifest) and meta["steps"] == str(steps):
+            return final
     folder = out / NEGATIVES_DIR
     _claim(folder, manifest, trainer.dist)
     labels = trainer.dataset.all_labels()
     sampler = Sampler(reference, device=trainer.device, cuda_graph=False, inplace=True)
-    for step in range(1 + trainer.dist.rank, trainer.total_steps + 1, trainer.dist.world_size):
+    for step in range(1 + trainer.dist.rank, steps + 1, trainer.dist.world_size):
         path = folder / f"step_{step:08d}.npz"
         if not path.exists():
             arrays = _sample_step(sampler, config, labels, trainer.plan, step)
@@ -166,7 +169,7 @@ def write_negatives(reference: LlamaGen, trainer: Trainer) -> Path:
     sampler.release()
     D.barrier(trainer.dist)
     if trainer.dist.is_main:
-        _join(folder, final, trainer.total_steps, manifest, reference)
+        _join(folder, final, steps, manifest, reference)
     D.barrier(trainer.dist)
     return final
 
