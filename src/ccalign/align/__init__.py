@@ -1,4 +1,4 @@
-"""CCA and its baselines as pure functions of per-sample sequence log-probabilities; GFT's
+"""CCA, its baselines and DDO as pure functions of per-sample sequence log-probabilities; GFT's
 mixed logits."""
 
 from ccalign.align.gft import gft_logits, gft_token_logprobs
@@ -7,6 +7,7 @@ from ccalign.align.losses import (
     AlignOutput,
     alignment_loss,
     cca_loss,
+    ddo_loss,
     dpo_loss,
     unlearning_loss,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ContrastPairs",
     "alignment_loss",
     "cca_loss",
+    "ddo_loss",
     "dpo_loss",
     "gft_logits",
     "gft_token_logprobs",

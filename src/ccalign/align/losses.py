@@ -4,7 +4,9 @@ Every objective takes the policy's and the frozen reference's log p(x|c) for the
 (true label) and the negative pair (``ContrastPairs.neg_labels``), all (B,) tensors, plus the
 ``neg_is_positive`` flags from ``make_pairs``. With ``D+ = policy_pos - ref_pos`` and
 ``D- = policy_neg - ref_neg`` (log-likelihood gains over the reference), each returns the scalar
-batch loss and detached metrics. Everything is computed in the inputs' dtype.
+batch loss and detached metrics. Everything is computed in the inputs' dtype. ``ddo_loss``
+(Direct Discriminative Optimization) has the same form, but its negatives are samples of the
+reference model for the true label instead of the data under a mismatched label.
 """
 
 from __future__ import annotations
@@ -97,6 +99,81 @@ def unlearning_loss(
     per_row = -d_pos - signed_weight * d_neg
     loss = per_row.mean() / max(float(lam), 1.0)
     return AlignOutput(loss, _metrics(loss, d_pos, d_neg, neg_is_positive, beta))
+
+
+def ddo_loss(
+    policy_real: Tensor,
+    policy_fake: Tensor,
+    ref_real: Tensor,
+    ref_fake: Tensor,
+    uncond_mask: Tensor,
+    *,
+    beta: float,
+    alpha: float,
+) -> AlignOutput:
+    """DDO: ``-w_r log s(beta D_real) - w_f log s(-beta D_fake)``, batch mean, / max(alpha, 1).
+
+    Row i pairs a data sample (``*_real``) with a sample of the reference model for the same
+    label (``*_fake``); D = log p_theta - log p_ref of each. Conditional rows weigh the real term
+    1 and the fake term ``alpha``; rows flagged in ``uncond_mask`` (the null label) weigh the real
+    term max(alpha, 1) and drop the fake term: their fake values are never read (any number,
+    even NaN, gives the same loss and zero gradient). The logged ``d_neg`` and
+    ``reward_accuracy`` cover the conditional rows only (0 when there are none).
+    """
+    d_real, d_fake = _ddo_gains(policy_real, policy_fake, ref_real, ref_fake, uncond_mask, beta)
+    if not alpha >= 0:
+        raise ValueError(f"alpha (the weight of the reference's samples) must be >= 0, got {alpha}")
+    scale = max(float(alpha), 1.0)
+    real_weight = torch.where(uncond_mask, scale, 1.0).to(d_real.dtype)
+    cond = ~uncond_mask
+    safe_fake = torch.where(cond, d_fake, torch.zeros_like(d_fake))  # no NaN reaches backward
+    fake_term = torch.where(cond, -float(alpha) * F.logsigmoid(-beta * safe_fake), 0.0)
+    per_row = -real_weight * F.logsigmoid(beta * d_real) + fake_term
+    loss = per_row.mean() / scale
+    return AlignOutput(loss, _ddo_metrics(loss, d_real, safe_fake, cond))
+
+
+def _ddo_gains(
+    policy_real: Tensor,
+    policy_fake: Tensor,
+    ref_real: Tensor,
+    ref_fake: Tensor,
+    uncond_mask: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor]:
+    """Validate DDO's inputs and return the gains (D_real, D_fake) over the reference."""
+    inputs = {
+        "policy_real": policy_real,
+        "policy_fake": policy_fake,
+        "ref_real": ref_real,
+        "ref_fake": ref_fake,
+        "uncond_mask": uncond_mask,
+    }
+    for name, tensor in inputs.items():
+        if tensor.dim() != 1 or tensor.shape != policy_real.shape:
+            raise ValueError(
+                f"{name} must be a 1-D per-sample tensor of shape {tuple(policy_real.shape)} "
+                f"(like policy_real), got {tuple(tensor.shape)}"
+            )
+    if uncond_mask.dtype != torch.bool:
+        raise ValueError(f"uncond_mask must be a bool tensor, got {uncond_mask.dtype}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    return policy_real - ref_real.detach(), policy_fake - ref_fake.detach()
+
+
+@torch.no_grad()
+def _ddo_metrics(loss: Tensor, d_real: Tensor, d_fake: Tensor, cond: Tensor) -> dict[str, Tensor]:
+    """Detached batch means; ``d_pos`` / ``d_neg`` are D on data / on the reference's samples."""
+    weight = cond.to(d_real.dtype)
+    count = weight.sum().clamp(min=1.0)
+    return {
+        "loss": loss.detach(),
+        "d_pos": d_real.mean(),
+        "d_neg": (d_fake * weight).sum() / count,
+        "reward_accuracy": ((d_real > d_fake).to(d_real.dtype) * weight).sum() / count,
+        "uncond_fraction": 1.0 - weight.mean(),
+    }
 
 
 OBJECTIVES: dict[str, Callable[..., AlignOutput]] = {

@@ -1,11 +1,14 @@
-"""`ccalign finetune`: align a pretrained model with CCA (or the DPO / unlearning baselines), or
-train it guidance-free with GFT."""
+"""`ccalign finetune`: align a pretrained model with CCA or DDO (or the DPO / unlearning
+baselines), or train it guidance-free with GFT."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "CCA / DPO / unlearning / GFT fine-tuning on extracted codes or images encoded on the fly"
+HELP = (
+    "CCA / DDO / GFT / DPO / unlearning fine-tuning on extracted codes or images encoded on the fly"
+)
+METHODS = ("cca", "ddo", "gft", "dpo", "unlearning")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,13 +16,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ccalign.train.command import add_training_arguments
 
     add_training_arguments(parser)
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        help="the objective (sets method.name; default: the config's). DDO runs "
+        "method.rounds rounds, each from and against the one before: for one round at a time "
+        "pass --init the previous round's final.safetensors and --set method.round=R",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Read the config, refuse MLE (that is `ccalign pretrain`), and train."""
     from ccalign.train.command import config_from_args, run_from_args
 
-    config = config_from_args(args)
+    config = config_from_args(args, method=args.method)
     if config.method.name == "mle":
         raise ValueError("method.name = 'mle' is pretraining: use `ccalign pretrain`")
     return run_from_args(args, config)

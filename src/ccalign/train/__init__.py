@@ -1,4 +1,4 @@
-"""Training: CCA / DPO / unlearning fine-tuning and MLE pretraining of AR image models.
+"""Training: CCA / DDO / DPO / unlearning fine-tuning and MLE pretraining of AR image models.
 
 ``run_training(config)`` does a whole run from a ``TrainConfig`` (``load_config`` reads TOML or
 YAML); ``Trainer`` is the loop itself (single process or DDP under torchrun, gradient
@@ -17,6 +17,7 @@ _EXPORTS = {
     "Objective": "objectives",
     "ObjectiveOutput": "objectives",
     "AlignmentObjective": "objectives",
+    "DDOObjective": "objectives",
     "MLEObjective": "objectives",
     "make_objective": "objectives",
     "EMA": "optim",
@@ -28,6 +29,7 @@ _EXPORTS = {
     "run_training": "run",
     "model_from_config": "run",
     "open_training_data": "run",
+    "run_rounds": "ddo",
 }
 
 __all__ = list(_EXPORTS)

@@ -103,5 +103,6 @@ def run_from_args(args: argparse.Namespace, config: TrainConfig) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = run_training(config, resume=args.resume, restart=args.restart)
-    print(f"done: final model in {out / 'final.safetensors'}, metrics in {out / 'metrics.jsonl'}")
+    logs = out / "metrics.jsonl" if (out / "metrics.jsonl").exists() else out / "round_*"
+    print(f"done: final model in {out / 'final.safetensors'}, metrics in {logs}")
     return 0

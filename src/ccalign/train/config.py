@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-METHODS = ("cca", "dpo", "unlearning", "mle", "gft")
+METHODS = ("cca", "dpo", "unlearning", "ddo", "mle", "gft")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 WEIGHT_DTYPES = ("fp32", "bf16")
@@ -32,6 +32,7 @@ DATA_VIEWS = ("center", "flip")
 DROPOUT_MODES = ("both", "none", "policy-only")
 ALIGNMENT_METHODS = ("cca", "dpo", "unlearning")
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
+NEGATIVE_SOURCES = ("file", "online")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: keys that no longer exist, and what to write instead
 _RENAMED = {
@@ -99,6 +100,21 @@ class MethodSection:
     # dropout gap (as if lambda were multiplied by exp(-beta * gap)): only on explicit request.
     dropout: str = "both"
     lora: LoraSection = field(default_factory=LoraSection)
+    # DDO (Direct Discriminative Optimization): negatives are samples of the reference model.
+    # beta and uncond_ratio above apply too; lam does not.
+    alpha: float = 50.0  # weight of the reference's samples (conditional rows)
+    rounds: int = 1  # rounds this run trains; each fine-tunes from and against the one before
+    round: int = 1  # index of the first of them: keys its negatives and its data order
+    # "file" (default): before training, sample every negative the round will use into
+    # <out>/negatives.safetensors, in large batches with the sampler in inference mode (bf16 on
+    # CUDA), resumable and shared by all processes; "online": sample each micro-batch's
+    # negatives inside the training step (small batches, the sampler's weights copied per
+    # process). Both draw from the same distribution; the file is the cheaper.
+    negatives: str = "file"
+    negatives_batch: int = 256  # rows per sampling call (file mode), part of the random key
+    negatives_temperature: float = 1.0  # 1, top-k 0, top-p 1: exact samples of the reference
+    negatives_top_k: int = 0
+    negatives_top_p: float = 1.0
 
 
 @dataclass
@@ -222,6 +238,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
+        if self.method.name == "ddo":
+            _validate_ddo(self.method, self.train)
         for key in ("uncond_ratio", "class_dropout"):
             value = getattr(self.method, key)
             if not 0.0 <= value <= 1.0:
@@ -339,6 +357,28 @@ def _validate_lora(config: TrainConfig) -> None:
         )
 
 
+def _validate_ddo(method: MethodSection, train: TrainSection) -> None:
+    """DDO's own keys: weights, rounds, and how its negatives are sampled."""
+    _choice("method.negatives", method.negatives, NEGATIVE_SOURCES)
+    checks = (
+        ("method.alpha", method.alpha >= 0, ">= 0"),
+        ("method.rounds", method.rounds >= 1, ">= 1"),
+        ("method.round", method.round >= 1, ">= 1"),
+        ("method.negatives_batch", method.negatives_batch >= 1, ">= 1"),
+        ("method.negatives_temperature", method.negatives_temperature > 0, "> 0"),
+        ("method.negatives_top_k", method.negatives_top_k >= 0, ">= 0 (0: off)"),
+        ("method.negatives_top_p", 0 < method.negatives_top_p <= 1, "in (0, 1] (1: off)"),
+    )
+    for key, ok, wanted in checks:
+        if not ok:
+            raise ValueError(f"{key} must be {wanted}, got {getattr(method, key[7:])}")
+    if method.negatives == "online" and train.parallel == "fsdp":
+        raise ValueError(
+            "method.negatives = 'online' samples from the reference inside each step, which a "
+            "sharded (FSDP) reference cannot do; use method.negatives = 'file' with FSDP"
+        )
+
+
 #: keys a resumed run may change (each change is recorded): where files are, how it runs,
 #: logs and checkpoints, and how long it trains (which also stretches a decaying lr schedule)
 RESUMABLE_CHANGES = frozenset(
@@ -363,10 +403,10 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def resumable_change(key: str, method: str) -> bool:
-    """Whether a resumed run may change ``key``; the micro-batch only for MLE, since contrastive
+    """Whether a resumed run may change ``key``; the micro-batch only for MLE, since the other
     objectives draw their negatives within it."""
-    if key == "train.micro_batch":
-        return method not in ALIGNMENT_METHODS
+    if key == "train.micro_batch":  # DDO's online negatives are keyed per micro-batch
+        return method not in (*ALIGNMENT_METHODS, "ddo")
     return key in RESUMABLE_CHANGES
 
 

@@ -7,19 +7,25 @@ mean next-token NLL per token, with class dropout to the null class keyed the sa
 the same NLL of the mixed logits ``beta * cond + (1 - beta) * stopgrad(uncond)`` (see
 ``ccalign.align.gft``).
 
+DDO: the batch becomes B + K rows ``[data; samples of the reference]``, one sample of the
+frozen reference for each of the K conditional rows, with the row's label; null-masked rows
+keep only their data term, so no sample is drawn for them.
+
 ``row_mask`` is decided by the trainer from (seed, step, global sample position), so the same
-sample gets the same draw whatever the number of processes or micro-steps.
+sample gets the same draw whatever the number of processes or micro-steps; objectives with
+``needs_row_ids`` also get those global positions (``row_ids``), which key DDO's negatives.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ccalign.align import alignment_loss, make_pairs
+from ccalign.align import alignment_loss, ddo_loss, make_pairs
 from ccalign.models.llamagen import LogitMix
 
 
@@ -36,6 +42,7 @@ class Objective(ABC):
     ``row_draws``: whether ``__call__`` also takes ``row_draws``, (B,) keyed U[0, 1) per row."""
 
     needs_reference: bool = False
+    needs_row_ids: bool = False  # True: called with row_ids (B,), global positions of the rows
     row_mask_ratio: float = 0.0
     row_draws: bool = False
 
@@ -83,6 +90,64 @@ class AlignmentObjective(Objective):
         )
         metrics = {k: v.detach().float().mean() for k, v in out.metrics.items()}
         return ObjectiveOutput(out.loss, metrics)
+
+
+class NegativeSource(Protocol):
+    """Where DDO's negatives come from: one reference sample per (label, global row)."""
+
+    def draw(self, reference: nn.Module, labels: Tensor, row_ids: Tensor) -> Tensor:
+        """Tokens (K, N) int64 of the reference's samples for ``labels`` at rows ``row_ids``."""
+
+
+class DDOObjective(Objective):
+    """DDO: one policy and one reference forward over [data rows; reference samples]."""
+
+    needs_reference = True
+    needs_row_ids = True
+
+    def __init__(
+        self,
+        *,
+        null_class: int,
+        beta: float,
+        alpha: float,
+        uncond_ratio: float,
+        negatives: NegativeSource | None = None,
+    ):
+        self.null_class, self.beta, self.alpha = null_class, beta, alpha
+        self.row_mask_ratio = uncond_ratio
+        self.negatives = negatives  # set before training (ccalign.train.ddo does)
+
+    def __call__(self, policy, reference, labels, tokens, row_mask, row_ids) -> ObjectiveOutput:
+        if self.negatives is None:
+            raise RuntimeError("DDOObjective.negatives is not set: give it a negative source")
+        row_mask = row_mask.to(labels.device)
+        cond = ~row_mask
+        with torch.no_grad():
+            fakes = self.negatives.draw(reference, labels[cond], row_ids[cond.cpu()])
+        real_labels = torch.where(row_mask, self.null_class, labels)
+        all_labels = torch.cat([real_labels, labels[cond]])
+        all_tokens = torch.cat([tokens, fakes.to(tokens.device)])
+        batch = labels.shape[0]
+        policy_all = policy(all_labels, all_tokens).float()
+        with torch.no_grad():
+            ref_all = reference(all_labels, all_tokens).float()
+        out = ddo_loss(
+            policy_all[:batch],
+            _spread(policy_all[batch:], cond),
+            ref_all[:batch],
+            _spread(ref_all[batch:], cond),
+            row_mask,
+            beta=self.beta,
+            alpha=self.alpha,
+        )
+        metrics = {k: v.detach().float().mean() for k, v in out.metrics.items()}
+        return ObjectiveOutput(out.loss, metrics)
+
+
+def _spread(values: Tensor, rows: Tensor) -> Tensor:
+    """(B,) with ``values`` at the True rows of ``rows`` and 0 elsewhere (differentiable)."""
+    return values.new_zeros(rows.shape[0]).masked_scatter(rows, values)
 
 
 class MLEObjective(Objective):
@@ -141,6 +206,13 @@ def make_objective(method, *, null_class: int) -> Objective:
         return MLEObjective(null_class=null_class, class_dropout=method.class_dropout)
     if method.name == "gft":
         return GFTObjective(null_class=null_class, class_dropout=method.class_dropout)
+    if method.name == "ddo":
+        return DDOObjective(
+            null_class=null_class,
+            beta=method.beta,
+            alpha=method.alpha,
+            uncond_ratio=method.uncond_ratio,
+        )
     return AlignmentObjective(
         method.name,
         null_class=null_class,

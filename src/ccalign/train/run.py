@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -79,11 +79,12 @@ def run_training(
 
     The folder holds one run (``ccalign.train.rundir``): one that has a run already needs
     ``resume`` (continue from its newest checkpoint) or ``restart`` (move it aside, start over),
-    and it is locked while this run writes. Alignment methods need ``model.init``; ``mle`` and
-    ``gft`` start from it when given, else from a fresh model initialised from ``train.seed``
-    (the same on every process).
+    and it is locked while this run writes. Alignment methods and DDO need ``model.init``;
+    ``mle`` and ``gft`` start from it when given, else from a fresh model initialised from
+    ``train.seed`` (the same on every process). ``ddo`` runs ``method.rounds`` rounds
+    (``ccalign.train.ddo``).
     """
-    if config.method.name in ALIGNMENT_METHODS and config.model.init is None:
+    if config.method.name in (*ALIGNMENT_METHODS, "ddo") and config.model.init is None:
         raise ValueError(
             f"{config.method.name} fine-tunes a pretrained model: set model.init or pass --init"
         )
@@ -93,17 +94,36 @@ def run_training(
     # the others never write into the folder
     lock = claim_output_folder(out, restart=restart) if launched_as_main() else None
     try:
-        torch.manual_seed(config.train.seed)
-        model = model_from_config(config.model, config.method.name)
-        dataset = open_training_data(config, model)
-        trainer = Trainer(config, model, dataset, callbacks=callbacks)
-        try:
-            if resume and trainer.resume() and trainer.dist.is_main:
-                print(f"resuming {out} at step {trainer.step} of {trainer.total_steps}")
-            trainer.fit()
-        finally:
-            trainer.close()
+        if config.method.name == "ddo":
+            from ccalign.train.ddo import run_rounds
+
+            run_rounds(config, resume=resume, callbacks=callbacks)
+        else:
+            train_once(config, resume=resume, callbacks=callbacks)
     finally:
         if lock is not None:
             lock.release()
     return out
+
+
+def train_once(
+    config: TrainConfig,
+    *,
+    resume: bool,
+    callbacks: Sequence[Callback] = (),
+    prepare: Callable[[Trainer], None] | None = None,
+) -> None:
+    """Load the model and data, build the trainer, resume if asked, ``prepare`` it, train."""
+    torch.manual_seed(config.train.seed)
+    model = model_from_config(config.model, config.method.name)
+    dataset = open_training_data(config, model)
+    trainer = Trainer(config, model, dataset, callbacks=callbacks)
+    try:
+        if resume and trainer.resume() and trainer.dist.is_main:
+            out = config.checkpoint.out
+            print(f"resuming {out} at step {trainer.step} of {trainer.total_steps}")
+        if prepare is not None:
+            prepare(trainer)
+        trainer.fit()
+    finally:
+        trainer.close()

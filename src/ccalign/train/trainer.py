@@ -1,4 +1,4 @@
-"""The training loop shared by fine-tuning (CCA / DPO / unlearning) and pretraining (MLE).
+"""The training loop shared by fine-tuning (CCA / DDO / DPO / unlearning) and pretraining (MLE).
 
 One optimizer step = ``accum`` micro-steps per process. Each micro-batch loss (a mean over its
 rows) is divided by ``accum`` before backward, and DDP only all-reduces on the last micro-step
@@ -301,10 +301,14 @@ class Trainer:
         if self.objective.row_draws:
             draws = D.keyed_uniforms(seed, step, size, D.DRAWS_STREAM)
         offsets = self.plan.chunk_offsets(self.dist.rank)
+        first_row = (step - 1) * self.plan.global_batch
         sums: dict[str, Tensor] = {}
         for m, (tokens, labels) in enumerate(micro_batches):
             rows = slice(offsets[m], offsets[m] + labels.shape[0])
-            keyed = {} if draws is None else {"row_draws": draws[rows].to(self.device)}
+            extra = {} if draws is None else {"row_draws": draws[rows].to(self.device)}
+            if self.objective.needs_row_ids:  # global positions: (step - 1) * G + offset
+                start = first_row + offsets[m]
+                extra["row_ids"] = torch.arange(start, start + labels.shape[0])
             with self._gradient_sync(last=m == accum - 1):
                 with self._autocast():
                     out = self.objective(
@@ -313,7 +317,7 @@ class Trainer:
                         labels.to(self.device, non_blocking=True),
                         tokens.to(self.device, non_blocking=True),
                         masks[rows].to(self.device),
-                        **keyed,
+                        **extra,
                     )
                 (out.loss / accum).backward()
             for key, value in {"loss": out.loss.detach(), **out.metrics}.items():

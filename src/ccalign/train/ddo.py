@@ -1,0 +1,318 @@
+"""DDO rounds: negatives sampled from the frozen reference, and rounds of fine-tuning.
+
+Direct Discriminative Optimization (Zheng et al., ICML 2025) contrasts each data row with a
+sample of the reference model for the same label (``ccalign.align.ddo_loss``). Negatives are
+drawn guidance-free from the reference with the KV-cache sampler, in one of two ways:
+
+- ``file`` (the default): before the round trains, every negative it will use is sampled into
+  ``<out>/negatives.safetensors``: the trainer's data order, batch plan and null-row draws are
+  replayed to know each step's conditional rows and their labels. Sampling runs in inference
+  mode in large batches (bf16 on CUDA), each process takes every world-th step, each finished
+  step is one file under ``<out>/negatives/`` (a killed round resumes its sampling), and the
+  training steps only look samples up. The result is a ccalign flat code file (``codes``,
+  ``labels``) that ``open_codes`` reads, plus ``rows``: the global row each sample belongs to.
+- ``online``: each micro-batch samples its own negatives inside the training step.
+
+Both draw exact samples of the same reference (temperature 1, no top-k / top-p unless set), so
+the loss has the same distribution; the file is the default because it is far cheaper: sampling
+is latency-bound at a micro-batch's few rows, and online it repeats for every micro-step, while
+the file samples hundreds of rows per call once per round. The random key of a negative is
+(train.seed, round, step, chunk of ``negatives_batch`` rows) for the file and (train.seed,
+round, first global row of the micro-batch) online, so neither depends on the number of
+processes and a resumed round is bit-exact on the CPU. Null-masked rows get no negative: their
+fake term has weight 0 (see ``ddo_loss``).
+
+Rounds: round r fine-tunes from, and against, round r - 1's final model (round ``method.round``
+from ``model.init``). With ``method.rounds = 1`` the round writes into ``checkpoint.out`` like
+any run; with more, round r writes ``<out>/round_<r>/`` (its data order from ``data.seed +
+r - method.round``) and the last round's model is copied to ``<out>/final.safetensors``; a
+resumed run skips finished rounds. For VAR, whose released DDO code decodes the reference's
+samples to images and re-tokenises them, a negative source would decode and re-encode here
+(VAR is not in ccalign yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ccalign.data.codes import FLAT_FORMAT
+from ccalign.io import atomic_save_safetensors, atomic_write, open_safetensors
+from ccalign.models.llamagen import LlamaGen
+from ccalign.sample.engine import Sampler
+from ccalign.train import distributed as D
+from ccalign.train.config import MethodSection, TrainConfig
+from ccalign.train.objectives import DDOObjective
+from ccalign.train.run import model_from_config, train_once
+from ccalign.train.rundir import check_output_folder
+from ccalign.train.trainer import Callback, Trainer
+
+NEGATIVES_FILE = "negatives.safetensors"
+NEGATIVES_DIR = "negatives"
+_KEY_TAG = 0x64646F  # "ddo": keeps these streams apart from the trainer's other keyed draws
+
+
+def negative_seed(*key: int) -> int:
+    """A 63-bit generator seed that is a pure function of the integers in ``key``."""
+    state = np.random.SeedSequence([*key, _KEY_TAG]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) | (int(state[1]) >> 1)
+
+
+def sampling_settings(method: MethodSection) -> dict:
+    """The sampler's keyword arguments for negatives (guidance-free)."""
+    return {
+        "temperature": method.negatives_temperature,
+        "top_k": method.negatives_top_k,
+        "top_p": method.negatives_top_p,
+    }
+
+
+class OnlineNegatives:
+    """Samples each micro-batch's negatives from the reference inside the training step."""
+
+    def __init__(self, *, seed: int, round_index: int, sampling: dict):
+        self.seed, self.round_index, self.sampling = seed, round_index, sampling
+        self._sampler: Sampler | None = None
+
+    def draw(self, reference: nn.Module, labels: Tensor, row_ids: Tensor) -> Tensor:
+        """(K, N) tokens keyed by (seed, round, the micro-batch's first conditional row)."""
+        if self._sampler is None:  # on CUDA: one bf16 copy of the reference, kept for the round
+            self._sampler = Sampler(reference, cuda_graph=False)
+        sampler = self._sampler
+        if labels.numel() == 0:
+            return torch.empty(0, sampler.seq_len, dtype=torch.long, device=sampler.device)
+        key = negative_seed(self.seed, self.round_index, int(row_ids[0]))
+        generator = torch.Generator(sampler.device).manual_seed(key)
+        try:
+            return sampler.generate(labels, generator=generator, **self.sampling)
+        finally:
+            sampler.release()  # the cache leaves the reference as the loss needs it
+
+
+class FileNegatives:
+    """Negatives sampled before training, looked up by global row; labels are checked."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open_safetensors(self.path) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FLAT_FORMAT or "rows" not in set(f.keys()):
+                raise ValueError(
+                    f"{self.path} is not a DDO negatives file (a ccalign code file with rows); "
+                    "delete it and the round samples it again"
+                )
+            self.tokens = f.get_tensor("codes")[:, 0].long()
+            self.labels = f.get_tensor("labels").long()
+            self.rows = f.get_tensor("rows").long()
+        self.meta = meta
+
+    def draw(self, reference: nn.Module, labels: Tensor, row_ids: Tensor) -> Tensor:
+        """The stored samples of rows ``row_ids``, which must carry ``labels``."""
+        where = torch.searchsorted(self.rows, row_ids)
+        found = where < len(self.rows)
+        found[found.clone()] = self.rows[where[found]] == row_ids[found]
+        if not bool(found.all()):
+            raise ValueError(
+                f"{self.path} holds no negative for global row {int(row_ids[~found][0])}: it was "
+                "sampled for another run; delete it and the round samples it again"
+            )
+        if not torch.equal(self.labels[where], labels.cpu()):
+            raise ValueError(
+                f"{self.path}: the stored negatives' labels differ from the data's at these rows; "
+                "it was sampled for other data; delete it and the round samples it again"
+            )
+        return self.tokens[where].to(labels.device)
+
+
+def step_rows(
+    all_labels: np.ndarray, plan: D.BatchPlan, step: int, seed: int, uncond_ratio: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global row ids and labels of step ``step``'s conditional rows, as the trainer sees them."""
+    epoch, in_epoch = divmod(step - 1, plan.steps_per_epoch)
+    first = in_epoch * plan.global_batch
+    items = plan.epoch_order(epoch)[first : first + plan.global_batch]
+    cond = ~D.keyed_row_mask(seed, step, plan.global_batch, uncond_ratio).numpy()
+    rows = (step - 1) * plan.global_batch + np.flatnonzero(cond)
+    return rows.astype(np.int64), all_labels[items][cond].astype(np.int64)
+
+
+def write_negatives(reference: LlamaGen, trainer: Trainer) -> Path:
+    """Sample every negative of ``trainer``'s round into ``<out>/negatives.safetensors``.
+
+    ``reference`` must hold the round's reference weights; each process samples its steps, the
+    main process joins them. An existing file for the same settings and steps is reused; a
+    resume with more steps samples only the new steps' negatives.
+    """
+    config, out, steps = trainer.config, trainer.out, trainer.total_steps
+    manifest = _manifest(config, trainer)
+    final = out / NEGATIVES_FILE
+    if final.exists():
+        meta = FileNegatives(final).meta
+        if meta.get("manifest") == json.dumps(manifest) and meta["steps"] == str(steps):
+            return final
+    folder = out / NEGATIVES_DIR
+    _claim(folder, manifest, trainer.dist)
+    labels = trainer.dataset.all_labels()
+    sampler = Sampler(reference, device=trainer.device, cuda_graph=False, inplace=True)
+    for step in range(1 + trainer.dist.rank, steps + 1, trainer.dist.world_size):
+        path = folder / f"step_{step:08d}.npz"
+        if not path.exists():
+            arrays = _sample_step(sampler, config, labels, trainer.plan, step)
+            atomic_write(path, lambda tmp, a=arrays: _savez(tmp, a))
+    sampler.release()
+    D.barrier(trainer.dist)
+    if trainer.dist.is_main:
+        _join(folder, final, steps, manifest, reference)
+    D.barrier(trainer.dist)
+    return final
+
+
+def _sample_step(
+    sampler: Sampler, config: TrainConfig, all_labels: np.ndarray, plan: D.BatchPlan, step: int
+) -> dict[str, np.ndarray]:
+    """One step's negatives, in chunks of ``negatives_batch`` rows, each chunk keyed apart."""
+    method = config.method
+    rows, labels = step_rows(all_labels, plan, step, config.train.seed, method.uncond_ratio)
+    size, pieces = method.negatives_batch, []
+    for chunk, start in enumerate(range(0, len(rows), size)):
+        key = negative_seed(config.train.seed, method.round, step, chunk)
+        generator = torch.Generator(sampler.device).manual_seed(key)
+        part = torch.from_numpy(labels[start : start + size])
+        tokens = sampler.generate(part, generator=generator, **sampling_settings(method))
+        pieces.append(tokens.cpu().numpy())
+    empty = np.zeros((0, sampler.seq_len), dtype=np.int64)
+    tokens = np.concatenate(pieces) if pieces else empty
+    return {"tokens": tokens, "labels": labels, "rows": rows}
+
+
+def _manifest(config: TrainConfig, trainer: Trainer) -> dict:
+    """What the negatives depend on, besides the number of steps."""
+    method = config.method
+    return {
+        "seed": config.train.seed,
+        "round": method.round,
+        "uncond_ratio": method.uncond_ratio,
+        "negatives_batch": method.negatives_batch,
+        "sampling": sampling_settings(method),
+        "global_batch": trainer.plan.global_batch,
+        "data_seed": trainer.plan.seed,
+        "dataset_size": trainer.plan.dataset_size,
+        "reference": repr(trainer.reference_fingerprint),
+        "device": trainer.device.type,  # CPU and CUDA generators draw different streams
+    }
+
+
+def _claim(folder: Path, manifest: dict, dist: D.DistInfo) -> None:
+    """Record the settings of the step files in ``folder``; refuse files of other settings."""
+    path = folder / "run.json"
+    if dist.is_main and not path.exists():
+        text = json.dumps(manifest, indent=2, sort_keys=True)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    D.barrier(dist)
+    if json.loads(path.read_text()) != json.loads(json.dumps(manifest)):
+        raise ValueError(
+            f"{folder} holds negatives sampled with other settings or another reference; "
+            "delete it and the round samples them again"
+        )
+
+
+def _join(folder: Path, final: Path, steps: int, manifest: dict, reference: LlamaGen) -> None:
+    """All steps' negatives as one flat code file, with their global rows."""
+    parts = {"tokens": [], "labels": [], "rows": []}
+    for step in range(1, steps + 1):
+        with np.load(folder / f"step_{step:08d}.npz") as data:
+            for key, values in parts.items():
+                values.append(data[key])
+    joined = {key: np.concatenate(values) for key, values in parts.items()}
+    vocab = reference.vocab_size
+    dtype = torch.int16 if vocab <= 2**15 else torch.int32
+    tensors = {
+        "codes": torch.from_numpy(joined["tokens"]).to(dtype)[:, None],
+        "labels": torch.from_numpy(joined["labels"]),
+        "rows": torch.from_numpy(joined["rows"]),
+    }
+    meta = {
+        "format": FLAT_FORMAT,
+        "vocab_size": str(vocab),
+        "grid": str(reference.config.grid),
+        "manifest": json.dumps(manifest),
+        "steps": str(steps),
+    }
+    atomic_save_safetensors(tensors, final, meta)
+
+
+def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def attach_negatives(trainer: Trainer) -> None:
+    """Give the trainer's DDO objective its negative source (sampling the file if needed)."""
+    objective, config = trainer.objective, trainer.config
+    if not isinstance(objective, DDOObjective):
+        raise TypeError(f"a DDO round needs a DDOObjective, got {type(objective).__name__}")
+    method = config.method
+    if method.negatives == "online":
+        objective.negatives = OnlineNegatives(
+            seed=config.train.seed, round_index=method.round, sampling=sampling_settings(method)
+        )
+        return
+    cuda = [trainer.device] if trainer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # building the model draws; dropout must not see it
+        reference = model_from_config(config.model)  # the init weights, unsharded, for sampling
+    objective.negatives = FileNegatives(write_negatives(reference, trainer))
+
+
+def round_config(config: TrainConfig, round_index: int, init: str, out: Path) -> TrainConfig:
+    """The one-round config of round ``round_index``: its init, folder and data order."""
+    offset = round_index - config.method.round
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, init=init),
+        data=dataclasses.replace(config.data, seed=config.data.seed + offset),
+        method=dataclasses.replace(config.method, round=round_index, rounds=1),
+        checkpoint=dataclasses.replace(config.checkpoint, out=str(out)),
+    )
+
+
+def run_rounds(config: TrainConfig, *, resume: bool, callbacks: Sequence[Callback] = ()) -> None:
+    """Train ``method.rounds`` DDO rounds into ``checkpoint.out`` (see the module doc).
+
+    The caller has claimed the output folder (``run_training`` does).
+    """
+    if config.method.rounds == 1:
+        train_once(config, resume=resume, callbacks=callbacks, prepare=attach_negatives)
+        return
+    out, init = Path(config.checkpoint.out), config.model.init
+    first = config.method.round
+    # one process group for all rounds: re-creating it per round races the next rendezvous
+    # against the teardown of the last one
+    dist = D.init_from_env(_device_type(config.train.device))
+    try:
+        for index in range(first, first + config.method.rounds):
+            folder = out / f"round_{index}"
+            if not (folder / "final.safetensors").exists():
+                check_output_folder(folder, resume=resume, restart=False)
+                one = round_config(config, index, init, folder)
+                train_once(one, resume=resume, callbacks=callbacks, prepare=attach_negatives)
+            init = str(folder / "final.safetensors")
+    finally:
+        D.shutdown(dist)
+    if D.launched_as_main():  # at the end: every process has checked the folder long before
+        text = json.dumps(config.to_dict(), indent=2)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(out / "final.safetensors", lambda tmp: shutil.copyfile(init, tmp))
+
+
+def _device_type(name: str) -> str:
+    """``train.device``'s type, ``auto`` resolved as the trainer resolves it."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
