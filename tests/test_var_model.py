@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ccalign.models import var
 from ccalign.models.checkpoint import CheckpointMismatchError
+from ccalign.tokenizers import var_vq
 from ccalign.tokenizers.multiscale import phi_index
 from ccalign.train.optim import param_groups
 from ccalign.train.trainer import enable_activation_checkpointing
@@ -261,6 +262,12 @@ def test_save_load_round_trip_and_official_layout(tmp_path):
         var.load(tmp_path / "official.pth", "custom")
     loaded = var.load(tmp_path / "official.pth", "custom", vae=model.quantizer, **TINY).eval()
     assert torch.equal(loaded.logits(labels, tokens), model.logits(labels, tokens))
+    vae = var_vq.VarVQ(var_vq.VarVQConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2),
+                                           num_res_blocks=1, patch_nums=(1, 2, 3, 4)))
+    vae.quantize.load_state_dict(model.quantizer.state_dict(), strict=False)
+    torch.save(vae.state_dict(), tmp_path / "vae.pth")  # VAR's raw VQVAE layout
+    from_path = var.load(tmp_path / "official.pth", "custom", vae=tmp_path / "vae.pth", **TINY)
+    assert torch.equal(from_path.eval().logits(labels, tokens), model.logits(labels, tokens))
     other = tiny(seed=5)
     with pytest.raises(ValueError, match="different quantiser"):
         var.load(tmp_path / "m.safetensors", vae=other.quantizer)

@@ -138,7 +138,7 @@ def build(name: str = "VAR-d16", *, vae=None, **overrides) -> VAR:
         raise ValueError(f"a custom VAR model needs {sorted(missing)}")
     model = VAR(VARConfig(**fields))
     if vae is not None:
-        model.set_quantizer(_vae_quantizer(vae))
+        model.set_quantizer(_vae_quantizer(vae, model.config.patch_nums))
     return model
 
 
@@ -530,15 +530,15 @@ def _chunk_logprob(h: Tensor, targets: Tensor, weight: Tensor, bias: Tensor) -> 
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
-def _vae_quantizer(vae) -> MultiScaleQuantizer:
-    """The quantiser of a ``VarVQ``, or of the VQVAE file at a path."""
+def _vae_quantizer(vae, patch_nums: tuple[int, ...]) -> MultiScaleQuantizer:
+    """The quantiser of a ``VarVQ``, or of the VQVAE file at a path (read with these scales)."""
     if isinstance(vae, MultiScaleQuantizer):
         return vae
     if isinstance(vae, nn.Module) and isinstance(getattr(vae, "quantize", None), nn.Module):
         return vae.quantize
     from ccalign.tokenizers import var_vq
 
-    return var_vq.load(vae).quantize
+    return var_vq.load(vae, patch_nums=patch_nums).quantize
 
 
 # ---- files ----
@@ -616,7 +616,7 @@ def load(path, name: str | None = None, *, vae=None, **overrides) -> VAR:
         ) from None
     model.load_state_dict(sd, strict=True)
     if vae is not None:
-        quantizer = _vae_quantizer(vae)
+        quantizer = _vae_quantizer(vae, model.config.patch_nums)
         if config is not None and not _same_quantizer(model.quantizer, quantizer):
             raise ValueError(
                 f"{path} carries a different quantiser than the given vae: a fine-tuned VAR "
