@@ -15,13 +15,14 @@ sample exactly so (the paper's VAR settings: c = 1.5 with top_k 900, top_p 0.96)
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ccalign.models.var import VAR
-from ccalign.sample.engine import _check_generator, _eval_mode
+from ccalign.sample.engine import _check_generator, _eval_mode, _resolve_device
 from ccalign.sample.guidance import GuidanceScale, check_scale, guidance_scales
 
 
@@ -166,3 +167,38 @@ def _check_labels(model: VAR, labels: Tensor | Sequence[int]) -> Tensor:
             f"the null class); got values in [{low}, {high}]"
         )
     return labels
+
+
+class VarSampler:
+    """``generate(labels, generator=..., **settings)`` for sharded runs (``run_sampling``), as
+    ``Sampler`` offers for LlamaGen: the model on ``device`` in ``dtype`` (default bf16 on CUDA),
+    its quantiser kept in float32. ``inplace=True`` converts the model itself (saves memory)."""
+
+    def __init__(
+        self,
+        model: VAR,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        inplace: bool = False,
+    ):
+        ref = model.head.weight
+        self.device = _resolve_device(device or ref.device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else ref.dtype)
+        if ref.device != self.device or ref.dtype != self.dtype:
+            model = model if inplace else copy.deepcopy(model)
+            quantizer = {k: v.float() for k, v in model.quantizer.state_dict().items()}
+            model.to(device=self.device, dtype=self.dtype)
+            model.quantizer.float().load_state_dict(quantizer)
+        self.model = model.requires_grad_(False)
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.seq_len
+
+    def generate(self, labels: Tensor | Sequence[int], **settings) -> Tensor:
+        """(B, L) codes; ``settings`` as :func:`generate` takes them."""
+        return generate(self.model, torch.as_tensor(labels).to(self.device), **settings)
+
+    def release(self) -> None:
+        """Nothing to free: ``generate`` drops its KV cache after every batch."""

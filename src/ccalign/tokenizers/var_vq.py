@@ -384,6 +384,13 @@ def from_state_dict(
     image_size: int | None = None,
 ) -> VarVQ:
     """Build the VQVAE that ``sd`` describes (or ``config``) and load it strictly."""
+    if config is not None and image_size is not None and patch_nums is None:
+        if image_size != config.image_size:
+            raise ValueError(
+                f"{source} encodes {config.image_size} px images (scales {config.patch_nums}), "
+                f"not {image_size} px"
+            )
+        image_size = None
     if patch_nums is None and image_size is not None:
         if image_size not in (256, 512):
             raise ValueError(f"VAR's scales exist for 256 and 512 px, not {image_size}")
