@@ -288,3 +288,51 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
         assert piece in text
     with pytest.raises(ValueError, match="does not fit this VAR"):
         var.build("custom", **{**TINY, "vae_dim": 8}, vae=model.quantizer)
+
+
+def test_chunked_logprob_never_keeps_full_vocab_tensor_and_matches_gradients():
+    model = tiny(vocab_size=2048).train()
+    tokens, labels = random_tokens(model, 2), torch.tensor([0, 1])
+    sizes, params = [], {p.data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.data_ptr() not in params:  # weights are saved by reference: not activations
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(labels, tokens, chunk_rows=8).sum().backward()
+    chunked = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    full = 2 * 30 * 2048
+    assert max(sizes) <= full / 8, max(sizes)
+    model.zero_grad()
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model.logits(labels, tokens)
+        logits.log_softmax(-1).gather(2, tokens[..., None]).sum().backward()
+    assert max(sizes) >= full  # the naive path does keep it: the probe sees it
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            scale = chunked[k].abs().max().item()
+            torch.testing.assert_close(p.grad, chunked[k], rtol=1e-4, atol=1e-5 * scale + 1e-9)
+
+
+def test_drop_path_only_in_training_and_bf16_autocast_runs_vars_way():
+    model = tiny(drop_path=0.5)
+    tokens, labels = random_tokens(model, 4), torch.tensor([0, 1, 2, 3])
+    assert torch.equal(model.logits(labels, tokens), model.logits(labels, tokens))
+    model.train()
+    torch.manual_seed(1)
+    first = model(labels, tokens)
+    torch.manual_seed(2)
+    assert not torch.allclose(first, model(labels, tokens))
+    torch.manual_seed(1)
+    assert torch.equal(first, model(labels, tokens))  # the same seed, the same branches dropped
+    model.eval()
+    exact = model.logits(labels, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.logits(labels, tokens)
+        scores = model(labels, tokens)
+    assert low.dtype == torch.float32 and scores.dtype == torch.float32
+    torch.testing.assert_close(low, exact, rtol=0, atol=0.1)
+    assert (low - exact).abs().max() > 0  # it did run in bf16
