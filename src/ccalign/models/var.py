@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,6 @@ class VARConfig:
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
     init_std: float = -1.0  # < 0: sqrt(1 / (3 dim)), VAR's automatic choice
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
@@ -103,10 +102,7 @@ class VARConfig:
         return starts
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        d["patch_nums"] = list(self.patch_nums)
-        return d
+        return {**asdict(self), "patch_nums": list(self.patch_nums)}
 
 
 def _preset(depth: int, **extra) -> dict:
@@ -399,8 +395,8 @@ class VAR(nn.Module):
             return cond
         return self.shared_ada_lin(cond).view(-1, 1, 6, self.config.dim)
 
-    def hidden_states(self, labels: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Final head-normalised hidden states (B, L, D) in float32, and the class embedding."""
+    def hidden_states(self, labels: Tensor, tokens: Tensor) -> Tensor:
+        """Final head-normalised hidden states (B, L, D) in float32; position t predicts token t."""
         self._check_inputs(labels, tokens)
         x, cond = self._embed(labels, tokens)
         dtype = _compute_dtype(x)  # the autocast dtype when autocast is on, as VAR runs
@@ -408,11 +404,11 @@ class VAR(nn.Module):
         mask = self.attn_bias_for_masking.to(dtype)
         for block in self.blocks:
             x = block(x, block_cond, mask)
-        return self.head_nm(x.float(), cond), cond
+        return self.head_nm(x.float(), cond)
 
     def logits(self, labels: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced float32 logits (B, L, V); position t predicts ``tokens[:, t]``."""
-        return self.head(self.hidden_states(labels, tokens)[0]).float()
+        return self.head(self.hidden_states(labels, tokens)).float()
 
     def forward(self, labels: Tensor, tokens: Tensor, chunk_rows: int = 4096) -> Tensor:
         """Sequence log-likelihood (B,) = sum_t log p(tokens[:, t] | earlier scales, label).
@@ -426,7 +422,7 @@ class VAR(nn.Module):
 
     def token_logprobs(self, labels: Tensor, tokens: Tensor, chunk_rows: int = 4096) -> Tensor:
         """Per-token log-probabilities (B, L) of the given tokens, computed chunk by chunk."""
-        hidden, _ = self.hidden_states(labels, tokens)
+        hidden = self.hidden_states(labels, tokens)
         b, n, d = hidden.shape
         flat_h, flat_t = hidden.reshape(b * n, d), tokens.reshape(b * n)
         weight, bias = self.head.weight, self.head.bias
