@@ -132,3 +132,25 @@ def test_mismatched_file_lists_every_problem(tmp_path):
     assert "bad.pth" in text and "decoder.conv_out.bias" in text and "encoder.extra" in text
     with pytest.raises(ValueError, match="not a VAR multi-scale VQVAE"):
         var_vq.config_from_state_dict({"encoder.conv_in.weight": torch.zeros(1)})
+
+
+def test_training_pass_straight_through_and_vq_loss():
+    model = tiny_vq().train().requires_grad_(True)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    recon, loss, codes = model(images)
+    assert recon.shape == images.shape and torch.equal(codes, model.encode(images))
+    f = model.latents(images).detach()
+    q = model.quantize
+    fhats, start, total = [], 0, 0.0
+    f_hat = torch.zeros_like(f)
+    for si, pn in enumerate(q.patch_nums):
+        f_hat = f_hat + q.upsampled(si, q.code_map(codes[:, start : start + pn * pn])).detach()
+        start += pn * pn
+        total += 1.25 * F.mse_loss(f_hat, f).item()
+        fhats.append(f_hat)
+    assert loss.item() == pytest.approx(total / 4, rel=1e-5)
+    torch.testing.assert_close(model.quantize(f)[0], fhats[-1], rtol=0, atol=1e-6)
+    (recon.square().mean() + loss).backward()
+    for name in ("encoder.conv_in.weight", "quantize.embedding.weight",
+                 "quantize.quant_resi.qresi_ls.0.weight", "decoder.conv_out.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name

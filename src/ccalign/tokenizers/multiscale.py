@@ -171,6 +171,23 @@ class MultiScaleQuantizer(nn.Module):
             out.append(d.argmin(dim=1))
         return torch.cat(out)
 
+    def forward(self, f: Tensor, beta: float = 0.25) -> tuple[Tensor, Tensor, Tensor]:
+        """Training pass (VAR's VQVAE training): (f_hat with straight-through gradients to f,
+        VQ loss, codes (B, L)).
+
+        The loss averages over the scales (1) beta |sg(f_hat_si) - f|^2, which pulls the encoder
+        towards the codes, and (2) |f_hat_si - sg(f)|^2, which trains codebook and phis; f_hat_si
+        is the sum up to scale si.
+        """
+        codes = self.encode(f.detach())
+        target = f.detach().float()
+        f_hat, loss = torch.zeros_like(target), target.new_zeros(())
+        for si, idx in enumerate(self.split_codes(codes)):
+            f_hat = f_hat + self.upsampled(si, self.code_map(idx))
+            loss = loss + beta * F.mse_loss(f_hat.detach(), f.float()) + F.mse_loss(f_hat, target)
+        straight_through = f.float() + (f_hat - target).detach()
+        return straight_through, loss / len(self.patch_nums), codes
+
     @torch.no_grad()
     def codes_to_fhat(self, codes: Tensor) -> Tensor:
         """Codes (B, L) -> float32 f_hat (B, C, n, n): the sum of every scale's phi(upsampled)."""

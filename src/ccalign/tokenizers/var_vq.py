@@ -285,6 +285,12 @@ class VarVQ(nn.Module):
         """Codes (B, L) -> images (B, C, H, W) in [-1, 1] (VAR's idxBl_to_img, last image)."""
         return self.decode_fhat(self.quantize.codes_to_fhat(codes.to(self.device).long()))
 
+    def forward(self, images: Tensor, beta: float = 0.25) -> tuple[Tensor, Tensor, Tensor]:
+        """Training pass (VAR's VQVAE.forward): (reconstruction, VQ loss, codes); the encoder
+        gets gradients through the straight-through f_hat (see ``MultiScaleQuantizer.forward``)."""
+        f_hat, vq_loss, codes = self.quantize(self.latents(images), beta)
+        return self.decoder(self.post_quant_conv(f_hat)), vq_loss, codes
+
     def _check_images(self, images: Tensor) -> None:
         size = self.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (self.channels, size, size):
