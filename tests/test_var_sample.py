@@ -132,3 +132,17 @@ def test_same_seed_same_tokens_and_the_smooth_path():
     assert not torch.allclose(smooth[1], hard[1])
     with pytest.raises(ValueError, match=r"\[0, 4\]"):
         var_sample.generate(model, [6])
+
+
+def test_bf16_model_samples_and_scores_like_the_float32_one():
+    model = tiny()
+    labels = torch.tensor([0, 1, 2])
+    sampler = var_sample.VarSampler(model, dtype=torch.bfloat16)
+    assert sampler.model is not model and sampler.model.head.weight.dtype == torch.bfloat16
+    assert sampler.model.quantizer.embedding.weight.dtype == torch.float32
+    assert torch.equal(sampler.model.quantizer.embedding.weight, model.quantizer.embedding.weight)
+    tokens = sampler.generate(labels, official_cfg=1.0, generator=torch.Generator().manual_seed(0))
+    low = sampler.model.logits(labels, tokens)
+    torch.testing.assert_close(low, model.logits(labels, tokens), rtol=0, atol=0.1)
+    torch.testing.assert_close(sampler.model(labels, tokens), model(labels, tokens),
+                               rtol=0.02, atol=0.5)

@@ -408,7 +408,7 @@ class VAR(nn.Module):
 
     def logits(self, labels: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced float32 logits (B, L, V); position t predicts ``tokens[:, t]``."""
-        return self.head(self.hidden_states(labels, tokens)).float()
+        return self._head(self.hidden_states(labels, tokens))
 
     def forward(self, labels: Tensor, tokens: Tensor, chunk_rows: int = 4096) -> Tensor:
         """Sequence log-likelihood (B,) = sum_t log p(tokens[:, t] | earlier scales, label).
@@ -437,6 +437,10 @@ class VAR(nn.Module):
             else:
                 pieces.append(_chunk_logprob(h_chunk, t_chunk, weight, bias))
         return torch.cat(pieces).view(b, n)
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        """float32 logits from the float32 head-normalised states (a bf16 model: in bf16)."""
+        return self.head(hidden.to(self.head.weight.dtype)).float()
 
     def _check_inputs(self, labels: Tensor, tokens: Tensor) -> None:
         if tokens.dim() != 2 or labels.dim() != 1 or labels.shape[0] != tokens.shape[0]:
@@ -497,7 +501,7 @@ class VAR(nn.Module):
         block_cond = self._block_cond(cond)
         for block in self.blocks:
             x = block(x, block_cond, None, start)
-        return self.head(self.head_nm(x.float(), cond)).float()
+        return self._head(self.head_nm(x.float(), cond))
 
 
 def _scale_levels_and_mask(patch_nums: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -522,7 +526,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _chunk_logprob(h: Tensor, targets: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    logits = F.linear(h, weight, bias).float()
+    logits = F.linear(h.to(weight.dtype), weight, bias).float()
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
