@@ -41,7 +41,8 @@ def test_official_keys_shapes_and_parameter_counts(name):
         model = var.build(name)
     keys, params = OFFICIAL[name]
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("quantizer.")}
-    assert len(sd) == keys and model.num_parameters() == params
+    assert len(sd) + 2 == keys and model.num_parameters() == params  # + the 2 derived keys
+    sd.update(var.derived_official_state(model.config.patch_nums))
     depth = model.config.depth
     c = 64 * depth
     expected = {
@@ -251,13 +252,20 @@ def test_activation_checkpointing_and_meta_rebuild_keep_the_model():
 def test_save_load_round_trip_and_official_layout(tmp_path):
     model = tiny()
     tokens, labels = random_tokens(model, 2), torch.tensor([1, 4])
+    # the state is finite floats only (trainer checks, EMA): the derived keys are not state
+    assert all(v.is_floating_point() and v.isfinite().all() for v in model.state_dict().values())
     var.save(model, tmp_path / "m.safetensors")
     again = var.load(tmp_path / "m.safetensors").eval()
     assert again.config == model.config
     assert torch.equal(again.logits(labels, tokens), model.logits(labels, tokens))
     var.save(model, tmp_path / "official.pth", official=True)
     raw = torch.load(tmp_path / "official.pth", weights_only=True)
-    assert set(raw) == {k for k in model.state_dict() if not k.startswith("quantizer.")}
+    assert set(raw) == {k for k in model.state_dict() if not k.startswith("quantizer.")} | {
+        "attn_bias_for_masking", "lvl_1L"}
+    assert raw["lvl_1L"].tolist() == [[0, 1, 1, 1, 1] + [2] * 9 + [3] * 16]
+    mask = raw["attn_bias_for_masking"][0, 0]  # VAR's: 0 where the query's scale >= the key's
+    level = torch.tensor([0, 1, 1, 1, 1] + [2] * 9 + [3] * 16)
+    assert torch.equal(mask == 0, level[:, None] >= level[None, :]) and mask.min() == -math.inf
     with pytest.raises(ValueError, match="preset name"):
         var.load(tmp_path / "official.pth", "custom")
     loaded = var.load(tmp_path / "official.pth", "custom", vae=model.quantizer, **TINY).eval()
@@ -286,6 +294,16 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
     pieces = ("blocks.1.ffn.fc2.bias", "blocks.0.attn.extra", "head.weight: checkpoint (17, 32)")
     for piece in (*pieces, "VAR-d16"):
         assert piece in text
+    good = var.official_state_dict(model)
+    for bad, message in (({k: v for k, v in good.items() if k != "attn_bias_for_masking"},
+                          "missing key"),
+                         ({**good, "attn_bias_for_masking": torch.zeros(1, 1, 30, 30)},
+                          "attn_bias_for_masking .* is not VAR's"),
+                         ({**good, "lvl_1L": torch.zeros(1, 30, dtype=torch.long)},
+                          "lvl_1L .* is not VAR's")):
+        torch.save(bad, tmp_path / "bad_mask.pth")
+        with pytest.raises(CheckpointMismatchError, match=message):
+            var.load(tmp_path / "bad_mask.pth", "custom", vae=model.quantizer, **TINY)
     with pytest.raises(ValueError, match="does not fit this VAR"):
         var.build("custom", **{**TINY, "vae_dim": 8}, vae=model.quantizer)
 
@@ -336,3 +354,24 @@ def test_drop_path_only_in_training_and_bf16_autocast_runs_vars_way():
     assert low.dtype == torch.float32 and scores.dtype == torch.float32
     torch.testing.assert_close(low, exact, rtol=0, atol=0.1)
     assert (low - exact).abs().max() > 0  # it did run in bf16
+
+
+def test_trainer_fine_tunes_a_var_model_like_llamagen(tmp_path):
+    """CCA steps with activation checkpointing and an EMA: the transformer moves, the frozen
+    quantiser does not, and every saved float stays finite."""
+    from ccalign.train.trainer import Trainer
+    from test_train import make_config
+
+    model = tiny().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens, labels = random_tokens(model, 16), torch.arange(16) % 5
+    config = make_config(tmp_path / "run", train={"steps": 2, "activation_checkpointing": True},
+                         method={"uncond_ratio": 0.25}, optim={"ema_decay": 0.9})
+    trainer = Trainer(config, model, list(zip(tokens, labels, strict=True)))
+    trainer.fit()
+    after = trainer.model.state_dict()
+    frozen = [k for k in before if k.startswith("quantizer.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    moved = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert all(not torch.equal(before[k], after[k]) for k in moved)
+    assert all(v.isfinite().all() for v in trainer.ema.state_dict()["shadow"].values())

@@ -1,7 +1,11 @@
 """VAR (next-scale prediction), numerically the released model, readable top to bottom.
 
-State-dict keys and shapes are those of the released ``var_d16.pth`` .. ``var_d36.pth`` (raw
-state_dicts), so official weights load strictly. The sequence holds the codes of every scale of
+Keys and shapes are those of the released ``var_d16.pth`` .. ``var_d36.pth`` (raw state_dicts),
+so official weights load strictly. Two official keys hold no weights but follow from the scales:
+``lvl_1L`` (each position's scale) and ``attn_bias_for_masking`` (the block-causal mask). They
+are checked on load, rebuilt at each forward and written back in the official layout, but not
+kept as state: the mask's -inf entries break finite-weight checks and running averages, and an
+integer tensor has no place in an EMA of the weights. The sequence holds the codes of every scale of
 the multi-scale VQVAE, coarsest first, raster order within a scale: L = sum(pn^2) = 680 at
 256 px. Teacher forcing: position 0 holds the class embedding (the "sos" of scale 0); the
 positions of scale si + 1 hold word_embed(f_hat after scales 0..si, area-downsampled to the side
@@ -30,6 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ccalign.models.checkpoint import (
+    CheckpointMismatchError,
+    check_state_dict,
+    extract_state_dict,
+)
 from ccalign.tokenizers.multiscale import MultiScaleQuantizer
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -288,9 +297,6 @@ class VAR(nn.Module):
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
         rates = torch.linspace(0, config.drop_path, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
-        level, mask = _scale_levels_and_mask(config.patch_nums)
-        self.register_buffer("lvl_1L", level.to(self.pos_1LC.device))
-        self.register_buffer("attn_bias_for_masking", mask.to(self.pos_1LC.device))
         self.head_nm = HeadNorm(config)
         self.head = nn.Linear(c, config.vocab_size)
         self.quantizer = MultiScaleQuantizer(
@@ -387,7 +393,8 @@ class VAR(nn.Module):
             cond = self.class_emb(labels)
             sos = cond[:, None].expand(b, first, -1) + self.pos_start.expand(b, first, -1)
             x = torch.cat([sos, self.word_embed(inputs.to(self.word_embed.weight.dtype))], dim=1)
-            x = x + (self.lvl_embed(self.lvl_1L.expand(b, -1)) + self.pos_1LC)
+            levels = self._levels(tokens.device)
+            x = x + (self.lvl_embed(levels.expand(b, -1)) + self.pos_1LC)
         return x, cond
 
     def _block_cond(self, cond: Tensor) -> Tensor:
@@ -401,7 +408,7 @@ class VAR(nn.Module):
         x, cond = self._embed(labels, tokens)
         dtype = _compute_dtype(x)  # the autocast dtype when autocast is on, as VAR runs
         x, block_cond = x.to(dtype), self._block_cond(cond).to(dtype)
-        mask = self.attn_bias_for_masking.to(dtype)
+        mask = block_causal_mask(self._levels(x.device), dtype)
         for block in self.blocks:
             x = block(x, block_cond, mask)
         return self.head_nm(x.float(), cond)
@@ -488,7 +495,12 @@ class VAR(nn.Module):
 
     def _level_position(self, si: int) -> Tensor:
         start, end = self.config.scale_starts()[si : si + 2]
-        return self.lvl_embed(self.lvl_1L[:, start:end]) + self.pos_1LC[:, start:end]
+        levels = self._levels(self.pos_1LC.device)[:, start:end]
+        return self.lvl_embed(levels) + self.pos_1LC[:, start:end]
+
+    def _levels(self, device: torch.device) -> Tensor:
+        """VAR's lvl_1L: the scale index of every position, (1, L) int64."""
+        return scale_levels(self.config.patch_nums).to(device)
 
     def forward_scale(self, si: int, x: Tensor, cond: Tensor) -> Tensor:
         """Run scale ``si``'s inputs x (B, pn^2, D) through the cache; float32 logits (B, pn^2, V).
@@ -504,13 +516,22 @@ class VAR(nn.Module):
         return self._head(self.head_nm(x.float(), cond))
 
 
-def _scale_levels_and_mask(patch_nums: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Scale index of every position (1, L) and the block-causal additive mask (1, 1, L, L)."""
+def scale_levels(patch_nums: tuple[int, ...]) -> Tensor:
+    """Scale index of every position, (1, L) int64 (VAR's lvl_1L)."""
     level = torch.cat([torch.full((p * p,), i, device="cpu") for i, p in enumerate(patch_nums)])
-    visible = level[:, None] >= level[None, :]  # the query's scale >= the key's scale
-    n = level.numel()
-    mask = torch.zeros(n, n, device="cpu").masked_fill(~visible, float("-inf"))
-    return level.view(1, n), mask.view(1, 1, n, n)
+    return level.view(1, -1)
+
+
+def block_causal_mask(levels: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Additive mask (1, 1, L, L): 0 where the query's scale >= the key's, -inf elsewhere.
+
+    VAR stores it as ``attn_bias_for_masking``; here it is rebuilt at each forward (see the
+    module doc).
+    """
+    level = levels.reshape(-1)
+    visible = level[:, None] >= level[None, :]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=levels.device)
+    return mask.masked_fill(~visible, float("-inf"))[None, None]
 
 
 def _is_official_key(key: str) -> bool:
@@ -545,9 +566,38 @@ def _vae_quantizer(vae, patch_nums: tuple[int, ...]) -> MultiScaleQuantizer:
 CONFIG_METADATA_KEY = "ccalign.var.config"
 
 
+def derived_official_state(patch_nums: tuple[int, ...]) -> dict[str, Tensor]:
+    """VAR's two official keys computed from the scales: lvl_1L and attn_bias_for_masking."""
+    levels = scale_levels(patch_nums)
+    return {"lvl_1L": levels, "attn_bias_for_masking": block_causal_mask(levels)}
+
+
 def official_state_dict(model: VAR) -> dict[str, Tensor]:
-    """The released raw state_dict layout (no quantiser copy), detached CPU tensors."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if _is_official_key(k)}
+    """The released raw state_dict layout (no quantiser copy, with the derived keys), CPU."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if _is_official_key(k)}
+    return {**sd, **derived_official_state(model.config.patch_nums)}
+
+
+def _take_derived(sd: dict[str, Tensor], config: VARConfig, path, required: bool) -> dict:
+    """``sd`` without VAR's derived keys, after checking them against the model's scales."""
+    expected = derived_official_state(config.patch_nums)
+    missing = [k for k in expected if k not in sd]
+    if missing and required:
+        raise CheckpointMismatchError(
+            f"{path}: checkpoint does not fit VAR: missing key(s) {', '.join(missing)}, which "
+            "every official VAR file holds; is this a VAR checkpoint?"
+        )
+    for key, value in expected.items():
+        found = sd.get(key)
+        if found is not None and not (
+            found.shape == value.shape and torch.equal(found, value.to(found.dtype))
+        ):
+            raise CheckpointMismatchError(
+                f"{path}: {key} (shape {tuple(sd[key].shape)}) is not VAR's for scales "
+                f"{config.patch_nums} (shape {tuple(value.shape)}); build the model the file was "
+                "trained with (VAR-d36 is the 512 px model)"
+            )
+    return {k: v for k, v in sd.items() if k not in expected}
 
 
 def save(model: VAR, path, *, official: bool = False) -> None:
@@ -588,11 +638,6 @@ def load(path, name: str | None = None, *, vae=None, **overrides) -> VAR:
     weights-only; any key or shape mismatch is reported key by key.
     """
     from ccalign.io import read_tensor_file
-    from ccalign.models.checkpoint import (
-        CheckpointMismatchError,
-        check_state_dict,
-        extract_state_dict,
-    )
 
     config = config_from_file(path)
     sd = extract_state_dict(read_tensor_file(path))
@@ -607,6 +652,7 @@ def load(path, name: str | None = None, *, vae=None, **overrides) -> VAR:
         model = build(name, **overrides)
         quantizer = {f"quantizer.{k}": v for k, v in model.quantizer.state_dict().items()}
         sd = {**sd, **{k: v for k, v in quantizer.items() if k not in sd}}
+    sd = _take_derived(sd, model.config, path, required=config is None)
     try:
         sd = check_state_dict(model, sd)
     except CheckpointMismatchError as exc:
