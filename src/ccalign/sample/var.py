@@ -24,6 +24,7 @@ from torch import Tensor
 from ccalign.models.var import VAR
 from ccalign.sample.engine import _check_generator, _eval_mode, _resolve_device
 from ccalign.sample.guidance import GuidanceScale, check_scale, guidance_scales
+from ccalign.tokenizers.multiscale import MultiScaleQuantizer
 
 
 def official_cfg_scales(cfg: float, num_scales: int) -> list[float]:
@@ -52,6 +53,14 @@ def guidance_weights(
     return ramp
 
 
+def check_filter_args(top_k: int, top_p: float) -> None:
+    """Raise a ValueError naming a top-k / top-p setting outside its range."""
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(
+            f"need top_k >= 0 (0 disables) and 0 < top_p <= 1 (1 disables); got {top_k}, {top_p}"
+        )
+
+
 def var_filter(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """VAR's top-k then top-p on logits (..., V), out of place.
 
@@ -59,10 +68,7 @@ def var_filter(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     token whose cumulative mass is <= 1 - top_p, never the most likely one: the kept tokens
     carry the top mass. ``top_p`` 1 disables it (VAR writes 0 for off).
     """
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(
-            f"need top_k >= 0 (0 disables) and 0 < top_p <= 1 (1 disables); got {top_k}, {top_p}"
-        )
+    check_filter_args(top_k, top_p)
     out = logits.float()
     if top_k > 0:
         kth = out.topk(min(top_k, out.shape[-1]), dim=-1, sorted=False).values.amin(-1, True)
@@ -80,6 +86,24 @@ def _draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     b, n, v = logits.shape
     probs = logits.softmax(dim=-1).view(-1, v)
     return torch.multinomial(probs, 1, replacement=True, generator=generator).view(b, n)
+
+
+def _draw_scale(
+    logits: Tensor,
+    quantizer: MultiScaleQuantizer,
+    ratio: float,
+    more_smooth: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """A scale's codes (B, l) from filtered logits (B, l, V), and the code vectors (B, l, C)
+    that enter f_hat: the drawn codes' own, or with ``more_smooth`` VAR's Gumbel-softmax mixture
+    at temperature max(0.27 (1 - 0.95 ratio), 0.005) of logits x (1 + ratio), ratio = si/(S-1)."""
+    idx = _draw(logits, generator)
+    book = quantizer.embedding.weight.float()
+    if not more_smooth:
+        return idx, book[idx]
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    return idx, _gumbel_softmax(logits * (1 + ratio), tau, generator) @ book
 
 
 def _gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None) -> Tensor:
@@ -115,7 +139,7 @@ def generate(
     cfg = model.config
     labels = _check_labels(model, labels)
     _check_generator(generator, labels.device)
-    var_filter(torch.zeros(1, 1), top_k, top_p)  # validates the filter settings
+    check_filter_args(top_k, top_p)
     weights = guidance_weights(cfg_scale, official_cfg, len(cfg.patch_nums))
     guided = double_batch or any(t != 0.0 for t in weights)
     batch = labels.shape[0]
@@ -135,15 +159,8 @@ def generate(
                     t = weights[si]
                     logits = (1 + t) * logits[:batch] - t * logits[batch:]
                 logits = var_filter(logits, top_k, top_p)
-                idx = _draw(logits, generator)
+                idx, vectors = _draw_scale(logits, quantizer, si / last, more_smooth, generator)
                 codes.append(idx)
-                book = quantizer.embedding.weight.float()
-                if more_smooth:
-                    ratio = si / last
-                    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                    vectors = _gumbel_softmax(logits * (1 + ratio), tau, generator) @ book
-                else:
-                    vectors = book[idx]
                 h = vectors.transpose(1, 2).reshape(batch, cfg.vae_dim, pn, pn)
                 f_hat = f_hat + quantizer.upsampled(si, h)
                 if si < last:
