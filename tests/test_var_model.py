@@ -3,6 +3,7 @@ re-derivation, block-causality, memory-lean scoring, strict files, the frozen qu
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from ccalign.models import var
 from ccalign.models.checkpoint import CheckpointMismatchError
 from ccalign.tokenizers import var_vq
-from ccalign.tokenizers.multiscale import phi_index
+from ccalign.tokenizers.multiscale import phi_index, phi_ticks
 from ccalign.train.optim import param_groups
 from ccalign.train.trainer import enable_activation_checkpointing
 
@@ -72,6 +73,9 @@ def test_d36_is_the_512px_shared_adaln_model():
 
 def test_phi_of_each_scale_is_vars_nearest_tick():
     assert [phi_index(si, 10, 4) for si in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    for count in range(1, 7):  # VAR's ticks: np.linspace, bit for bit
+        edge = 1 / 3 / count if count == 4 else 1 / 2 / count
+        assert phi_ticks(count) == np.linspace(edge, 1 - edge, count).tolist()
 
 
 def test_init_follows_vars_init_weights():
@@ -94,9 +98,42 @@ def test_init_follows_vars_init_weights():
 
 
 # ---- an independent float64 re-derivation of VAR's teacher-forced logits ----
+def bicubic_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(out, in) float64 weights of bicubic resampling (Keys, a = -0.75, half-pixel centres,
+    edge taps clamped): resample a map x as M_h x M_w^T."""
+
+    def cubic(d: float) -> float:
+        d, a = abs(d), -0.75
+        if d <= 1:
+            return (a + 2) * d**3 - (a + 3) * d**2 + 1
+        return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a if d < 2 else 0.0
+
+    m = torch.zeros(size_out, size_in, dtype=torch.float64)
+    for o in range(size_out):
+        src = (o + 0.5) * size_in / size_out - 0.5
+        base = math.floor(src)
+        for tap in range(-1, 3):
+            m[o, min(max(base + tap, 0), size_in - 1)] += cubic(src - (base + tap))
+    return m
+
+
+def area_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(out, in) float64 weights of area downsampling: the mean over cells
+    [floor(o in / out), ceil((o + 1) in / out))."""
+    m = torch.zeros(size_out, size_in, dtype=torch.float64)
+    for o in range(size_out):
+        lo, hi = (o * size_in) // size_out, -(-(o + 1) * size_in // size_out)
+        m[o, lo:hi] = 1 / (hi - lo)
+    return m
+
+
+def resample(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return m @ x @ m.T
+
+
 def reference_inputs(model: var.VAR, tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher-forcing input from the spec: f_hat sums phi(bicubic(code map)); the next scale
-    reads its area average (adaptive average pooling)."""
+    """Teacher-forcing input from the spec, with hand-written resampling: f_hat sums
+    phi(bicubic(code map)); the next scale reads its area average."""
     cfg, q = model.config, model.quantizer
     book = q.embedding.weight.double()
     side, pieces, start = cfg.patch_nums[-1], [], 0
@@ -105,12 +142,12 @@ def reference_inputs(model: var.VAR, tokens: torch.Tensor) -> torch.Tensor:
         codes = tokens[:, start : start + pn * pn]
         start += pn * pn
         h = book[codes].reshape(-1, pn, pn, cfg.vae_dim).permute(0, 3, 1, 2)
-        h = F.interpolate(h, size=(side, side), mode="bicubic")
+        h = resample(h, bicubic_matrix(pn, side))
         conv = q.phi(si)
         h = 0.5 * h + 0.5 * F.conv2d(h, conv.weight.double(), conv.bias.double(), padding=1)
         f_hat = f_hat + h
-        nxt = cfg.patch_nums[si + 1]
-        pieces.append(F.adaptive_avg_pool2d(f_hat, nxt).flatten(2).transpose(1, 2))
+        small = resample(f_hat, area_matrix(side, cfg.patch_nums[si + 1]))
+        pieces.append(small.flatten(2).transpose(1, 2))
     return torch.cat(pieces, 1)
 
 
@@ -170,16 +207,22 @@ def random_tokens(model: var.VAR, batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, model.vocab_size, (batch, model.seq_len), generator=g)
 
 
-@pytest.mark.parametrize("shared_aln", [False, True])
-def test_logits_equal_float64_reference(shared_aln):
-    model = tiny(shared_aln=shared_aln)
+#: VAR's ten 256 px scales (16 -> 13 and 13 -> 16 resample by non-integer ratios), one block
+REAL_SCALES = dict(depth=1, dim=64, n_head=1, patch_nums=var.PATCH_NUMS_256, vocab_size=64,
+                   vae_dim=8)
+
+
+@pytest.mark.parametrize("arch", [{}, {"shared_aln": True}, REAL_SCALES])
+def test_logits_equal_float64_reference(arch):
+    model = tiny(**arch)
+    n, dim, vocab = model.seq_len, model.config.vae_dim, model.vocab_size
     tokens, labels = random_tokens(model, 3), torch.tensor([0, 4, 5])  # 5 = the null class
     inputs = model.quantizer.teacher_forcing_input(tokens)
-    assert inputs.dtype == torch.float32 and inputs.shape == (3, model.seq_len - 1, 4)
-    torch.testing.assert_close(inputs.double(), reference_inputs(model, tokens),
-                               rtol=0, atol=2e-6)
+    assert inputs.dtype == torch.float32 and inputs.shape == (3, n - 1, dim)
+    expected = reference_inputs(model, tokens)  # float32 sums over up to 9 scales: ~1e-6 off
+    torch.testing.assert_close(inputs.double(), expected, rtol=0, atol=1e-5)
     logits = model.logits(labels, tokens)
-    assert logits.dtype == torch.float32 and logits.shape == (3, 30, 16)
+    assert logits.dtype == torch.float32 and logits.shape == (3, n, vocab)
     torch.testing.assert_close(logits.double(), reference_logits(model, labels, tokens),
                                rtol=0, atol=2e-5)
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ccalign.models.checkpoint import CheckpointMismatchError
 from ccalign.tokenizers import ImageTokenizer, files, var_vq
 from ccalign.tokenizers.multiscale import MultiScaleQuantizer
+from test_var_model import area_matrix, bicubic_matrix, resample
 
 TINY = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
             patch_nums=(1, 2, 3, 4))
@@ -45,16 +46,16 @@ def test_official_keys_shapes_and_parameter_count():
 
 
 def reference_codes(q: MultiScaleQuantizer, f: torch.Tensor) -> torch.Tensor:
-    """Residual quantisation from the spec in float64: area average (adaptive pooling), nearest
-    code by explicit squared distance, f_hat += phi(bicubic(code map))."""
+    """Residual quantisation from the spec in float64 with hand-written resampling: area average,
+    nearest code by explicit squared distance, f_hat += phi(bicubic(code map))."""
     book = q.embedding.weight.double()
     rest, side, codes = f.double().clone(), f.shape[-1], []
     for si, pn in enumerate(q.patch_nums):
-        z = F.adaptive_avg_pool2d(rest, pn).permute(0, 2, 3, 1)  # (B, pn, pn, C)
+        z = resample(rest, area_matrix(side, pn)).permute(0, 2, 3, 1)  # (B, pn, pn, C)
         idx = ((z[..., None, :] - book) ** 2).sum(-1).argmin(-1)  # (B, pn, pn)
         h = book[idx].permute(0, 3, 1, 2)
         if pn != side:
-            h = F.interpolate(h, size=(side, side), mode="bicubic")
+            h = resample(h, bicubic_matrix(pn, side))
         conv = q.phi(si)
         h = 0.5 * h + 0.5 * F.conv2d(h, conv.weight.double(), conv.bias.double(), padding=1)
         rest = rest - h
@@ -81,7 +82,7 @@ def test_decode_sums_phis_of_upsampled_code_maps():
     for si, pn in enumerate(q.patch_nums):
         h = book[codes[:, start : start + pn * pn]].view(2, pn, pn, 4).permute(0, 3, 1, 2)
         start += pn * pn
-        h = F.interpolate(h, size=(4, 4), mode="bicubic") if pn != 4 else h
+        h = resample(h, bicubic_matrix(pn, 4)) if pn != 4 else h
         conv = q.phi(si)
         f_hat += 0.5 * h + 0.5 * F.conv2d(h, conv.weight.double(), conv.bias.double(), padding=1)
     torch.testing.assert_close(q.codes_to_fhat(codes).double(), f_hat, rtol=0, atol=1e-6)
