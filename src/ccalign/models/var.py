@@ -1,17 +1,18 @@
 """VAR (next-scale prediction), numerically the released model, readable top to bottom.
 
+The sequence holds the codes of every scale of the multi-scale VQVAE, coarsest first, raster
+order within a scale: L = sum(pn^2) = 680 at 256 px. Teacher forcing: position 0 holds the class
+embedding (the "sos" of scale 0); the positions of scale si + 1 hold word_embed(f_hat after
+scales 0..si, area-downsampled to the side of scale si + 1); the output at a position predicts
+the code there. Attention is block-causal: a position sees its own scale and every earlier one.
+Each block is modulated by the class embedding (AdaLN).
+
 Keys and shapes are those of the released ``var_d16.pth`` .. ``var_d36.pth`` (raw state_dicts),
 so official weights load strictly. Two official keys hold no weights but follow from the scales:
 ``lvl_1L`` (each position's scale) and ``attn_bias_for_masking`` (the block-causal mask). They
 are checked on load, rebuilt at each forward and written back in the official layout, but not
 kept as state: the mask's -inf entries break finite-weight checks and running averages, and an
-integer tensor has no place in an EMA of the weights. The sequence holds the codes of every scale of
-the multi-scale VQVAE, coarsest first, raster order within a scale: L = sum(pn^2) = 680 at
-256 px. Teacher forcing: position 0 holds the class embedding (the "sos" of scale 0); the
-positions of scale si + 1 hold word_embed(f_hat after scales 0..si, area-downsampled to the side
-of scale si + 1); the output at a position predicts the code there. Attention is block-causal:
-a position sees its own scale and every earlier one. Each block is modulated by the class
-embedding (AdaLN).
+integer tensor has no place in an EMA of the weights.
 
 The teacher-forcing input comes from the VQVAE's quantiser (codebook and phi convs), so the
 model carries a frozen copy of it, ``model.quantizer`` (keys ``quantizer.*``, absent from the
