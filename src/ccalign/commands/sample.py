@@ -248,8 +248,17 @@ def _setup_var(args: argparse.Namespace, device) -> tuple:
             f"{args.checkpoint} is an official VAR file: give --tokenizer with its VQVAE "
             "(vae_ch160v4096z32.pth), whose quantiser builds every scale's input"
         )
-    if recorded is None and args.model not in var.PRESETS:
+    if args.model is not None and args.model not in var.PRESETS:
         raise ValueError(f"--model {args.model!r}: choose one of {sorted(var.PRESETS)}")
+    if recorded is not None and args.model is not None:
+        preset = var.PRESETS[args.model]
+        found = {key: getattr(recorded, key) for key in preset}
+        if found != preset:
+            raise ValueError(
+                f"--model {args.model} contradicts {args.checkpoint}, which records depth "
+                f"{recorded.depth}, width {recorded.dim}; leave --model out (ccalign files carry "
+                "their architecture)"
+            )
     config = recorded or var.VARConfig(**var.PRESETS[args.model])
     tokenizer = None
     if args.tokenizer:  # read at the model's scales (official VQVAE files do not record them)
