@@ -41,8 +41,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llamagen": Family("model", "LlamaGen GPT", True),
     "vq": Family("tokenizer", "LlamaGen VQ tokenizer", True),
-    "var": Family("model", "VAR", False),
-    "var-vqvae": Family("tokenizer", "VAR multi-scale VQVAE", False),
+    "var": Family("model", "VAR", True),
+    "var-vqvae": Family("tokenizer", "VAR multi-scale VQVAE", True),
     "gft": Family("model", "GFT LlamaGen (beta-conditioned)", True),
 }
 

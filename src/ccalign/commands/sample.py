@@ -1,4 +1,5 @@
-"""`ccalign sample`: draw images from a LlamaGen checkpoint into tokens, PNGs and an ADM .npz.
+"""`ccalign sample`: draw images from a LlamaGen or VAR checkpoint into tokens, PNGs and an ADM
+.npz.
 
 Runs on one process or under ``torchrun --nproc-per-node G``; a killed run resumes from the
 shards already written when started again with the same arguments.
@@ -22,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "hf://owner/repo/file",
     )
     parser.add_argument("--out", required=True, help="output folder (resumes if it holds a run)")
-    parser.add_argument("--model", help="preset of an official checkpoint, e.g. GPT-L")
+    parser.add_argument(
+        "--model", help="preset of an official checkpoint, e.g. GPT-L or VAR-d16 (var_d16.pth)"
+    )
     parser.add_argument(
         "--grid", type=int, help="tokens per side of an official checkpoint (24 at 384 px)"
     )
@@ -49,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "guides, 0 = the unconditional model, between 0 and 1 interpolates (LlamaGen's sampler "
         "treats any scale <= 1 as guidance-free); must be finite and >= 0",
     )
+    how.add_argument(
+        "--var-cfg",
+        type=float,
+        help="VAR models: VAR's own cfg number c instead of --cfg-scale, a ramp over the scales "
+        "from 1 (guidance-free) to 1 + c, as VAR's sampler (the paper's VAR setting: 1.5 with "
+        "--top-k 900 --top-p 0.96); 0 = guidance-free",
+    )
     how.add_argument("--cfg-interval", type=int, default=-1, help="guide tokens <= this + 1 only")
     how.add_argument(
         "--gft-beta",
@@ -63,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument(
         "--tokenizer",
         help="tokenizer file, registry name or hf:// URI: decode to PNGs and samples.npz "
-        "(default for a registry checkpoint: its tokenizer)",
+        "(default for a registry checkpoint: its tokenizer; an official VAR checkpoint needs its "
+        "VQVAE, vae_ch160v4096z32.pth, to sample)",
     )
     images.add_argument("--resize", type=int, help="resize decoded images (bicubic), e.g. 256")
     images.add_argument("--no-png", action="store_true", help="write samples.npz but no PNGs")
@@ -112,6 +123,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed {args.seed}: must be >= 0")
     check_scale(args.cfg_scale)
     check_gft_beta(args.gft_beta)
+    if args.var_cfg is not None and args.cfg_scale != 1.0:
+        raise ValueError("give either --cfg-scale (ccalign's scale) or --var-cfg (VAR's), not both")
     check_sampling_args(args.temperature, args.top_k, args.top_p)
 
 
@@ -149,8 +162,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ccalign import hub
-    from ccalign.models import llamagen
-    from ccalign.sample.engine import Sampler, check_gft_beta
     from ccalign.sample.runner import RunConfig, plan_labels, run_sampling
 
     check_args(args)
@@ -158,13 +169,14 @@ def run(args: argparse.Namespace) -> int:
     release = hub.find(args.checkpoint)
     if release is not None:  # a registry name supplies what the command line leaves out
         args.model = args.model or release.preset
-        args.grid = args.grid or release.grid
+        if release.family != "var":  # VAR's scales come with its preset
+            args.grid = args.grid or release.grid
         args.tokenizer = args.tokenizer or release.tokenizer
-    checkpoint = hub.resolve(args.checkpoint, kind="model")
-    check_recorded_architecture(checkpoint, args.model, args.grid)
+    args.checkpoint = str(hub.resolve(args.checkpoint, kind="model"))
+    family = _setup_var if _is_var(args) else _setup_llamagen
     with _distributed(args.device) as (rank, world_size, device, barrier):
-        model = llamagen.load(checkpoint, args.model, grid=args.grid)
-        check_gft_beta(args.gft_beta, model)
+        sampler, tokenizer, sampling = family(args, device)
+        model = sampler.model
         labels = plan_labels(
             model.num_classes,
             classes=classes,
@@ -173,18 +185,6 @@ def run(args: argparse.Namespace) -> int:
             mode=args.labels,
             seed=args.seed,
         )
-        tokenizer = (
-            _load_tokenizer(args.tokenizer, device, model.config.grid) if args.tokenizer else None
-        )
-        sampling = dict(
-            cfg_scale=args.cfg_scale,
-            cfg_interval=args.cfg_interval,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-        )
-        if args.gft_beta is not None:  # only then: runs without it keep their recorded settings
-            sampling["gft_beta"] = args.gft_beta
         config = RunConfig(
             labels=labels,
             batch_size=args.batch_size,
@@ -192,10 +192,6 @@ def run(args: argparse.Namespace) -> int:
             sampling=sampling,
             resize=args.resize,
             decode=tokenizer is not None,
-        )
-        use_graph = False if args.no_cuda_graph or device.type != "cuda" else None
-        sampler = Sampler(
-            model, device=device, cuda_graph=use_graph, compile=args.compile, inplace=True
         )
         with torch.no_grad():
             outputs = run_sampling(
@@ -216,6 +212,90 @@ def run(args: argparse.Namespace) -> int:
             if path is not None:
                 print(f"{name}: {path}")
     return 0
+
+
+def _setup_llamagen(args: argparse.Namespace, device) -> tuple:
+    """(sampler, tokenizer or None, sampling settings) for a LlamaGen checkpoint."""
+    from ccalign.models import llamagen
+    from ccalign.sample.engine import Sampler, check_gft_beta
+
+    if args.var_cfg is not None:
+        raise ValueError("--var-cfg is VAR's guidance number; for LlamaGen give --cfg-scale")
+    check_recorded_architecture(args.checkpoint, args.model, args.grid)
+    model = llamagen.load(args.checkpoint, args.model, grid=args.grid)
+    check_gft_beta(args.gft_beta, model)
+    tokenizer = (
+        _load_tokenizer(args.tokenizer, device, model.config.grid) if args.tokenizer else None
+    )
+    sampling = dict(
+        cfg_scale=args.cfg_scale,
+        cfg_interval=args.cfg_interval,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    if args.gft_beta is not None:  # only then: runs without it keep their recorded settings
+        sampling["gft_beta"] = args.gft_beta
+    use_graph = False if args.no_cuda_graph or device.type != "cuda" else None
+    sampler = Sampler(
+        model, device=device, cuda_graph=use_graph, compile=args.compile, inplace=True
+    )
+    return sampler, tokenizer, sampling
+
+
+def _is_var(args: argparse.Namespace) -> bool:
+    """A ccalign VAR file, or an official one named by a VAR preset (--model VAR-d16)."""
+    from ccalign.models import var
+
+    named = (args.model or "").startswith("VAR-")
+    return named or var.config_from_file(args.checkpoint) is not None
+
+
+def _setup_var(args: argparse.Namespace, device) -> tuple:
+    """(sampler, tokenizer or None, sampling settings) for a VAR checkpoint.
+
+    The VQVAE (--tokenizer) is loaded once and gives an official checkpoint its quantiser.
+    """
+    from ccalign.models import var
+    from ccalign.sample.var import VarSampler
+    from ccalign.tokenizers import var_vq
+
+    unsupported = {
+        "--grid": args.grid is not None, "--temperature": args.temperature != 1.0,
+        "--cfg-interval": args.cfg_interval != -1, "--compile": args.compile,
+        "--gft-beta": args.gft_beta is not None,
+    }
+    if any(unsupported.values()):
+        given = ", ".join(name for name, used in unsupported.items() if used)
+        raise ValueError(f"{given}: not an option of VAR sampling (VAR's sampler has none)")
+    recorded = var.config_from_file(args.checkpoint)
+    if recorded is None and args.tokenizer is None:
+        raise ValueError(
+            f"{args.checkpoint} is an official VAR file: give --tokenizer with its VQVAE "
+            "(vae_ch160v4096z32.pth), whose quantiser builds every scale's input"
+        )
+    if args.model is not None and args.model not in var.PRESETS:
+        raise ValueError(f"--model {args.model!r}: choose one of {sorted(var.PRESETS)}")
+    if recorded is not None and args.model is not None:
+        preset = var.PRESETS[args.model]
+        found = {key: getattr(recorded, key) for key in preset}
+        if found != preset:
+            raise ValueError(
+                f"--model {args.model} contradicts {args.checkpoint}, which records depth "
+                f"{recorded.depth}, width {recorded.dim}; leave --model out (ccalign files carry "
+                "their architecture)"
+            )
+    config = recorded or var.VARConfig(**var.PRESETS[args.model])
+    tokenizer = None
+    if args.tokenizer:  # read at the model's scales (official VQVAE files do not record them)
+        tokenizer = var_vq.load(args.tokenizer, patch_nums=config.patch_nums)
+    model = var.load(args.checkpoint, None if recorded else args.model, vae=tokenizer)
+    if tokenizer is not None:
+        tokenizer.to(device).eval()
+    sampling = dict(cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p)
+    if args.var_cfg is not None:
+        sampling["official_cfg"] = args.var_cfg
+    return VarSampler(model, device=device, inplace=True), tokenizer, sampling
 
 
 def _load_tokenizer(path: str, device, grid: int):

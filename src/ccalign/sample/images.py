@@ -15,12 +15,17 @@ from ccalign.tokenizers.base import ImageTokenizer
 
 
 def check_tokenizer(tokenizer: ImageTokenizer, seq_len: int, vocab_size: int) -> None:
-    """Raise when the tokenizer cannot decode a model's tokens (grid or codebook mismatch)."""
-    if tokenizer.grid**2 != seq_len:
+    """Raise when the tokenizer cannot decode a model's tokens (length or codebook mismatch).
+
+    A tokenizer decodes ``grid ** 2`` tokens, or ``seq_len`` when it has one (VAR's multi-scale
+    VQVAE: every scale's codes)."""
+    grid = tokenizer.grid
+    length = getattr(tokenizer, "seq_len", grid**2)
+    if length != seq_len:
+        shape = f"{grid}x{grid} = {length}" if length == grid**2 else f"{length}"
         raise ValueError(
-            f"the tokenizer decodes {tokenizer.grid}x{tokenizer.grid} = {tokenizer.grid**2} "
-            f"tokens per image but the model samples {seq_len}; use the tokenizer the model was "
-            "trained with"
+            f"the tokenizer decodes {shape} tokens per image but the model samples {seq_len}; "
+            "use the tokenizer the model was trained with"
         )
     if tokenizer.vocab_size < vocab_size:
         raise ValueError(

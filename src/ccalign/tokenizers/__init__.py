@@ -1,4 +1,5 @@
-"""Image tokenizers: LlamaGen's VQ-16 / VQ-8 and a small trainable VQ, one interface for all.
+"""Image tokenizers: LlamaGen's VQ-16 / VQ-8, a small trainable VQ and VAR's multi-scale VQVAE
+(:mod:`ccalign.tokenizers.var_vq`, codes of every scale), one interface for all.
 
 ``load(path)`` reads any tokenizer file (see :func:`ccalign.tokenizers.files.load`);
 ``build(name)`` makes an untrained one: "VQ-16", "VQ-8" (LlamaGen) or "small" (28x28 grey ->

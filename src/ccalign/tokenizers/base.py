@@ -1,4 +1,6 @@
-"""The interface every image <-> token codec implements (LlamaGen VQ-16/VQ-8, the small VQ)."""
+"""The interface every image <-> token codec implements (LlamaGen VQ-16/VQ-8, the small VQ, VAR's
+multi-scale VQVAE). A multi-scale tokenizer also has ``seq_len``: its codes hold every scale, not
+just the grid (680 for VAR at 256 px); consumers read ``getattr(tokenizer, "seq_len", grid**2)``."""
 
 from __future__ import annotations
 

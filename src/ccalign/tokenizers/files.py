@@ -1,4 +1,5 @@
-"""Tokenizer files: ccalign safetensors (config in the metadata) and LlamaGen's official .pt."""
+"""Tokenizer files: ccalign safetensors (config in the metadata), LlamaGen's official .pt and
+VAR's multi-scale VQVAE .pth (recognised by its keys)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from ccalign.hub import resolve
 from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors, read_tensor_file
 from ccalign.models.checkpoint import check_state_dict, extract_state_dict
+from ccalign.tokenizers import var_vq
 from ccalign.tokenizers.llamagen_vq import (
     PRESETS,
     VQConfig,
@@ -28,12 +30,14 @@ ALIASES = {"fmnist-vq": FMNIST_VQ_PATH}
 OFFICIAL_WEIGHT_KEYS = ("model", "ema")
 
 
-def save(model: VQModel, path: PathLike, dtype: torch.dtype | None = None) -> Path:
+def save(model: VQModel | var_vq.VarVQ, path: PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write a tokenizer as safetensors with its config as metadata, atomically.
 
     ``dtype`` (e.g. ``torch.float16``) stores floating tensors at that precision to keep small
     assets small; :func:`load` always returns float32 weights.
     """
+    if isinstance(model, var_vq.VarVQ):
+        return var_vq.save(model, path, dtype)
     sd = model.state_dict()
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
@@ -43,7 +47,7 @@ def save(model: VQModel, path: PathLike, dtype: torch.dtype | None = None) -> Pa
 
 def load(
     path: PathLike, name: str | None = None, *, image_size: int | None = None
-) -> VQModel:
+) -> VQModel | var_vq.VarVQ:
     """Load a tokenizer from a file, detecting its kind from the contents.
 
     A ccalign ``.safetensors`` file carries its config. LlamaGen's official ``.pt`` (weights
@@ -51,12 +55,18 @@ def load(
     shapes; a damaged or unsafe file raises ValueError naming it. Give ``name``
     ("VQ-16", "VQ-8") to insist on that architecture and ``image_size`` (default 256) for the
     grid the sampler should assume. ``"fmnist-vq"`` names the bundled Fashion-MNIST tokenizer;
-    registry names (``llamagen-vq16``) and ``hf://`` URIs come through :mod:`ccalign.hub`.
-    The model is returned in eval mode on the CPU.
+    registry names (``llamagen-vq16``, ``var-vae``) and ``hf://`` URIs come through
+    :mod:`ccalign.hub`. The model is returned in eval mode on the CPU. VAR's VQVAE
+    (vae_ch160v4096z32.pth, or a ccalign file of one) loads as a multi-scale
+    :class:`~ccalign.tokenizers.var_vq.VarVQ`; ``image_size`` 512 selects VAR's 512 px scales.
     """
     path = _resolve(path)
+    if var_vq.metadata_config(path) is not None:
+        return var_vq.load(path, image_size=image_size)
     config = _config_from_metadata(path)
     sd = _state_dict(path, official=config is None)
+    if config is None and var_vq.is_var_vq_state_dict(sd):
+        return var_vq.from_state_dict(sd, path, image_size=image_size)
     if config is None:
         config = _official_config(sd, name, image_size or 256, path)
     elif image_size is not None:

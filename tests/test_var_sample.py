@@ -1,0 +1,148 @@
+"""VAR sampling: the cache reproduces teacher forcing, guidance-free runs B rows, VAR's cfg ramp,
+top-k / top-p, the Gumbel path, seeds."""
+
+import math
+
+import pytest
+import torch
+
+from ccalign.models import var
+from ccalign.sample import var as var_sample
+
+TINY = dict(depth=2, dim=32, n_head=2, patch_nums=(1, 2, 3, 4), vocab_size=16, vae_dim=4,
+            num_classes=5)
+
+
+def tiny(seed: int = 0) -> var.VAR:
+    torch.manual_seed(seed)
+    model = var.build("custom", **TINY)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.7 if name.startswith("quantizer.") else 0.2))
+    return model.eval()
+
+
+def recording(model: var.VAR) -> list[torch.Tensor]:
+    """Record the raw logits (rows, pn^2, V) of every cached scale forward."""
+    seen, forward = [], model.forward_scale
+
+    def wrapped(si, x, cond):
+        out = forward(si, x, cond)
+        seen.append(out.clone())
+        return out
+
+    model.forward_scale = wrapped
+    return seen
+
+
+def per_scale(model: var.VAR, logits: torch.Tensor) -> list[torch.Tensor]:
+    starts = model.config.scale_starts()
+    return [logits[:, a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def test_cached_generation_reproduces_teacher_forced_logits():
+    model = tiny()
+    seen = recording(model)
+    labels = torch.tensor([0, 3, 5])
+    g = torch.Generator().manual_seed(0)
+    tokens = var_sample.generate(model, labels, generator=g)
+    assert tokens.shape == (3, 30) and tokens.dtype == torch.int64
+    assert [s.shape[0] for s in seen] == [3] * 4  # guidance-free: the B conditional rows only
+    for cached, forced in zip(seen, per_scale(model, model.logits(labels, tokens)), strict=True):
+        torch.testing.assert_close(cached, forced, rtol=0, atol=2e-5)
+
+
+def test_cfg_runs_null_rows_matching_teacher_forcing_with_the_null_class():
+    model = tiny()
+    seen = recording(model)
+    labels = torch.tensor([1, 2])
+    tokens = var_sample.generate(model, labels, official_cfg=1.5,
+                                 generator=torch.Generator().manual_seed(1))
+    assert [s.shape[0] for s in seen] == [4] * 4
+    cond = per_scale(model, model.logits(labels, tokens))
+    uncond = per_scale(model, model.logits(torch.full((2,), 5), tokens))
+    for cached, c, u in zip(seen, cond, uncond, strict=True):
+        torch.testing.assert_close(cached[:2], c, rtol=0, atol=2e-5)
+        torch.testing.assert_close(cached[2:], u, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"official_cfg": 0.0}, {"cfg_scale": [1.0] * 4}])
+def test_guidance_free_never_runs_unconditional_rows(kwargs):
+    model = tiny()
+    seen = recording(model)
+    var_sample.generate(model, [0, 1, 2, 3], **kwargs)
+    assert [s.shape[0] for s in seen] == [4] * 4
+    seen.clear()
+    var_sample.generate(model, [0, 1, 2, 3], double_batch=True, **kwargs)  # VAR's own behaviour
+    assert [s.shape[0] for s in seen] == [8] * 4
+
+
+def test_official_cfg_is_a_ramp_from_one_to_one_plus_cfg():
+    scales = var_sample.official_cfg_scales(1.5, 10)
+    assert scales[0] == 1.0 and scales[-1] == 2.5
+    assert scales == pytest.approx([1 + 1.5 * si / 9 for si in range(10)], abs=1e-15)
+    assert var_sample.guidance_weights(1.0, 1.5, 4) == [0.0, 0.5, 1.0, 1.5]
+    assert var_sample.guidance_weights(2.0, None, 4) == [1.0] * 4
+    assert var_sample.guidance_weights(lambda si: 1 + si, None, 4) == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="not both"):
+        var_sample.guidance_weights(2.0, 1.5, 4)
+    with pytest.raises(ValueError, match="official_cfg -2"):
+        var_sample.guidance_weights(1.0, -2, 4)
+
+
+def test_guided_logits_are_vars_mix():
+    model = tiny()
+    seen = recording(model)
+    tokens = var_sample.generate(model, [4], cfg_scale=[1.0, 1.0, 1.0, 3.0], top_k=1)
+    mixed = 3.0 * seen[-1][:1] - 2.0 * seen[-1][1:]  # (1 + t) cond - t uncond, t = 2
+    assert torch.equal(tokens[:, 14:], mixed.argmax(-1))
+    assert torch.equal(tokens[:, :14], torch.cat([s[:1].argmax(-1) for s in seen[:-1]], 1))
+
+
+def test_var_filter_exact_small_cases():
+    logits = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).log()
+    inf = -math.inf
+    keep = var_sample.var_filter(logits, top_k=2)
+    assert torch.equal(keep.isinf(), torch.tensor([[True, True, False, False]]))
+    assert var_sample.var_filter(logits, top_p=0.65).isinf().tolist() == [[True, True, False,
+                                                                             False]]
+    assert var_sample.var_filter(logits, top_p=0.75).isinf().tolist() == [[True, False, False,
+                                                                             False]]
+    assert var_sample.var_filter(logits, top_p=0.01).isinf().sum() == 3  # the top one stays
+    ties = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
+    assert var_sample.var_filter(ties, top_k=1).tolist() == [[inf, 2.0, 2.0, inf]]
+    for bad in ({"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError, match="top_p"):
+            var_sample.var_filter(logits, **bad)
+
+
+def test_same_seed_same_tokens_and_the_smooth_path():
+    model = tiny()
+    runs = [var_sample.generate(model, [0, 1, 2], official_cfg=1.0, top_k=8, top_p=0.9,
+                                generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    hard = var_sample.generate(model, [0, 1], return_fhat=True,
+                               generator=torch.Generator().manual_seed(3))
+    smooth = var_sample.generate(model, [0, 1], more_smooth=True, return_fhat=True,
+                                 generator=torch.Generator().manual_seed(3))
+    again = var_sample.generate(model, [0, 1], more_smooth=True, return_fhat=True,
+                                generator=torch.Generator().manual_seed(3))
+    assert torch.equal(hard[1], model.quantizer.codes_to_fhat(hard[0]))
+    assert torch.equal(smooth[1], again[1]) and smooth[1].isfinite().all()
+    assert not torch.allclose(smooth[1], hard[1])
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        var_sample.generate(model, [6])
+
+
+def test_bf16_model_samples_and_scores_like_the_float32_one():
+    model = tiny()
+    labels = torch.tensor([0, 1, 2])
+    sampler = var_sample.VarSampler(model, dtype=torch.bfloat16)
+    assert sampler.model is not model and sampler.model.head.weight.dtype == torch.bfloat16
+    assert sampler.model.quantizer.embedding.weight.dtype == torch.float32
+    assert torch.equal(sampler.model.quantizer.embedding.weight, model.quantizer.embedding.weight)
+    tokens = sampler.generate(labels, official_cfg=1.0, generator=torch.Generator().manual_seed(0))
+    low = sampler.model.logits(labels, tokens)
+    torch.testing.assert_close(low, model.logits(labels, tokens), rtol=0, atol=0.1)
+    torch.testing.assert_close(sampler.model(labels, tokens), model(labels, tokens),
+                               rtol=0.02, atol=0.5)
