@@ -169,7 +169,7 @@ class FlatSink:
         self.flush()
         (self.parts / f"rank{self.rank}-of-{world}.done").touch()
 
-    def merge(self, world: int, vocab_size: int, grid: int) -> int:
+    def merge(self, world: int, vocab_size: int, grid: int, seq_len: int | None = None) -> int:
         """Wait for every rank's marker, then write the flat file and remove the parts."""
         from ccalign.data.codes import write_flat_codes
 
@@ -194,6 +194,7 @@ class FlatSink:
             np.concatenate(labels)[keep],
             vocab_size=vocab_size,
             grid=grid,
+            seq_len=seq_len,
         )
         shutil.rmtree(self.parts)
         return len(keep)
@@ -339,7 +340,9 @@ def _finish(args, sinks, world, rank, tokenizer, size, skipped) -> int:
             sink.mark_finished(world)
             if rank == 0:
                 grid = size // (tokenizer.image_size // tokenizer.grid)
-                count = sink.merge(world, tokenizer.vocab_size, grid)
+                # a multi-scale tokenizer (VAR's VQVAE) writes every scale's codes: seq_len
+                seq_len = getattr(tokenizer, "seq_len", grid * grid)
+                count = sink.merge(world, tokenizer.vocab_size, grid, seq_len)
                 print(f"wrote {count} images to {sink.path}", file=sys.stderr)
     if skipped:
         print(

@@ -18,6 +18,8 @@ int64, metadata ``format = ccalign.codes.v1``, ``vocab_size`` and ``grid``.
 
 from __future__ import annotations
 
+import math
+
 import os
 import re
 from dataclasses import dataclass
@@ -282,9 +284,11 @@ def validate_codes(
     """Check labels, token range and sequence length against a model before training starts."""
     problems = []
     if dataset.seq_len != seq_len:
+        side = math.isqrt(seq_len)
+        shape = f"grid {side}" if side * side == seq_len else "every scale's codes"
         problems.append(
             f"images have {dataset.seq_len} tokens but the model expects {seq_len} "
-            f"(grid {int(seq_len**0.5)}); extract codes at the model's image size"
+            f"({shape}); extract codes at the model's image size with its tokenizer"
         )
     if dataset.vocab_size is not None and dataset.vocab_size != vocab_size:
         problems.append(
@@ -306,19 +310,28 @@ def validate_codes(
         raise ValueError("code data does not fit the model:\n  " + "\n  ".join(problems))
 
 
-def write_flat_codes(path: PathLike, codes, labels, *, vocab_size: int, grid: int) -> Path:
-    """Write codes (M, N) or (M, V, N) and labels (M,) as one flat file, atomically."""
+def write_flat_codes(
+    path: PathLike, codes, labels, *, vocab_size: int, grid: int, seq_len: int | None = None
+) -> Path:
+    """Write codes (M, N) or (M, V, N) and labels (M,) as one flat file, atomically.
+
+    N is ``seq_len``: grid**2 by default, a multi-scale tokenizer's own length otherwise (VAR's
+    680 codes of every scale, ``grid`` being the last scale's side).
+    """
+    seq_len = grid * grid if seq_len is None else seq_len
     codes = torch.as_tensor(np.asarray(codes))
     labels = torch.as_tensor(np.asarray(labels)).long()
     if codes.dim() == 2:
         codes = codes[:, None, :]
-    if codes.dim() != 3 or labels.shape != (codes.shape[0],) or codes.shape[2] != grid * grid:
+    if codes.dim() != 3 or labels.shape != (codes.shape[0],) or codes.shape[2] != seq_len:
         raise ValueError(
             f"codes {tuple(codes.shape)} / labels {tuple(labels.shape)} do not form "
-            f"(M, V, {grid}^2) and (M,)"
+            f"(M, V, {seq_len}) and (M,)"
         )
     dtype = torch.int16 if vocab_size <= 2**15 else torch.int32
     meta = {"format": FLAT_FORMAT, "vocab_size": str(vocab_size), "grid": str(grid)}
+    if seq_len != grid * grid:  # multi-scale codes; LlamaGen files keep their three keys
+        meta["seq_len"] = str(seq_len)
     return atomic_save_safetensors({"codes": codes.to(dtype), "labels": labels}, path, meta)
 
 

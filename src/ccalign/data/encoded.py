@@ -14,6 +14,7 @@ which encodes the whole micro-batch in one call.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -34,7 +35,8 @@ _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class EncodedImages(CodeDataset):
-    """Images encoded on the fly: items ``(codes int64 (grid**2,), label int64 ())``."""
+    """Images encoded on the fly: items ``(codes int64 (seq_len,), label int64 ())``; seq_len is
+    grid**2, or a multi-scale tokenizer's own (680 for VAR's VQVAE at 256 px)."""
 
     def __init__(
         self,
@@ -54,7 +56,7 @@ class EncodedImages(CodeDataset):
         self.views = views
         self.num_views = VIEW_MODES[views]
         self.image_size = self.tokenizer.image_size
-        self.seq_len = self.tokenizer.grid**2
+        self.seq_len = getattr(self.tokenizer, "seq_len", self.tokenizer.grid**2)
         self.vocab_size = self.tokenizer.vocab_size
         self._pil_mode = "L" if self.tokenizer.channels == 1 else "RGB"
         self._labels = np.array([item.label for item in self.source.items], dtype=np.int64)
@@ -94,6 +96,18 @@ class EncodedImages(CodeDataset):
 
     def all_labels(self) -> np.ndarray:
         return self._labels.copy()
+
+    def require_seq_len(self, seq_len: int) -> None:
+        """Refuse a model whose sequence length differs from the tokenizer's codes."""
+        if self.seq_len == seq_len:
+            return
+        if not hasattr(self.tokenizer, "seq_len") and math.isqrt(seq_len) ** 2 == seq_len:
+            self.require_grid(math.isqrt(seq_len))  # one grid: say which image size fits
+        raise ValueError(
+            f"the tokenizer encodes {self.image_size}px images to {self.seq_len} tokens but the "
+            f"model expects {seq_len}; use the tokenizer the model was trained with (VAR: the "
+            "VQVAE with the model's scales)"
+        )
 
     def require_grid(self, grid: int) -> None:
         """Refuse a model whose token grid differs from the tokenizer's, saying what to change."""

@@ -43,13 +43,19 @@ _RENAMED = {
 
 @dataclass
 class ModelSection:
-    """Which model to train: a preset (``GPT-L``) or ``custom`` with ``arch`` sizes."""
+    """Which model to train: a preset (``GPT-L``, ``VAR-d16``) or ``custom`` with ``arch`` sizes."""
 
     name: str = "GPT-L"
-    grid: int = 24
+    grid: int = 24  # LlamaGen only: tokens per side (VAR's scales come with its preset)
     init: str | None = None  # pretrained checkpoint (finetune); None builds a fresh model
-    arch: dict = field(default_factory=dict)  # LlamaGenConfig overrides (dim, dropouts, ...)
-    save_official: bool = False  # also write the final model as LlamaGen's {"model": sd} .pt
+    arch: dict = field(default_factory=dict)  # config overrides (dim, dropouts, drop_path, ...)
+    # also write the final model in the official layout: LlamaGen's {"model": sd} final.pt,
+    # VAR's raw state_dict final.pth
+    save_official: bool = False
+    # VAR only: the multi-scale VQVAE (file, registry name such as var-vae, or hf://) whose
+    # quantiser builds the teacher-forcing input; needed for official VAR files and fresh
+    # models; ccalign VAR files carry its quantiser, registry VAR names default to their VQVAE
+    vae: str | None = None
 
 
 @dataclass
@@ -384,6 +390,7 @@ def _validate_ddo(method: MethodSection, train: TrainSection) -> None:
 RESUMABLE_CHANGES = frozenset(
     {
         "model.init",  # the weights themselves are checked by fingerprint
+        "model.vae",  # a moved VQVAE file: its quantiser is part of the fingerprinted reference
         "model.save_official",
         "data.path",  # the data set's size is checked; a moved folder is fine
         "data.num_workers",

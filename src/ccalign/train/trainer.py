@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ccalign.errors import UserError
 from ccalign.io import atomic_write
-from ccalign.models import llamagen
+from ccalign.models import families
 from ccalign.train import distributed as D
 from ccalign.train import lora, precision, sharded, sharding
 from ccalign.train.config import TrainConfig, config_changes, resumable_change
@@ -61,6 +61,8 @@ from ccalign.train.state import (
     tensor_fingerprint,
 )
 
+#: file suffix of each family's official layout (LlamaGen's {"model": sd} .pt, VAR's raw .pth)
+OFFICIAL_SUFFIX = {"llamagen": ".pt", "var": ".pth"}
 MicroBatch = tuple[Tensor, Tensor]  # (tokens (M, N) int64, labels (M,) int64)
 Callback = Callable[["Trainer", dict], None]
 
@@ -528,9 +530,10 @@ class Trainer:
         )
         for name, state in outputs.items():
             model = self._plain_copy(state)
-            llamagen.save(model, self.out / f"{name}.safetensors")
+            families.save(model, self.out / f"{name}.safetensors")
             if self.config.model.save_official:
-                llamagen.save(model, self.out / f"{name}.pt", official=True)
+                suffix = OFFICIAL_SUFFIX[families.family_of(model)]
+                families.save(model, self.out / f"{name}{suffix}", official=True)
         if self.lora is not None:
             lora.save_adapters(self.lora, self.out / "final_lora.safetensors")
 

@@ -1,0 +1,226 @@
+"""VAR through `ccalign finetune`: from codes and from images encoded on the fly, resume,
+final files in VAR's own layouts, the frozen quantiser, config errors, the recipe configs,
+extract-codes writing every scale's codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _support import Killed, kill_after
+from ccalign.data.codes import open_codes, write_flat_codes
+from ccalign.models import families, var
+from ccalign.tokenizers import var_vq
+from ccalign.train.config import load_config
+from ccalign.train.run import run_training
+from ccalign.train.state import list_checkpoints
+from test_train import make_config
+
+TINY = dict(depth=2, dim=32, n_head=2, patch_nums=(1, 2, 3, 4), vocab_size=16, vae_dim=4,
+            num_classes=5, drop_path=0.1)
+VQ = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+          patch_nums=(1, 2, 3, 4))
+SEQ = sum(p * p for p in TINY["patch_nums"])  # 30
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_pair(seed: int = 0) -> tuple[var.VAR, var_vq.VarVQ]:
+    """A tiny VAR and the tiny VQVAE whose quantiser it carries."""
+    torch.manual_seed(seed)
+    vae = var_vq.VarVQ(var_vq.VarVQConfig(**VQ)).eval()
+    with torch.no_grad():
+        vae.quantize.embedding.weight.normal_(0, 0.5)
+    model = var.build("custom", vae=vae, **TINY)
+    return model, vae
+
+
+def write_var_files(folder: Path, n: int = 16) -> dict[str, str]:
+    """init (ccalign VAR file), the same as an official .pth, the VQVAE and a code file."""
+    model, vae = tiny_pair()
+    var.save(model, folder / "init.safetensors")
+    var.save(model, folder / "var_d16.pth", official=True)
+    var_vq.save(vae, folder / "vae.safetensors")
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (n, SEQ), generator=g)
+    labels = torch.arange(n) % 5
+    write_flat_codes(folder / "codes.safetensors", codes, labels, vocab_size=16, grid=4,
+                     seq_len=SEQ)
+    return {k: str(folder / f) for k, f in (("init", "init.safetensors"),
+                                            ("official", "var_d16.pth"),
+                                            ("vae", "vae.safetensors"),
+                                            ("codes", "codes.safetensors"))}
+
+
+def image_folder(root: Path, n: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def var_config(out: Path, files: dict, **sections):
+    base = dict(model={"init": files["init"]}, data={"path": files["codes"]},
+                method={"uncond_ratio": 0.25})
+    for key, values in sections.items():
+        base[key] = {**base.get(key, {}), **values}
+    return make_config(out, **base)
+
+
+def test_cca_from_codes_saves_var_files_with_trained_weights_and_frozen_quantizer(tmp_path):
+    files = write_var_files(tmp_path)
+    out = tmp_path / "run"
+    run_training(var_config(out, files, model={"save_official": True}))
+    init, final = var.load(files["init"]), var.load(out / "final.safetensors")
+    assert families.family_of(final) == "var"
+    moved = [k for k, p in init.named_parameters() if p.requires_grad]
+    after, before = final.state_dict(), init.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in moved)
+    frozen = [k for k in before if k.startswith("quantizer.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    official = var.load(out / "final.pth", "custom", vae=files["vae"], **TINY)
+    assert all(torch.equal(official.state_dict()[k], after[k]) for k in after)
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_official_file_with_vae_trains_like_the_ccalign_file(tmp_path):
+    files = write_var_files(tmp_path)
+    run_training(var_config(tmp_path / "a", files))
+    official = var_config(tmp_path / "b", files, model={"init": files["official"],
+                                                         "name": "custom", "vae": files["vae"],
+                                                         "arch": TINY})
+    run_training(official)
+    a = var.load(tmp_path / "a" / "final.safetensors").state_dict()
+    b = var.load(tmp_path / "b" / "final.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cca_from_images_encoded_on_the_fly_equals_training_on_their_codes(tmp_path):
+    files = write_var_files(tmp_path)
+    images = image_folder(tmp_path / "images")
+    vae = var_vq.load(files["vae"])
+    from ccalign.data.encoded import EncodedImages
+
+    encoded = EncodedImages(images, vae)
+    assert encoded.seq_len == SEQ
+    items = [encoded[i] for i in range(len(encoded))]
+    codes = torch.stack([c for c, _ in items])
+    labels = torch.stack([lab for _, lab in items])
+    write_flat_codes(tmp_path / "img_codes.safetensors", codes, labels, vocab_size=16, grid=4,
+                     seq_len=SEQ)
+    common = dict(train={"global_batch": 4, "micro_batch": 2})
+    run_training(var_config(tmp_path / "fly", files, data={"path": str(images),
+                                                             "tokenizer": files["vae"]},
+                            **common))
+    run_training(var_config(tmp_path / "codes", files,
+                            data={"path": str(tmp_path / "img_codes.safetensors")}, **common))
+    a = var.load(tmp_path / "fly" / "final.safetensors").state_dict()
+    b = var.load(tmp_path / "codes" / "final.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_and_resumed_var_run_is_bitwise_identical(tmp_path):
+    files = write_var_files(tmp_path)
+    sections = dict(
+        method={"dropout": "both"},
+        optim={"schedule": "linear", "warmup_steps": 2, "ema_decay": 0.9},
+        train={"global_batch": 4, "micro_batch": 2, "steps": 6},
+    )
+    run_training(var_config(tmp_path / "straight", files, checkpoint={"every": 3}, **sections))
+    broken = var_config(tmp_path / "broken", files, checkpoint={"every": 3, "keep": 1},
+                        **sections)
+    with pytest.raises(Killed):
+        run_training(broken, callbacks=[kill_after(5)])
+    assert [s for s, _ in list_checkpoints(tmp_path / "broken")] == [3]
+    run_training(broken, resume=True)
+    for name in ("final.safetensors", "final_ema.safetensors"):
+        a = var.load(tmp_path / "straight" / name).state_dict()
+        b = var.load(tmp_path / "broken" / name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("method", ["cca", "dpo", "unlearning", "mle"])
+def test_every_objective_runs_and_dropout_none_starts_at_d_zero(tmp_path, method):
+    files = write_var_files(tmp_path)
+    records = []
+    config = var_config(tmp_path / method, files, method={"name": method, "dropout": "none"})
+    run_training(config, callbacks=[lambda trainer, record: records.append(record)])
+    assert np.isfinite(records[-1]["loss"])
+    if method != "mle":
+        assert records[0]["d_pos"] == 0.0 and records[0]["d_neg"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (dict(model={"init": "OFFICIAL", "name": "custom", "arch": TINY}), "model.vae"),
+        (dict(model={"init": "OFFICIAL", "vae": "VAE"}), "set model.name to its preset"),
+        (dict(method={"name": "gft"}), "gft does not train VAR"),
+        (dict(method={"name": "ddo"}), "ddo does not train VAR"),
+        (dict(model={"init": None, "name": "VAR-d16"}, method={"name": "mle"}), "model.vae"),
+    ],
+)
+def test_config_errors_name_the_problem(tmp_path, sections, message):
+    files = write_var_files(tmp_path)
+    model = sections.get("model", {})
+    for key, value in model.items():
+        if value in ("OFFICIAL", "VAE"):
+            model[key] = files["official" if value == "OFFICIAL" else "vae"]
+    with pytest.raises(ValueError, match=message):
+        run_training(var_config(tmp_path / "run", files, **sections))
+
+
+def test_codes_of_another_length_are_refused(tmp_path):
+    files = write_var_files(tmp_path)
+    write_flat_codes(tmp_path / "short.safetensors", torch.zeros(8, 16, dtype=torch.long),
+                     torch.zeros(8, dtype=torch.long), vocab_size=16, grid=4)
+    config = var_config(tmp_path / "run", files, data={"path": str(tmp_path / "short.safetensors")})
+    with pytest.raises(ValueError, match="16 tokens but the model expects 30 .every scale"):
+        run_training(config)
+
+
+#: depth -> (lambda, micro_batch, drop_path, min_lr_ratio) from thu-ml/CCA's README launch lines
+RECIPES = {16: (50.0, 8, 0.0, 0.1), 20: (50.0, 4, None, 0.1), 24: (100.0, 4, None, 0.01),
+           30: (1000.0, 2, None, 0.01)}
+
+
+@pytest.mark.parametrize("depth", sorted(RECIPES))
+def test_recipe_configs_carry_the_official_numbers(depth):
+    lam, micro, drop_path, final_lr = RECIPES[depth]
+    config = load_config(CONFIGS / f"var_d{depth}.toml")
+    assert config.model.name == f"VAR-d{depth}" and config.model.init == f"var-d{depth}"
+    assert config.method.name == "cca" and config.method.lam == lam
+    assert config.method.beta == 0.02 and config.method.uncond_ratio == 0.1
+    assert config.method.dropout == "both"
+    assert config.model.arch.get("drop_path") == drop_path  # None: the preset's (VAR's dpr)
+    assert config.optim.lr == 2e-5 and config.optim.grad_clip == 2.0
+    assert config.optim.schedule == "linear" and config.optim.warmup_ratio == 0.02
+    assert config.optim.min_lr_ratio == final_lr and config.optim.weight_decay == 0.05
+    assert config.train.global_batch == 256 and config.train.micro_batch == micro
+    assert config.train.epochs == 1.0 and config.train.precision == "bf16"
+
+
+def test_extract_codes_writes_every_scale_equal_to_encode(tmp_path):
+    from ccalign.cli import main
+
+    files = write_var_files(tmp_path)
+    images = image_folder(tmp_path / "images", n=6)
+    out = tmp_path / "extracted.safetensors"
+    assert main(["extract-codes", str(images), "--tokenizer", files["vae"], "--flat", str(out),
+                 "--views", "center", "--device", "cpu"]) == 0
+    data = open_codes(out)
+    assert data.seq_len == SEQ and data.num_views == 1 and len(data) == 6
+    vae = var_vq.load(files["vae"])
+    from ccalign.data.encoded import EncodedImages
+
+    encoded = EncodedImages(images, vae)
+    for i in range(6):
+        assert torch.equal(data[i][0], encoded[i][0]) and data[i][1] == encoded[i][1]
