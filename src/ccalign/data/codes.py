@@ -19,7 +19,6 @@ int64, metadata ``format = ccalign.codes.v1``, ``vocab_size`` and ``grid``.
 from __future__ import annotations
 
 import math
-
 import os
 import re
 from dataclasses import dataclass
