@@ -224,3 +224,17 @@ def test_extract_codes_writes_every_scale_equal_to_encode(tmp_path):
     encoded = EncodedImages(images, vae)
     for i in range(6):
         assert torch.equal(data[i][0], encoded[i][0]) and data[i][1] == encoded[i][1]
+
+
+def test_weight_decay_groups_follow_vars_trainer():
+    """VAR's filter_params: no decay on 1-D tensors, biases and its nowd_keys."""
+    from ccalign.train.optim import param_groups
+
+    model, _ = tiny_pair()
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): k for k, p in model.named_parameters()}
+    nowd = ("pos_start", "pos_1LC", "lvl_embed", "ada_gss", "scale_mul")
+    expected = {k for k, p in model.named_parameters() if p.requires_grad and p.ndim > 1
+                and not k.endswith("bias") and not any(w in k for w in nowd)}
+    assert {names[id(p)] for p in decay["params"]} == expected
+    assert "lvl_embed.weight" in {names[id(p)] for p in no_decay["params"]}

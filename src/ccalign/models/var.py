@@ -285,6 +285,10 @@ class HeadNorm(nn.Module):
 class VAR(nn.Module):
     """Class-conditional next-scale model; ``forward`` returns sequence log-likelihoods."""
 
+    #: parameters VAR's trainer exempts from weight decay besides 1-D ones (its nowd_keys that
+    #: name VAR parameters): position and level embeddings, shared gates, attention scales
+    no_weight_decay = ("pos_start", "pos_1LC", "lvl_embed", "ada_gss", "scale_mul")
+
     def __init__(self, config: VARConfig):
         super().__init__()
         self.config = config

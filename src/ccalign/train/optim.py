@@ -1,7 +1,9 @@
 """AdamW with LlamaGen's parameter groups, the learning-rate schedule and an optional EMA.
 
 Groups follow the official trainers: weight decay on every tensor with >= 2 dims (linear and
-embedding weights), none on 1-D tensors (RMSNorm weights, biases). AdamW is fused on CUDA.
+embedding weights), none on 1-D tensors (RMSNorm weights, biases) nor on the tensors a model
+names in ``no_weight_decay`` (VAR: its position / level embeddings and attention scales).
+AdamW is fused on CUDA.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from ccalign.train.sharding import copy_full_into, full_tensor
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed (dim >= 2) and not decayed (dim < 2), trainable tensors only."""
+    """Two AdamW groups: decayed (dim >= 2) and not decayed (dim < 2, or a name containing one
+    of the model's ``no_weight_decay`` words, e.g. VAR's position embeddings), trainable only."""
     decay, no_decay = [], []
-    for param in model.parameters():
+    exempt = tuple(getattr(model, "no_weight_decay", ()))
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            decayed = param.dim() >= 2 and not any(word in name for word in exempt)
+            (decay if decayed else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
