@@ -238,3 +238,51 @@ def test_weight_decay_groups_follow_vars_trainer():
                 and not k.endswith("bias") and not any(w in k for w in nowd)}
     assert {names[id(p)] for p in decay["params"]} == expected
     assert "lvl_embed.weight" in {names[id(p)] for p in no_decay["params"]}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16-weights"])
+def test_var_activation_estimate_matches_saved_tensor_bytes(mode, checkpointing):
+    """The VAR estimate equals (to 1%) the bytes autograd keeps for backward, counted storage
+    by storage, for float32, bf16 autocast and bf16 weights, with stochastic depth on."""
+    from torch import nn
+
+    from ccalign.train import memory as M
+    from ccalign.train.precision import cast_parameters
+    from ccalign.train.trainer import enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = var.build("custom", depth=3, dim=64, n_head=4, patch_nums=(1, 2, 3, 4, 5),
+                      vocab_size=32, vae_dim=8, num_classes=5, drop_path=0.1)
+    if mode == "bf16-weights":
+        cast_parameters(model, torch.bfloat16)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    rows = 6
+    tokens = torch.randint(0, 32, (rows, model.seq_len))
+    labels = torch.randint(0, 5, (rows,))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
+            return model(labels.clone(), tokens.clone())
+
+    measured = M.saved_activation_bytes(forward, [*model.parameters(), *model.buffers()])
+    dtypes = M.Dtypes(weights=torch.bfloat16 if mode == "bf16-weights" else torch.float32,
+                      autocast=mode != "fp32", device_type="cpu")
+    estimate = M.var_activations(model, rows, dtypes, checkpointing).saved
+    if mode == "autocast":  # bf16 weight copies (the plan counts them as autocast_copies)
+        copied = [model.head_nm.ada_lin[1]]
+        if not checkpointing:
+            copied += [m for m in model.blocks.modules() if isinstance(m, nn.Linear)]
+        estimate += 2 * sum(m.weight.numel() for m in copied)
+    assert estimate == pytest.approx(measured, rel=0.01)
+
+
+def test_dry_run_plans_var_d30(capsys):
+    from ccalign.cli import main
+
+    assert main(["finetune", "--config", str(CONFIGS / "var_d30.toml"), "--dry-run",
+                 "--set", "model.init='var_d30.pth'", "--gpu-memory", "141GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "VAR-d30" in out and "680 tokens" in out

@@ -8,8 +8,8 @@ backward, one recomputed block, the reference's forward) and the largest micro-b
 given GPU memory.
 
 Activation estimates are looked up by model class in ``ACTIVATION_ESTIMATES``: a model family
-registers a function ``(model, rows, dtypes, checkpointing) -> Activations`` (VAR: see the note
-at the end of this module). ``saved_activation_bytes`` measures the same quantity on a real
+registers a function ``(model, rows, dtypes, checkpointing) -> Activations`` (LlamaGen's and
+VAR's are here). ``saved_activation_bytes`` measures the same quantity on a real
 (small) model, which is how the LlamaGen estimate is tested.
 """
 
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ccalign.models.llamagen import LlamaGen
+from ccalign.models.var import VAR
 
 GIB = 2**30
 #: share of the GPU kept free for the CUDA context, cuBLAS workspaces and allocator fragmentation
@@ -220,7 +221,7 @@ def llamagen_activations(
     return Activations(saved, max(logits, block_transient + recompute, reference))
 
 
-#: model class -> activation estimate; other families (VAR) add theirs with ``register``
+#: model class -> activation estimate; other families add theirs with ``register`` (VAR: below)
 ACTIVATION_ESTIMATES: dict[type, Callable[..., Activations]] = {LlamaGen: llamagen_activations}
 
 
@@ -344,12 +345,24 @@ def plan_from_config(config, gpu_memory: int | None = None) -> MemoryPlan:
         activation_checkpointing=train.activation_checkpointing,
         alignment=config.method.name != "mle",
         gpu_memory=gpu_memory,
-        name=f"{config.model.name} grid {model.config.grid}",
+        name=_plan_name(config.model.name, model),
     )
 
 
-def _meta_model(section) -> LlamaGen:
+def _plan_name(name: str, model: nn.Module) -> str:
+    """The plan's model label: the preset, with LlamaGen's grid or VAR's sequence length."""
+    grid = getattr(model.config, "grid", None)
+    return f"{name} grid {grid}" if grid is not None else f"{name} ({model.seq_len} tokens)"
+
+
+def _meta_model(section) -> nn.Module:
     """The model ``section`` describes, on the meta device, without reading any weights."""
+    from ccalign.train.run import config_family
+
+    return META_MODELS[config_family(section)](section)
+
+
+def _meta_llamagen(section) -> LlamaGen:
     from ccalign.models import llamagen
 
     recorded = None
@@ -359,6 +372,26 @@ def _meta_model(section) -> LlamaGen:
         if recorded is not None:
             return LlamaGen(llamagen.LlamaGenConfig(**{**recorded.to_dict(), **section.arch}))
         return llamagen.build(section.name, grid=section.grid, **section.arch)
+
+
+def _meta_var(section) -> VAR:
+    """A ccalign VAR file's recorded config, else the registry's or the config's preset."""
+    from ccalign import hub
+    from ccalign.models import var
+
+    recorded = None
+    if section.init is not None and Path(section.init).is_file():
+        recorded = var.config_from_file(section.init)
+    release = hub.find(section.init) if section.init is not None else None
+    name = release.preset if release is not None and release.preset else section.name
+    with torch.device("meta"):
+        if recorded is not None:
+            return VAR(var.VARConfig(**{**recorded.to_dict(), **section.arch}))
+        return var.build(name, **section.arch)
+
+
+#: family -> the meta-device model of a config's model section
+META_MODELS = {"llamagen": _meta_llamagen, "var": _meta_var}
 
 
 def parse_memory(text: str) -> int:
@@ -405,8 +438,50 @@ def _storage_key(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-# VAR (ccalign.models.var, being written): register an estimate for its blocks (AdaLN: LN input
-# and modulated input per sub-block, qkv, attention output, 4C MLP with GELU, 680 tokens,
-# block-causal attention: the mask as an additive bias (680 x 680) is shared, not per row) with
-# ``register(VAR, var_activations)``; everything else in the plan (weights, optimizer, reference,
-# the micro-batch search) already works for any nn.Module with ``seq_len``.
+# ---- VAR ----
+def var_activations(model: VAR, rows: int, dtypes: Dtypes, checkpointing: bool) -> Activations:
+    """Saved tensors of one teacher-forced VAR forward of ``rows`` sequences, and the workspace.
+
+    VAR runs its blocks in the compute dtype (c bytes: 2 under autocast or with bf16 weights,
+    else 4), residual stream included. Per token and block (D dim, H heads): 23 D-wide tensors
+    (LayerNorm inputs and outputs, AdaLN-modulated inputs, qkv, the unit q and k and the scaled
+    q, attention output and its reshaped copy, the gated branches, the 4D GELU input and
+    output), two float32 LayerNorm statistics pairs c-sized, and per head the float32
+    log-sum-exp and four c-sized norms of q and k; per row and block the AdaLN projection (6D),
+    its SiLU input and the two (1 + scale) tensors (9D), and a c-sized stochastic-depth mask per
+    branch when the block's drop-path rate is > 0. Outside the blocks: the head's float32
+    hidden states (input, normalised, modulated: 12 bytes x D per token, + float32 statistics
+    and the int64 token), the teacher-forcing input (vae_dim wide, weight dtype), the class
+    embedding and its copies, the block-causal mask (L x L, c bytes, shared by all rows) and the
+    levels, and the generator state of each checkpointed logit chunk. With checkpointing a block
+    keeps its input (c) and a generator state. Fitted exactly (to the byte) against
+    ``saved_activation_bytes`` on small models, see tests/test_var_train.py.
+    """
+    cfg = model.config
+    dim, heads, seq, depth = cfg.dim, cfg.n_head, cfg.seq_len, cfg.depth
+    r = _BYTES[dtypes.weights]
+    c = 2 if dtypes.autocast or r == 2 else 4
+    tokens = rows * seq
+    dropping = sum(1 for block in model.blocks if block.drop_path.p > 0) if model.training else 0
+    block = tokens * (23 * c * dim + (4 + 4 * c) * heads + 4 * c) + 9 * c * rows * dim + c * heads
+    blocks = (tokens * c * dim + RNG_STATE) * depth if checkpointing else block * depth
+    blocks += 0 if checkpointing else 2 * c * rows * dropping
+    chunk = min(LOGIT_CHUNK, tokens)
+    cond = r + (c if c != r else 0) + 2 * c  # class embedding, its compute-dtype copy, the head's
+    outside = (
+        tokens * (12 * dim + 16)
+        + rows * (cond * dim + 8)
+        + rows * (seq - cfg.first_len) * cfg.vae_dim * r
+        + c * seq * seq
+        + 8 * seq
+        + RNG_STATE * -(-tokens // chunk)
+    )
+    ffn = cfg.ffn_hidden
+    logits = chunk * cfg.vocab_size * (2 * c + 12)  # recomputed chunk: products, fp32, grads
+    block_transient = tokens * c * (3 * ffn + 3 * dim)  # gradients of a block's intermediates
+    recompute = block if checkpointing else 0
+    reference = tokens * c * (4 * ffn + 3 * dim)  # the reference's forward, one block at a time
+    return Activations(blocks + outside, max(logits, block_transient + recompute, reference))
+
+
+register(VAR, var_activations)
