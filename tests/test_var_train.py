@@ -286,3 +286,25 @@ def test_dry_run_plans_var_d30(capsys):
                  "--set", "model.init='var_d30.pth'", "--gpu-memory", "141GiB"]) == 0
     out = capsys.readouterr().out
     assert "VAR-d30" in out and "680 tokens" in out
+
+
+def test_export_round_trips_give_identical_logits(tmp_path, capsys):
+    from ccalign.cli import main
+
+    files = write_var_files(tmp_path)
+    model = var.load(files["init"]).eval()  # eval: no stochastic depth
+    tokens = torch.randint(0, 16, (3, SEQ), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, 5])  # 5: the null class
+    expected = model.logits(labels, tokens)
+    pth, st = tmp_path / "out" / "var.pth", tmp_path / "out" / "var.safetensors"
+    assert main(["export", files["init"], "--format", "official", "--out", str(pth)]) == 0
+    assert main(["export", files["init"], "--format", "safetensors", "--out", str(st)]) == 0
+    official = var.load(pth, "custom", vae=files["vae"], **TINY).eval()
+    assert set(torch.load(pth, weights_only=True)) == set(var.official_state_dict(model))
+    assert torch.equal(official.logits(labels, tokens), expected)
+    assert torch.equal(var.load(st).eval().logits(labels, tokens), expected)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["family"] == "var" and config["depth"] == TINY["depth"]
+    # an official VAR file is recognised by its keys and asks for its preset and VQVAE
+    assert main(["export", str(pth), "--format", "safetensors", "--out", str(st)]) == 1
+    assert "official VAR file: give --model" in capsys.readouterr().err

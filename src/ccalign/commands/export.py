@@ -3,7 +3,10 @@
 ``official`` is what the model's own code loads: LlamaGen's ``{"model": state_dict}`` .pt (its
 samplers read it for every size). ``safetensors`` is a ccalign file (the config also in its
 metadata, so ``ccalign sample`` reads it as it is) with a ``config.json`` beside it.
-A model family plugs in by adding its exporter to :data:`EXPORTERS` (VAR: a raw state_dict .pth).
+VAR's official layout is its raw state_dict .pth; an official VAR file needs ``--vae`` (its
+VQVAE, whose quantiser a ccalign VAR file carries). The family comes from the registry entry,
+the file itself (metadata, or VAR's keys) or ``--model``; each family has its exporter in
+:data:`EXPORTERS`.
 """
 
 from __future__ import annotations
@@ -26,31 +29,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the file to write (config.json goes beside)")
     parser.add_argument("--model", help="preset of an official checkpoint, e.g. GPT-L")
     parser.add_argument("--grid", type=int, help="tokens per side of an official checkpoint")
+    parser.add_argument("--vae", help="VAR: the VQVAE of an official VAR file (file, registry "
+                        "name such as var-vae, or hf://); registry VAR names default to theirs")
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model as ``ccalign sample`` does and write it in the chosen format."""
     from ccalign import hub
+    from ccalign.models import families
 
     release = hub.find(args.checkpoint)
-    family = release.family if release is not None else "llamagen"
     preset = args.model or (release.preset if release else None)
     grid = args.grid or (release.grid if release else None)
     path = hub.resolve(args.checkpoint, kind="model")
-    written = EXPORTERS[family](path, preset, grid, args.format, Path(args.out))
+    family = (release.family if release is not None else None) or families.family_of_file(path)
+    family = family or families.family_of_preset(preset) or "llamagen"
+    vae = args.vae or (release.tokenizer if release is not None else None)
+    vae = hub.resolve(vae, kind="tokenizer") if vae is not None else None
+    written = EXPORTERS[family](path, preset, grid, args.format, Path(args.out), vae)
     for item in written:
         print(f"wrote {item}")
     return 0
 
 
 def export_llamagen(
-    path: Path, preset: str | None, grid: int | None, fmt: str, out: Path
+    path: Path, preset: str | None, grid: int | None, fmt: str, out: Path, vae: Path | None = None
 ) -> list[Path]:
     """LlamaGen: ``{"model": state_dict}`` .pt, or safetensors with its config beside it."""
     from ccalign.commands.sample import check_recorded_architecture
     from ccalign.io import atomic_write
     from ccalign.models import llamagen
 
+    if vae is not None:
+        raise ValueError("--vae is VAR's VQVAE; a LlamaGen checkpoint needs none: drop it")
     check_recorded_architecture(str(path), preset, grid)
     model = llamagen.load(path, preset, grid=grid)
     if fmt == "official":
@@ -63,7 +74,33 @@ def export_llamagen(
     return [out, config]
 
 
-#: family -> exporter(path, preset, grid, format, out) -> files written
-EXPORTERS: dict[str, Callable[[Path, str | None, int | None, str, Path], list[Path]]] = {
-    "llamagen": export_llamagen,
-}
+def export_var(
+    path: Path, preset: str | None, grid: int | None, fmt: str, out: Path, vae: Path | None = None
+) -> list[Path]:
+    """VAR: its raw state_dict (.pth, as released), or safetensors (with the quantiser copy)
+    and its config beside it."""
+    from ccalign.io import atomic_write
+    from ccalign.models import var
+
+    if grid is not None:
+        raise ValueError("--grid is LlamaGen's; a VAR model's scales come with its preset")
+    recorded = var.config_from_file(path)
+    if recorded is None and (preset is None or vae is None):
+        raise ValueError(
+            f"{path} is an official VAR file: give --model (its preset, e.g. VAR-d16) and --vae "
+            "(its VQVAE, e.g. vae_ch160v4096z32.pth or var-vae)"
+        )
+    model = var.load(path, None if recorded else preset, vae=vae)
+    if fmt == "official":
+        var.save(model, out, official=True)
+        return [out]
+    var.save(model, out)
+    config = out.parent / CONFIG_NAME
+    text = json.dumps({"family": "var", **model.config.to_dict()}, indent=1) + "\n"
+    atomic_write(config, lambda tmp: Path(tmp).write_text(text))
+    return [out, config]
+
+
+#: family -> exporter(path, preset, grid, format, out, vae) -> files written
+Exporter = Callable[[Path, str | None, int | None, str, Path, Path | None], list[Path]]
+EXPORTERS: dict[str, Exporter] = {"llamagen": export_llamagen, "var": export_var}
