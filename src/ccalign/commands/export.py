@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     path = hub.resolve(args.checkpoint, kind="model")
     family = (release.family if release is not None else None) or families.family_of_file(path)
     family = family or families.family_of_preset(preset) or "llamagen"
-    vae = args.vae or (release.tokenizer if release is not None else None)
+    default = release.tokenizer if release is not None and family == "var" else None
+    vae = args.vae or default
     vae = hub.resolve(vae, kind="tokenizer") if vae is not None else None
     written = EXPORTERS[family](path, preset, grid, args.format, Path(args.out), vae)
     for item in written:
