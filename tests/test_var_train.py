@@ -308,3 +308,23 @@ def test_export_round_trips_give_identical_logits(tmp_path, capsys):
     # an official VAR file is recognised by its keys and asks for its preset and VQVAE
     assert main(["export", str(pth), "--format", "safetensors", "--out", str(st)]) == 1
     assert "official VAR file: give --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_accumulating(tmp_path, parallel):
+    """gloo, 2 processes: DDP, and FSDP sharding VAR's blocks (and the root with the frozen
+    quantiser), make the updates of one process accumulating two micro-batches."""
+    from test_ddp import launch
+
+    files = write_var_files(tmp_path, n=24)
+    sections = dict(method={"dropout": "none"}, optim={"grad_clip": 0.5, "ema_decay": 0.5},
+                    train={"global_batch": 8, "micro_batch": 4, "steps": 3},
+                    checkpoint={"every": 2})
+    run_training(var_config(tmp_path / "single", files, **sections))
+    two = {**sections, "train": {**sections["train"], "parallel": parallel}}
+    launch(var_config(tmp_path / "multi", files, **two))
+    for name in ("final.safetensors", "final_ema.safetensors"):
+        single = var.load(tmp_path / "single" / name).state_dict()
+        multi = var.load(tmp_path / "multi" / name).state_dict()
+        for key, value in single.items():
+            torch.testing.assert_close(multi[key], value, rtol=1e-5, atol=1e-6)
