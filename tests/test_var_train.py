@@ -328,3 +328,34 @@ def test_two_processes_match_one_accumulating(tmp_path, parallel):
         multi = var.load(tmp_path / "multi" / name).state_dict()
         for key, value in single.items():
             torch.testing.assert_close(multi[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_quantizer_stays_float32_and_outside_autocast():
+    """bf16 weights leave the frozen quantiser float32, and under autocast the teacher-forcing
+    input is the float32 one (VAR's trainer builds it outside autocast)."""
+    from ccalign.train.precision import cast_parameters
+
+    model, _ = tiny_pair()
+    tokens = torch.randint(0, 16, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    exact = model.quantizer.teacher_forcing_input(tokens)
+    seen = []
+    model.word_embed.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([0, 1]), tokens)
+    assert torch.equal(seen[0], exact)
+    cast_parameters(model, torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.quantizer.parameters())
+    assert model.head.weight.dtype == torch.bfloat16
+    seen.clear()
+    model(torch.tensor([0, 1]), tokens)
+    assert torch.equal(seen[0], exact.to(torch.bfloat16))
+
+
+def test_bf16_weights_train_var_and_keep_the_quantizer(tmp_path):
+    files = write_var_files(tmp_path)
+    out = tmp_path / "run"
+    run_training(var_config(out, files, train={"weights_dtype": "bf16", "precision": "bf16"}))
+    before, after = var.load(files["init"]).state_dict(), var.load(out / "final.safetensors")
+    frozen = [k for k in before if k.startswith("quantizer.")]
+    assert all(torch.equal(before[k], after.state_dict()[k]) for k in frozen)
+    assert not torch.equal(before["head.weight"], after.state_dict()["head.weight"])

@@ -206,7 +206,8 @@ class SelfAttention(nn.Module):
         self, x: Tensor, attn_bias: Tensor | None, cache_start: int | None = None
     ) -> Tensor:
         b, n, c = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        zero = self.zero_k_bias.to(self.q_bias.dtype)  # a float32 buffer: bf16 weights need bf16
+        bias = torch.cat((self.q_bias, zero, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, n, hd) each
         if self.l2_norm:
@@ -288,6 +289,9 @@ class VAR(nn.Module):
     #: parameters VAR's trainer exempts from weight decay besides 1-D ones (its nowd_keys that
     #: name VAR parameters): position and level embeddings, shared gates, attention scales
     no_weight_decay = ("pos_start", "pos_1LC", "lvl_embed", "ada_gss", "scale_mul")
+    #: parameters that stay float32 when the trainer casts the weights to bf16: the frozen
+    #: quantiser, so the teacher-forcing input is the VQVAE's exactly
+    float32_parameters = ("quantizer.",)
 
     def __init__(self, config: VARConfig):
         super().__init__()
@@ -391,10 +395,11 @@ class VAR(nn.Module):
 
     # ---- teacher-forced path ----
     def _embed(self, labels: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Input sequence (B, L, D) and class embedding (B, D), in float32 as VAR builds them."""
-        inputs = self.quantizer.teacher_forcing_input(tokens)
+        """Input sequence (B, L, D) and class embedding (B, D), in float32 as VAR builds them
+        (its trainer computes the teacher-forcing input outside autocast too)."""
         b, first = labels.shape[0], self.config.first_len
         with torch.autocast(tokens.device.type, enabled=False):
+            inputs = self.quantizer.teacher_forcing_input(tokens)
             cond = self.class_emb(labels)
             sos = cond[:, None].expand(b, first, -1) + self.pos_start.expand(b, first, -1)
             x = torch.cat([sos, self.word_embed(inputs.to(self.word_embed.weight.dtype))], dim=1)

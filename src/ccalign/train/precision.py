@@ -21,8 +21,13 @@ WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast the floating-point parameters (not the buffers: the rotary table stays float32)."""
-    for param in module.parameters():
+    """Cast the floating-point parameters (not the buffers: the rotary table stays float32),
+    except those whose names start with one of the module's ``float32_parameters`` prefixes
+    (VAR's frozen quantiser)."""
+    kept = tuple(getattr(module, "float32_parameters", ()))
+    for name, param in module.named_parameters():
+        if kept and name.startswith(kept):
+            continue
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
     return module
