@@ -359,3 +359,16 @@ def test_bf16_weights_train_var_and_keep_the_quantizer(tmp_path):
     frozen = [k for k in before if k.startswith("quantizer.")]
     assert all(torch.equal(before[k], after.state_dict()[k]) for k in frozen)
     assert not torch.equal(before["head.weight"], after.state_dict()["head.weight"])
+
+
+def test_lora_on_var_adapts_its_module_applied_layers_only(tmp_path):
+    files = write_var_files(tmp_path)
+    lora = {"enabled": True, "target_modules": ["mat_qkv"]}
+    with pytest.raises(ValueError, match="'mat_qkv' matches no linear layer"):
+        run_training(var_config(tmp_path / "a", files, method={"lora": lora}))
+    lora = {"enabled": True, "target_modules": ["proj", "fc1", "fc2"]}
+    run_training(var_config(tmp_path / "b", files, method={"lora": lora}))
+    before = var.load(files["init"]).state_dict()
+    after = var.load(tmp_path / "b" / "final.safetensors").state_dict()
+    assert not torch.equal(before["blocks.0.ffn.fc1.weight"], after["blocks.0.ffn.fc1.weight"])
+    assert torch.equal(before["head.weight"], after["head.weight"])

@@ -292,6 +292,8 @@ class VAR(nn.Module):
     #: parameters that stay float32 when the trainer casts the weights to bf16: the frozen
     #: quantiser, so the teacher-forcing input is the VQVAE's exactly
     float32_parameters = ("quantizer.",)
+    #: linear layers whose weight the forward applies itself (F.linear), which LoRA cannot wrap
+    lora_not_adaptable = ("head", "mat_qkv")
 
     def __init__(self, config: VARConfig):
         super().__init__()

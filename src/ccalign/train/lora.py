@@ -27,7 +27,8 @@ ADAPTER = "default"
 LORA_METADATA_KEY = "ccalign.lora.config"
 _ADAPTER_PART = ".lora_"
 _BASE_PART = ".base_layer."
-#: linear layers LoRA cannot adapt: the chunked log-likelihood applies ``output.weight`` itself
+#: linear layers LoRA cannot adapt: the chunked log-likelihood applies ``output.weight`` itself;
+#: a model adds its own in ``lora_not_adaptable`` (VAR: ``head`` and ``mat_qkv``, used by weight)
 _NOT_ADAPTABLE = ("output",)
 
 
@@ -55,14 +56,15 @@ def add_adapters(model: nn.Module, section, seed: int) -> nn.Module:
 def check_targets(model: nn.Module, targets: list[str]) -> None:
     """Refuse a target that names no adaptable linear layer, listing the ones there are."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    allowed = [n for n in names if n.rsplit(".", 1)[-1] not in _NOT_ADAPTABLE]
+    excluded = (*_NOT_ADAPTABLE, *getattr(model, "lora_not_adaptable", ()))
+    allowed = [n for n in names if n.rsplit(".", 1)[-1] not in excluded]
     for target in targets:
         if not any(_matches(name, target) for name in allowed):
             available = sorted({n.rsplit(".", 1)[-1] for n in allowed})
             raise ValueError(
                 f"method.lora.target_modules: {target!r} matches no linear layer LoRA can adapt "
                 f"in {type(model).__name__}; available: {available} (or a full name such as "
-                f"{allowed[0]!r}); the output head is applied by weight and cannot be adapted"
+                f"{allowed[0]!r}); layers applied by weight ({', '.join(excluded)}) cannot be adapted"
             )
 
 
