@@ -372,3 +372,21 @@ def test_lora_on_var_adapts_its_module_applied_layers_only(tmp_path):
     after = var.load(tmp_path / "b" / "final.safetensors").state_dict()
     assert not torch.equal(before["blocks.0.ffn.fc1.weight"], after["blocks.0.ffn.fc1.weight"])
     assert torch.equal(before["head.weight"], after["head.weight"])
+
+
+def test_cli_finetune_official_var_file_from_images(tmp_path):
+    from ccalign.cli import main
+
+    files = write_var_files(tmp_path)
+    images = image_folder(tmp_path / "images")
+    arch = "{depth = 2, dim = 32, n_head = 2, patch_nums = [1, 2, 3, 4], vocab_size = 16, " \
+           "vae_dim = 4, num_classes = 5}"
+    out = tmp_path / "run"
+    assert main(["finetune", "--init", files["official"], "--data", str(images), "--tokenizer",
+                 files["vae"], "--out", str(out), "--steps", "1", "--device", "cpu",
+                 "--set", "model.name=custom", "--set", f"model.arch={arch}",
+                 "--set", f"model.vae={files['vae']}", "--set", "model.save_official=true",
+                 "--set", "train.global_batch=4", "--set", "train.micro_batch=2",
+                 "--set", "train.progress=false", "--set", "train.precision=fp32"]) == 0
+    assert (out / "final.safetensors").exists() and (out / "final.pth").exists()
+    assert families.family_of_file(out / "final.pth") == "var"

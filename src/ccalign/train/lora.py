@@ -64,7 +64,8 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
             raise ValueError(
                 f"method.lora.target_modules: {target!r} matches no linear layer LoRA can adapt "
                 f"in {type(model).__name__}; available: {available} (or a full name such as "
-                f"{allowed[0]!r}); layers applied by weight ({', '.join(excluded)}) cannot be adapted"
+                f"{allowed[0]!r}); layers applied by weight ({', '.join(excluded)}) cannot be "
+                "adapted"
             )
 
 
