@@ -313,7 +313,8 @@ def test_export_round_trips_give_identical_logits(tmp_path, capsys):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_accumulating(tmp_path, parallel):
     """gloo, 2 processes: DDP, and FSDP sharding VAR's blocks (and the root with the frozen
-    quantiser), make the updates of one process accumulating two micro-batches."""
+    quantiser), make the updates of one process accumulating two micro-batches; FSDP's sharded
+    checkpoints resume bitwise."""
     from test_ddp import launch
 
     files = write_var_files(tmp_path, n=24)
@@ -328,6 +329,14 @@ def test_two_processes_match_one_accumulating(tmp_path, parallel):
         multi = var.load(tmp_path / "multi" / name).state_dict()
         for key, value in single.items():
             torch.testing.assert_close(multi[key], value, rtol=1e-5, atol=1e-6)
+    if parallel == "fsdp":  # sharded checkpoints: killed after step 3 (saved at 2), resumed
+        broken = var_config(tmp_path / "broken", files, **two)
+        launch(broken, kill=3)
+        launch(broken, resume=True)
+        for name in ("final.safetensors", "final_ema.safetensors"):
+            a = var.load(tmp_path / "multi" / name).state_dict()
+            b = var.load(tmp_path / "broken" / name).state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_quantizer_stays_float32_and_outside_autocast():
@@ -390,3 +399,54 @@ def test_cli_finetune_official_var_file_from_images(tmp_path):
                  "--set", "train.progress=false", "--set", "train.precision=fp32"]) == 0
     assert (out / "final.safetensors").exists() and (out / "final.pth").exists()
     assert families.family_of_file(out / "final.pth") == "var"
+
+
+def test_var_cca_gradient_matches_the_official_loss_written_out(tmp_path):
+    """One CCA step on VAR: the gradient equals autograd of VAR_CCA_trainer's loss written out
+    from full logits (log_softmax, gather, sum over the 30 tokens), pairs rolled per micro-batch,
+    keyed null rows, loss / accum."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from ccalign.train.distributed import keyed_row_mask
+    from ccalign.train.trainer import Trainer
+
+    model, _ = tiny_pair()
+    init = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    tokens, labels = torch.randint(0, 16, (16, SEQ), generator=g), torch.arange(16) % 5
+    config = make_config(tmp_path, method={"uncond_ratio": 0.3, "dropout": "none"},
+                         train={"steps": 1}, optim={"grad_clip": 0.0})
+    trainer = Trainer(config, model, list(zip(tokens, labels, strict=True)))
+    grads = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: grads.append(
+        {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}))
+    trainer.fit()
+
+    def logp(net, y, x):
+        return net.logits(y, x).log_softmax(-1).gather(2, x[..., None]).squeeze(2).sum(-1)
+
+    beta, lam = 0.5, 10.0
+    order = np.random.default_rng([0, 0]).permutation(16)[:8]
+    null_rows = keyed_row_mask(0, 1, 8, 0.3)
+    reference = copy.deepcopy(init).eval().requires_grad_(False)
+    init.eval()
+    total = 0.0
+    for chunk in (slice(0, 4), slice(4, 8)):
+        x, y = tokens[order[chunk]], labels[order[chunk]]
+        mask = null_rows[chunk]
+        pos = torch.where(mask, 5, y)
+        neg = torch.where(mask, 5, torch.roll(y, -1))
+        flag = mask | (neg == pos)  # VAR_CCA_trainer's neg_weight: null rows and equal labels
+        d_pos = logp(init, pos, x) - logp(reference, pos, x)
+        d_neg = logp(init, neg, x) - logp(reference, neg, x)
+        weight = torch.where(flag, 1.0, lam)
+        sign = torch.where(flag, 1.0, -1.0)
+        per_row = -F.logsigmoid(beta * d_pos) - weight * F.logsigmoid(sign * beta * d_neg)
+        total = total + per_row.mean() / lam / 2
+    total.backward()
+    for name, param in init.named_parameters():
+        if param.requires_grad:
+            scale = param.grad.abs().max().item() + 1e-12
+            torch.testing.assert_close(grads[0][name], param.grad, rtol=1e-4, atol=1e-5 * scale)
