@@ -514,8 +514,9 @@ class Trainer:
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def _write_final_model(self) -> None:
-        """final.safetensors (and final_ema, and the official .pt layout when asked); with LoRA
-        the merged weights, and the adapters alone in final_lora.safetensors."""
+        """final.safetensors (and final_ema, and the official layout when asked: LlamaGen's
+        .pt, VAR's raw .pth), each saved by its model family; with LoRA the merged weights,
+        and the adapters alone in final_lora.safetensors."""
         if self.lora is not None:
             weights = lora.merged_state(self.model)
         elif self.fsdp:
