@@ -215,8 +215,11 @@ def test_extract_codes_writes_every_scale_equal_to_encode(tmp_path):
     images = image_folder(tmp_path / "images", n=6)
     out = tmp_path / "extracted.safetensors"
     assert main(["extract-codes", str(images), "--tokenizer", files["vae"], "--flat", str(out),
-                 "--views", "center", "--device", "cpu"]) == 0
+                 "--out", str(tmp_path / "folder"), "--views", "center", "--device", "cpu",
+                 "--workers", "0"]) == 0
     data = open_codes(out)
+    folder = open_codes(tmp_path / "folder")  # LlamaGen's per-image .npy layout holds them too
+    assert folder.seq_len == SEQ and all(torch.equal(folder[i][0], data[i][0]) for i in range(6))
     assert data.seq_len == SEQ and data.num_views == 1 and len(data) == 6
     vae = var_vq.load(files["vae"])
     from ccalign.data.encoded import EncodedImages
