@@ -203,6 +203,7 @@ def test_recipe_configs_carry_the_official_numbers(depth):
     assert config.model.arch.get("drop_path") == drop_path  # None: the preset's (VAR's dpr)
     assert config.optim.lr == 2e-5 and config.optim.grad_clip == 2.0
     assert config.optim.schedule == "linear" and config.optim.warmup_ratio == 0.02
+    assert config.optim.warmup_start_ratio == 0.005 and config.optim.hold_ratio == 0.05
     assert config.optim.min_lr_ratio == final_lr and config.optim.weight_decay == 0.05
     assert config.train.global_batch == 256 and config.train.micro_batch == micro
     assert config.train.epochs == 1.0 and config.train.precision == "bf16"
@@ -453,3 +454,25 @@ def test_var_cca_gradient_matches_the_official_loss_written_out(tmp_path):
         if param.requires_grad:
             scale = param.grad.abs().max().item() + 1e-12
             torch.testing.assert_close(grads[0][name], param.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_warmup_start_and_hold_follow_vars_lin0_within_a_step():
+    """VAR's lin0 in optimizer steps (it = step - 1; warmup W steps from wp0, then the peak for
+    5% of the rest, then linear to wpe at the last step), against ccalign's 1-based schedule."""
+    from ccalign.train.optim import LRSchedule
+
+    total, warmup, wp0, wpe = 1000, 20, 0.005, 0.1
+
+    def lin0(it: int) -> float:
+        if it < warmup:
+            return wp0 + (1 - wp0) * it / warmup
+        passed = (it - warmup) / (total - 1 - warmup)
+        return 1.0 if passed < 0.05 else wpe + (1 - wpe) * (1 - passed) / 0.95
+
+    ours = LRSchedule(1.0, total, kind="linear", warmup_steps=warmup, min_lr_ratio=wpe,
+                      warmup_start_ratio=wp0, hold_ratio=0.05)
+    assert ours(total) == pytest.approx(wpe) and ours(warmup) == 1.0
+    assert ours(warmup + 49) == 1.0 and ours(warmup + 51) < 1.0  # the hold: 5% of 980 steps
+    for step in range(1, total + 1):
+        assert abs(ours(step) - lin0(step - 1)) <= 1.0 / warmup + 1e-12, step
+    assert LRSchedule(1.0, 10, kind="linear", warmup_steps=2)(1) == 0.5  # defaults unchanged

@@ -136,6 +136,8 @@ class OptimSection:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     min_lr_ratio: float = 0.0  # final lr of linear / cosine decay, as a fraction of lr
+    warmup_start_ratio: float = 0.0  # lr at the start of warmup, as a fraction of lr (VAR: 0.005)
+    hold_ratio: float = 0.0  # share of the post-warmup steps at the peak before decay (VAR: 0.05)
     ema_decay: float = 0.0  # 0 disables EMA
     # adamw: torch's AdamW (float32 weights) or ccalign's compensated bf16 AdamW (bf16 weights),
     # float32 moments either way; adamw8bit: torchao's AdamW8bit (pip install torchao)
@@ -241,6 +243,11 @@ class TrainConfig:
             raise ValueError(
                 "method gft trains the beta embedding: remove model.arch.beta_embedding = false "
                 "(gft adds it to a plain model)"
+            )
+        if not (0.0 <= self.optim.warmup_start_ratio <= 1.0 and 0.0 <= self.optim.hold_ratio < 1.0):
+            raise ValueError(
+                f"optim.warmup_start_ratio must be in [0, 1] and optim.hold_ratio in [0, 1); got "
+                f"{self.optim.warmup_start_ratio} and {self.optim.hold_ratio}"
             )
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")

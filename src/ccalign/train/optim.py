@@ -69,20 +69,30 @@ class LRSchedule:
         kind: str = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
+        warmup_start_ratio: float = 0.0,
+        hold_ratio: float = 0.0,
     ):
         if kind not in ("constant", "linear", "cosine"):
             raise ValueError(f"unknown lr schedule {kind!r}; choose constant, linear or cosine")
         self.base_lr, self.total_steps, self.kind = base_lr, max(total_steps, 1), kind
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.warmup_start_ratio, self.hold_ratio = warmup_start_ratio, hold_ratio
 
     def __call__(self, step: int) -> float:
-        """Learning rate used by optimizer step ``step`` (1-based)."""
+        """Learning rate used by optimizer step ``step`` (1-based).
+
+        Warmup rises linearly from ``warmup_start_ratio`` x lr towards lr (reached at the last
+        warmup step); a decay holds lr for the first ``hold_ratio`` of the steps after warmup,
+        then falls to ``min_lr_ratio`` x lr at the last step (VAR's "lin0": hold 0.05).
+        """
         if step <= self.warmup_steps:
-            return self.base_lr * step / self.warmup_steps
+            done = step / self.warmup_steps  # from start x lr towards lr, exactly lr at the end
+            return self.base_lr * (self.warmup_start_ratio * (1.0 - done) + done)
         if self.kind == "constant":
             return self.base_lr
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
+        progress = max(progress - self.hold_ratio, 0.0) / (1.0 - self.hold_ratio)
         if self.kind == "linear":
             shape = 1.0 - progress
         else:
@@ -109,6 +119,8 @@ def make_schedule(optim, total_steps: int) -> LRSchedule:
         kind=optim.schedule,
         warmup_steps=warmup,
         min_lr_ratio=optim.min_lr_ratio,
+        warmup_start_ratio=optim.warmup_start_ratio,
+        hold_ratio=optim.hold_ratio,
     )
 
 
