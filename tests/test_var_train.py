@@ -204,6 +204,7 @@ def test_recipe_configs_carry_the_official_numbers(depth):
     assert config.optim.lr == 2e-5 and config.optim.grad_clip == 2.0
     assert config.optim.schedule == "linear" and config.optim.warmup_ratio == 0.02
     assert config.optim.warmup_start_ratio == 0.005 and config.optim.hold_ratio == 0.05
+    assert config.optim.final_weight_decay == (0.08 if depth == 30 else None)
     assert config.optim.min_lr_ratio == final_lr and config.optim.weight_decay == 0.05
     assert config.train.global_batch == 256 and config.train.micro_batch == micro
     assert config.train.epochs == 1.0 and config.train.precision == "bf16"
@@ -476,3 +477,26 @@ def test_warmup_start_and_hold_follow_vars_lin0_within_a_step():
     for step in range(1, total + 1):
         assert abs(ours(step) - lin0(step - 1)) <= 1.0 / warmup + 1e-12, step
     assert LRSchedule(1.0, 10, kind="linear", warmup_steps=2)(1) == 0.5  # defaults unchanged
+
+
+def test_weight_decay_ramp_is_vars_half_cosine_on_the_decayed_group(tmp_path):
+    """twd -> twde: wd(it) = twde + (twd - twde) (1 + cos(pi it / (T - 1))) / 2, it = step - 1,
+    on the decayed group only."""
+    import math
+
+    from ccalign.train.trainer import Trainer
+
+    model, _ = tiny_pair()
+    g = torch.Generator().manual_seed(5)
+    data = list(zip(torch.randint(0, 16, (16, SEQ), generator=g), torch.arange(16) % 5,
+                    strict=True))
+    config = make_config(tmp_path, train={"steps": 4},
+                         optim={"weight_decay": 0.05, "final_weight_decay": 0.08})
+    trainer = Trainer(config, model, data)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, *_: seen.append([group["weight_decay"] for group in opt.param_groups]))
+    trainer.fit()
+    expected = [0.08 + (0.05 - 0.08) * (1 + math.cos(math.pi * it / 3)) / 2 for it in range(4)]
+    assert [wd for wd, _ in seen] == pytest.approx(expected) and expected[-1] == 0.08
+    assert all(nowd == 0.0 for _, nowd in seen)

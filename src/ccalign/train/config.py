@@ -138,6 +138,9 @@ class OptimSection:
     min_lr_ratio: float = 0.0  # final lr of linear / cosine decay, as a fraction of lr
     warmup_start_ratio: float = 0.0  # lr at the start of warmup, as a fraction of lr (VAR: 0.005)
     hold_ratio: float = 0.0  # share of the post-warmup steps at the peak before decay (VAR: 0.05)
+    # weight decay at the last step, reached by a half cosine from weight_decay (VAR's twde);
+    # None: constant weight_decay
+    final_weight_decay: float | None = None
     ema_decay: float = 0.0  # 0 disables EMA
     # adamw: torch's AdamW (float32 weights) or ccalign's compensated bf16 AdamW (bf16 weights),
     # float32 moments either way; adamw8bit: torchao's AdamW8bit (pip install torchao)
@@ -248,6 +251,11 @@ class TrainConfig:
             raise ValueError(
                 f"optim.warmup_start_ratio must be in [0, 1] and optim.hold_ratio in [0, 1); got "
                 f"{self.optim.warmup_start_ratio} and {self.optim.hold_ratio}"
+            )
+        if self.optim.final_weight_decay is not None and self.optim.final_weight_decay < 0:
+            raise ValueError(
+                f"optim.final_weight_decay must be >= 0, got {self.optim.final_weight_decay}; "
+                "leave it out for a constant weight decay"
             )
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")

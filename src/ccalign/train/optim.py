@@ -71,12 +71,14 @@ class LRSchedule:
         min_lr_ratio: float = 0.0,
         warmup_start_ratio: float = 0.0,
         hold_ratio: float = 0.0,
+        weight_decay_ramp: tuple[float, float] | None = None,
     ):
         if kind not in ("constant", "linear", "cosine"):
             raise ValueError(f"unknown lr schedule {kind!r}; choose constant, linear or cosine")
         self.base_lr, self.total_steps, self.kind = base_lr, max(total_steps, 1), kind
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.warmup_start_ratio, self.hold_ratio = warmup_start_ratio, hold_ratio
+        self.weight_decay_ramp = weight_decay_ramp
 
     def __call__(self, step: int) -> float:
         """Learning rate used by optimizer step ``step`` (1-based).
@@ -99,9 +101,19 @@ class LRSchedule:
             shape = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.base_lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape)
 
+    def weight_decay(self, step: int) -> float:
+        """The decayed group's weight decay at ``step``: with a ramp (start, end), a half cosine
+        from start at step 1 to end at the last step (VAR's twd -> twde)."""
+        start, end = self.weight_decay_ramp
+        done = (step - 1) / max(self.total_steps - 1, 1)
+        return end + (start - end) * (0.5 + 0.5 * math.cos(math.pi * done))
+
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set every group's lr for ``step`` and return it."""
+        """Set every group's lr for ``step`` (and the decayed group's weight decay when it
+        ramps: group 0 of :func:`param_groups`) and return the lr."""
         lr = self(step)
+        if self.weight_decay_ramp is not None:
+            optimizer.param_groups[0]["weight_decay"] = self.weight_decay(step)
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):  # torchao keeps lr as a tensor
                 group["lr"].fill_(lr)
@@ -113,6 +125,8 @@ class LRSchedule:
 def make_schedule(optim, total_steps: int) -> LRSchedule:
     """The schedule an ``OptimSection`` describes (warmup_ratio used when warmup_steps is 0)."""
     warmup = optim.warmup_steps or int(round(optim.warmup_ratio * total_steps))
+    final = optim.final_weight_decay
+    ramp = None if final is None else (optim.weight_decay, final)
     return LRSchedule(
         optim.lr,
         total_steps,
@@ -121,6 +135,7 @@ def make_schedule(optim, total_steps: int) -> LRSchedule:
         min_lr_ratio=optim.min_lr_ratio,
         warmup_start_ratio=optim.warmup_start_ratio,
         hold_ratio=optim.hold_ratio,
+        weight_decay_ramp=ramp,
     )
 
 
