@@ -274,7 +274,7 @@ def test_models_lists_the_registry_with_cached_flags(cache, capsys):
     assert rows["llamagen-L-384"] == ["llamagen-L-384", "llamagen", "GPT-L", "24",
                                       "llamagen-vq16", "yes", f"hf://{LLAMAGEN}/c2i_L_384.pt"]
     assert rows["llamagen-L-256"][5] == "no"
-    assert rows["var-d16"][1:4] == ["var", "VAR-d16", "16"]  # loadable since VAR landed
+    assert rows["var-d16"][1:5] == ["var", "VAR-d16", "16", "var-vae"]
     assert main(["models", "--family", "vq"]) == 0
     shown = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]]
     assert shown == ["llamagen-vq16", "llamagen-vq8"]

@@ -149,16 +149,7 @@ def _ddo_gains(
         "ref_fake": ref_fake,
         "uncond_mask": uncond_mask,
     }
-    for name, tensor in inputs.items():
-        if tensor.dim() != 1 or tensor.shape != policy_real.shape:
-            raise ValueError(
-                f"{name} must be a 1-D per-sample tensor of shape {tuple(policy_real.shape)} "
-                f"(like policy_real), got {tuple(tensor.shape)}"
-            )
-    if uncond_mask.dtype != torch.bool:
-        raise ValueError(f"uncond_mask must be a bool tensor, got {uncond_mask.dtype}")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    _check_per_sample(inputs, mask="uncond_mask", beta=beta)
     return policy_real - ref_real.detach(), policy_fake - ref_fake.detach()
 
 
@@ -209,16 +200,7 @@ def _gains(
         "ref_neg": ref_neg,
         "neg_is_positive": neg_is_positive,
     }
-    for name, tensor in inputs.items():
-        if tensor.dim() != 1 or tensor.shape != policy_pos.shape:
-            raise ValueError(
-                f"{name} must be a 1-D per-sample tensor of shape {tuple(policy_pos.shape)} "
-                f"(like policy_pos), got {tuple(tensor.shape)}"
-            )
-    if neg_is_positive.dtype != torch.bool:
-        raise ValueError(f"neg_is_positive must be a bool tensor, got {neg_is_positive.dtype}")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    _check_per_sample(inputs, mask="neg_is_positive", beta=beta)
     if not lam >= 0:
         raise ValueError(f"lam (the negative weight) must be >= 0, got {lam}")
     return policy_pos - ref_pos.detach(), policy_neg - ref_neg.detach()
@@ -240,3 +222,18 @@ def _metrics(
         "reward_accuracy": (d_pos > d_neg).to(d_pos.dtype).mean(),
         "neg_is_positive_fraction": neg_is_positive.to(d_pos.dtype).mean(),
     }
+
+
+def _check_per_sample(inputs: dict[str, Tensor], *, mask: str, beta: float) -> None:
+    """Every input a 1-D tensor shaped like the first, ``mask`` boolean, ``beta`` positive."""
+    first_name, first = next(iter(inputs.items()))
+    for name, tensor in inputs.items():
+        if tensor.dim() != 1 or tensor.shape != first.shape:
+            raise ValueError(
+                f"{name} must be a 1-D per-sample tensor of shape {tuple(first.shape)} "
+                f"(like {first_name}), got {tuple(tensor.shape)}"
+            )
+    if inputs[mask].dtype != torch.bool:
+        raise ValueError(f"{mask} must be a bool tensor, got {inputs[mask].dtype}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")

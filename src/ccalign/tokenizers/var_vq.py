@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors, read_tensor_file
 from ccalign.models.checkpoint import CheckpointMismatchError, check_state_dict, extract_state_dict
+from ccalign.tokenizers.llamagen_vq import Downsample, Upsample  # the same layers, keys "conv"
 from ccalign.tokenizers.multiscale import MultiScaleQuantizer
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -102,28 +103,6 @@ class AttnBlock(nn.Module):
         weights = weights.softmax(dim=2)  # (B, queries, keys)
         out = torch.bmm(v.contiguous(), weights.transpose(1, 2).contiguous())  # (B, C, queries)
         return x + self.proj_out(out.view(b, c, h, w))
-
-
-class Downsample(nn.Module):
-    """Pad right and bottom by one, then a 3x3 stride-2 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
