@@ -164,7 +164,8 @@ def test_every_objective_runs_and_dropout_none_starts_at_d_zero(tmp_path, method
         (dict(model={"init": "OFFICIAL", "name": "custom", "arch": TINY}), "model.vae"),
         (dict(model={"init": "OFFICIAL", "vae": "VAE"}), "set model.name to its preset"),
         (dict(method={"name": "gft"}), "gft does not train VAR"),
-        (dict(method={"name": "ddo"}), "ddo does not train VAR"),
+        (dict(method={"name": "ddo", "negatives_temperature": 0.9}), "has no temperature"),
+        (dict(method={"name": "ddo", "negatives_retokenize": True}), "needs the VQVAE"),
         (dict(model={"init": None, "name": "VAR-d16"}, method={"name": "mle"}), "model.vae"),
     ],
 )

@@ -121,6 +121,9 @@ class MethodSection:
     negatives_temperature: float = 1.0  # 1, top-k 0, top-p 1: exact samples of the reference
     negatives_top_k: int = 0
     negatives_top_p: float = 1.0
+    # VAR only: decode each sample (its f_hat) to 8-bit pixels with the VQVAE (model.vae) and
+    # re-encode them, as NVlabs/DDO's VAR code makes its negatives from saved images
+    negatives_retokenize: bool = False
 
 
 @dataclass

@@ -26,9 +26,14 @@ Rounds: round r fine-tunes from, and against, round r - 1's final model (round `
 from ``model.init``). With ``method.rounds = 1`` the round writes into ``checkpoint.out`` like
 any run; with more, round r writes ``<out>/round_<r>/`` (its data order from ``data.seed +
 r - method.round``) and the last round's model is copied to ``<out>/final.safetensors``; a
-resumed run skips finished rounds. For VAR, whose released DDO code decodes the reference's
-samples to images and re-tokenises them, a negative source would decode and re-encode here
-(VAR is not in ccalign yet).
+resumed run skips finished rounds.
+
+Families: :func:`negative_sampler` picks the reference's sampler (LlamaGen's KV-cache sampler,
+or VAR's scale-by-scale one), the one place that knows them. VAR's sampler has no temperature
+(``method.negatives_temperature`` must stay 1; top-k / top-p map to VAR's filter). With
+``method.negatives_retokenize`` (VAR only), each sample is decoded from its f_hat with the VQVAE
+(``model.vae``) to 8-bit pixels and re-encoded, as NVlabs/DDO's VAR code trains on images its
+sampler saved (see :func:`retokenize`); the VQVAE's fingerprint goes into the file's manifest.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +50,16 @@ from torch import Tensor, nn
 
 from ccalign.data.codes import FLAT_FORMAT
 from ccalign.io import atomic_save_safetensors, atomic_write, open_safetensors
-from ccalign.models.llamagen import LlamaGen
+from ccalign.models import families, var
 from ccalign.sample.engine import Sampler
+from ccalign.sample.var import VarSampler
+from ccalign.tokenizers import var_vq
 from ccalign.train import distributed as D
 from ccalign.train.config import MethodSection, TrainConfig
 from ccalign.train.objectives import DDOObjective
-from ccalign.train.run import model_from_config, train_once
+from ccalign.train.run import model_from_config, train_once, var_vae_file
 from ccalign.train.rundir import check_output_folder
+from ccalign.train.state import tensor_fingerprint
 from ccalign.train.trainer import Callback, Trainer
 
 NEGATIVES_FILE = "negatives.safetensors"
@@ -74,17 +82,142 @@ def sampling_settings(method: MethodSection) -> dict:
     }
 
 
+@torch.no_grad()
+def retokenize(vae: var_vq.VarVQ, f_hat: Tensor) -> Tensor:
+    """Codes (B, L) of the 8-bit images that ``f_hat`` decodes to.
+
+    As DDO's VAR_sample.py saves its samples: decode, (x + 1) / 2 * 255 cast to uint8 (which
+    truncates, as numpy's astype does); read back as VAR's data pipeline reads images
+    (2 p / 255 - 1, no resize: they already have the VQVAE's size); then encode.
+    """
+    images = vae.decode_fhat(f_hat.to(vae.device, torch.float32))
+    pixels = images.add(1).mul(0.5).mul(255).to(torch.uint8)
+    return vae.encode(pixels.float().div(255).mul(2).sub(1))
+
+
+class VarNegatives:
+    """VAR's sampler as DDO's negative sampler: guidance-free codes, or with ``vae`` the codes
+    of the decoded 8-bit images re-encoded (:func:`retokenize`). ``kwargs`` go to VarSampler."""
+
+    def __init__(self, reference: var.VAR, vae: var_vq.VarVQ | None = None, **kwargs):
+        self.sampler = VarSampler(reference, **kwargs)
+        self.device, self.seq_len = self.sampler.device, self.sampler.seq_len
+        self.vae = None if vae is None else vae.to(self.device, torch.float32)
+
+    def generate(
+        self,
+        labels: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> Tensor:
+        """(B, L) codes of guidance-free samples for ``labels``."""
+        refusal = _var_refusal(temperature, False)
+        if refusal is not None:
+            raise ValueError(refusal)
+        settings = {"generator": generator, "top_k": top_k, "top_p": top_p}
+        # the trainer's autocast (online mode) must not reach the float32 quantiser steps
+        with torch.autocast(self.device.type, enabled=False):
+            if self.vae is None:
+                return self.sampler.generate(labels, **settings)
+            _, f_hat = self.sampler.generate(labels, return_fhat=True, **settings)
+            return retokenize(self.vae, f_hat)
+
+    def release(self) -> None:
+        """Free what the sampler holds between calls."""
+        self.sampler.release()
+
+
+def _llamagen_negatives(
+    reference: nn.Module, vae: var_vq.VarVQ | None = None, **kwargs
+) -> Sampler:
+    """LlamaGen's KV-cache sampler, without CUDA graphs (each call's batch differs)."""
+    if vae is not None:
+        raise ValueError(_llamagen_refusal(1.0, True))
+    return Sampler(reference, cuda_graph=False, **kwargs)
+
+
+def _llamagen_refusal(temperature: float, retokenize: bool) -> str | None:
+    if retokenize:
+        return (
+            "method.negatives_retokenize decodes VAR samples to images and re-encodes them (the "
+            "VAR recipe of NVlabs/DDO); a LlamaGen reference's negatives are its own tokens: "
+            "remove it"
+        )
+    return None
+
+
+def _var_refusal(temperature: float, retokenize: bool) -> str | None:
+    if temperature != 1.0:
+        return (
+            f"method.negatives_temperature = {temperature}: VAR's sampler has no temperature "
+            "(top-k and top-p only): leave it at 1 for a VAR reference"
+        )
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """How one model family samples DDO negatives."""
+
+    #: (reference, vae, device=, inplace=) -> an object with generate(labels, generator=,
+    #: temperature=, top_k=, top_p=), release(), device and seq_len
+    sampler: Callable[..., object]
+    grid: Callable[[nn.Module], int]  # the last scale's side, for the code file's metadata
+    refusal: Callable[[float, bool], str | None]  # (temperature, retokenize) -> why not
+
+
+#: the one place that knows the families' negative samplers
+_FAMILIES = {
+    "llamagen": _Family(_llamagen_negatives, lambda m: m.config.grid, _llamagen_refusal),
+    "var": _Family(VarNegatives, lambda m: m.quantizer.side, _var_refusal),
+}
+
+
+def negative_sampler(reference: nn.Module, *, vae: var_vq.VarVQ | None = None, **kwargs):
+    """The sampler of ``reference``'s family for negatives (``vae``: re-encode, VAR only)."""
+    return _FAMILIES[families.family_of(reference)].sampler(reference, vae, **kwargs)
+
+
+def check_negative_settings(method: MethodSection, model: nn.Module) -> None:
+    """Refuse negative settings that ``model``'s family cannot sample, naming the key."""
+    family = _FAMILIES[families.family_of(model)]
+    refusal = family.refusal(method.negatives_temperature, method.negatives_retokenize)
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
+def retokenizer(config: TrainConfig, model: nn.Module) -> var_vq.VarVQ | None:
+    """The VQVAE that re-encodes the negatives (``method.negatives_retokenize``), else None."""
+    if not config.method.negatives_retokenize:
+        return None
+    path = var_vae_file(config.model)
+    if path is None:
+        raise ValueError(
+            "method.negatives_retokenize needs the VQVAE (encoder and decoder) that decodes the "
+            "samples and re-encodes them: set model.vae (vae_ch160v4096z32.pth or the registry "
+            "name var-vae)"
+        )
+    # the reference was loaded with this VQVAE, which checked that their quantisers agree
+    return var_vq.load(path, patch_nums=model.config.patch_nums)
+
+
 class OnlineNegatives:
     """Samples each micro-batch's negatives from the reference inside the training step."""
 
-    def __init__(self, *, seed: int, round_index: int, sampling: dict):
+    def __init__(
+        self, *, seed: int, round_index: int, sampling: dict, vae: var_vq.VarVQ | None = None
+    ):
         self.seed, self.round_index, self.sampling = seed, round_index, sampling
-        self._sampler: Sampler | None = None
+        self.vae = vae
+        self._sampler = None
 
     def draw(self, reference: nn.Module, labels: Tensor, row_ids: Tensor) -> Tensor:
         """(K, N) tokens keyed by (seed, round, the micro-batch's first conditional row)."""
         if self._sampler is None:  # on CUDA: one bf16 copy of the reference, kept for the round
-            self._sampler = Sampler(reference, cuda_graph=False)
+            self._sampler = negative_sampler(reference, vae=self.vae)
         sampler = self._sampler
         if labels.numel() == 0:
             return torch.empty(0, sampler.seq_len, dtype=torch.long, device=sampler.device)
@@ -143,15 +276,17 @@ def step_rows(
     return rows.astype(np.int64), all_labels[items][cond].astype(np.int64)
 
 
-def write_negatives(reference: LlamaGen, trainer: Trainer) -> Path:
+def write_negatives(
+    reference: nn.Module, trainer: Trainer, vae: var_vq.VarVQ | None = None
+) -> Path:
     """Sample every negative of ``trainer``'s round into ``<out>/negatives.safetensors``.
 
     ``reference`` must hold the round's reference weights; each process samples its steps, the
     main process joins them. An existing file for the same settings and steps is reused; a
-    resume with more steps samples only the new steps' negatives.
+    resume with more steps samples only the new steps' negatives. ``vae``: re-encode (VAR).
     """
     config, out, steps = trainer.config, trainer.out, trainer.total_steps
-    manifest = _manifest(config, trainer)
+    manifest = _manifest(config, trainer, vae)
     final = out / NEGATIVES_FILE
     if final.exists():
         meta = FileNegatives(final).meta
@@ -160,7 +295,7 @@ def write_negatives(reference: LlamaGen, trainer: Trainer) -> Path:
     folder = out / NEGATIVES_DIR
     _claim(folder, manifest, trainer.dist)
     labels = trainer.dataset.all_labels()
-    sampler = Sampler(reference, device=trainer.device, cuda_graph=False, inplace=True)
+    sampler = negative_sampler(reference, vae=vae, device=trainer.device, inplace=True)
     for step in range(1 + trainer.dist.rank, steps + 1, trainer.dist.world_size):
         path = folder / f"step_{step:08d}.npz"
         if not path.exists():
@@ -175,7 +310,7 @@ def write_negatives(reference: LlamaGen, trainer: Trainer) -> Path:
 
 
 def _sample_step(
-    sampler: Sampler, config: TrainConfig, all_labels: np.ndarray, plan: D.BatchPlan, step: int
+    sampler, config: TrainConfig, all_labels: np.ndarray, plan: D.BatchPlan, step: int
 ) -> dict[str, np.ndarray]:
     """One step's negatives, in chunks of ``negatives_batch`` rows, each chunk keyed apart."""
     method = config.method
@@ -192,10 +327,10 @@ def _sample_step(
     return {"tokens": tokens, "labels": labels, "rows": rows}
 
 
-def _manifest(config: TrainConfig, trainer: Trainer) -> dict:
+def _manifest(config: TrainConfig, trainer: Trainer, vae: var_vq.VarVQ | None) -> dict:
     """What the negatives depend on, besides the number of steps."""
     method = config.method
-    return {
+    manifest = {
         "seed": config.train.seed,
         "round": method.round,
         "uncond_ratio": method.uncond_ratio,
@@ -207,6 +342,9 @@ def _manifest(config: TrainConfig, trainer: Trainer) -> dict:
         "reference": repr(trainer.reference_fingerprint),
         "device": trainer.device.type,  # CPU and CUDA generators draw different streams
     }
+    if vae is not None:  # only then: manifests of earlier runs stay valid
+        manifest["retokenize_vae"] = f"{tensor_fingerprint(vae):.10g}"
+    return manifest
 
 
 def _claim(folder: Path, manifest: dict, dist: D.DistInfo) -> None:
@@ -223,7 +361,7 @@ def _claim(folder: Path, manifest: dict, dist: D.DistInfo) -> None:
         )
 
 
-def _join(folder: Path, final: Path, steps: int, manifest: dict, reference: LlamaGen) -> None:
+def _join(folder: Path, final: Path, steps: int, manifest: dict, reference: nn.Module) -> None:
     """All steps' negatives as one flat code file, with their global rows."""
     parts = {"tokens": [], "labels": [], "rows": []}
     for step in range(1, steps + 1):
@@ -238,13 +376,16 @@ def _join(folder: Path, final: Path, steps: int, manifest: dict, reference: Llam
         "labels": torch.from_numpy(joined["labels"]),
         "rows": torch.from_numpy(joined["rows"]),
     }
+    grid, seq_len = _FAMILIES[families.family_of(reference)].grid(reference), reference.seq_len
     meta = {
         "format": FLAT_FORMAT,
         "vocab_size": str(vocab),
-        "grid": str(reference.config.grid),
+        "grid": str(grid),
         "manifest": json.dumps(manifest),
         "steps": str(steps),
     }
+    if seq_len != grid * grid:  # multi-scale codes (VAR), as write_flat_codes records them
+        meta["seq_len"] = str(seq_len)
     atomic_save_safetensors(tensors, final, meta)
 
 
@@ -259,15 +400,20 @@ def attach_negatives(trainer: Trainer) -> None:
     if not isinstance(objective, DDOObjective):
         raise TypeError(f"a DDO round needs a DDOObjective, got {type(objective).__name__}")
     method = config.method
+    check_negative_settings(method, trainer.model)
+    vae = retokenizer(config, trainer.model)
     if method.negatives == "online":
         objective.negatives = OnlineNegatives(
-            seed=config.train.seed, round_index=method.round, sampling=sampling_settings(method)
+            seed=config.train.seed,
+            round_index=method.round,
+            sampling=sampling_settings(method),
+            vae=vae,
         )
         return
     cuda = [trainer.device] if trainer.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # building the model draws; dropout must not see it
         reference = model_from_config(config.model)  # the init weights, unsharded, for sampling
-    objective.negatives = FileNegatives(write_negatives(reference, trainer))
+    objective.negatives = FileNegatives(write_negatives(reference, trainer, vae))
 
 
 def round_config(config: TrainConfig, round_index: int, init: str, out: Path) -> TrainConfig:

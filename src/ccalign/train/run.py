@@ -64,7 +64,6 @@ def _llamagen_from_config(section: ModelSection, method: str | None) -> llamagen
 #: objectives a VAR model cannot train yet, and what they lack
 VAR_UNSUPPORTED = {
     "gft": "GFT needs a beta embedding, which ccalign's VAR does not have",
-    "ddo": "DDO samples its negatives with the LlamaGen token sampler, which has no VAR path",
 }
 
 
@@ -74,9 +73,9 @@ def _var_from_config(section: ModelSection, method: str | None) -> var.VAR:
     if method in VAR_UNSUPPORTED:
         raise ValueError(
             f"method {method} does not train VAR models yet: {VAR_UNSUPPORTED[method]}; use "
-            "cca, dpo, unlearning or mle"
+            "cca, ddo, dpo, unlearning or mle"
         )
-    vae = _var_vae(section)
+    vae = var_vae_file(section)
     if section.init is None:
         _require_vae(vae, f"a fresh {section.name}")
         return var.build(section.name, vae=vae, **section.arch)
@@ -93,7 +92,7 @@ def _var_from_config(section: ModelSection, method: str | None) -> var.VAR:
     return var.load(init, name, vae=vae, **section.arch)
 
 
-def _var_vae(section: ModelSection) -> Path | None:
+def var_vae_file(section: ModelSection) -> Path | None:
     """``model.vae`` resolved to a file; for a registry VAR ``init``, its VQVAE by default."""
     name = section.vae
     if name is None and section.init is not None:
