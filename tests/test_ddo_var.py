@@ -97,6 +97,18 @@ def test_killed_and_resumed_var_round_is_bitwise_identical(tmp_path, source):
     assert logs[0] == logs[1] and len(logs[0]) == 4 and all(np.isfinite(logs[0]))
 
 
+def test_var_rounds_chain_with_the_vqvae_and_retokenized_negatives(tmp_path):
+    """Round 2 samples from round 1's VAR, which carries the quantiser of model.vae."""
+    files = write_var_files(tmp_path)
+    out = tmp_path / "rounds"
+    run_training(ddo_var_config(out, files, vae=True, rounds=2, negatives_retokenize=True))
+    first, second = out / "round_1" / "final.safetensors", out / "round_2" / "final.safetensors"
+    assert same_weights(second, out / "final.safetensors") and not same_weights(first, second)
+    negatives = FileNegatives(out / "round_2" / "negatives.safetensors")
+    manifest = json.loads(negatives.meta["manifest"])
+    assert manifest["round"] == 2 and "retokenize_vae" in manifest
+
+
 def test_online_var_negatives_are_keyed_samples_and_leave_the_reference_untouched():
     reference, _ = tiny_pair(seed=5)
     reference.train().requires_grad_(False)

@@ -118,7 +118,8 @@ class MethodSection:
     # process). Both draw from the same distribution; the file is the cheaper.
     negatives: str = "file"
     negatives_batch: int = 256  # rows per sampling call (file mode), part of the random key
-    negatives_temperature: float = 1.0  # 1, top-k 0, top-p 1: exact samples of the reference
+    # 1, top-k 0, top-p 1: exact samples of the reference (VAR's sampler has no temperature)
+    negatives_temperature: float = 1.0
     negatives_top_k: int = 0
     negatives_top_p: float = 1.0
     # VAR only: decode each sample (its f_hat) to 8-bit pixels with the VQVAE (model.vae) and
