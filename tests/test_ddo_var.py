@@ -15,7 +15,7 @@ from ccalign.data.codes import open_codes
 from ccalign.models import var
 from ccalign.sample.var import generate
 from ccalign.tokenizers import var_vq
-from ccalign.train import TrainConfig, run_training
+from ccalign.train import TrainConfig, load_config, run_training
 from ccalign.train.ddo import (
     FileNegatives,
     OnlineNegatives,
@@ -28,6 +28,8 @@ from ccalign.train.distributed import BatchPlan
 from ccalign.train.state import list_checkpoints
 from test_ddo import write_files as write_llamagen_files
 from test_var_train import SEQ, tiny_pair, write_var_files
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def ddo_var_config(out: Path, files: dict, *, vae: bool = False, **method) -> TrainConfig:
@@ -185,3 +187,12 @@ def test_config_errors_name_the_key(tmp_path):
                               negatives_retokenize=True)
     with pytest.raises(ValueError, match="a LlamaGen reference's negatives are its own tokens"):
         run_training(llamagen)
+
+
+def test_the_var_ddo_recipe_carries_the_papers_numbers():
+    config = load_config(REPO / "configs" / "var_d16_ddo.toml")
+    method = config.method
+    assert (method.name, method.beta, method.alpha, method.uncond_ratio) == ("ddo", 0.02, 50.0, 0.5)
+    assert method.negatives_retokenize and config.model.vae == "var-vae"
+    assert (config.optim.lr, config.train.global_batch, config.train.steps) == (4e-6, 1024, 100)
+    assert config.model.arch["drop_path"] == 0.0 and method.dropout == "none"
