@@ -15,7 +15,7 @@ from ccalign.data.codes import open_codes
 from ccalign.models import var
 from ccalign.sample.var import generate
 from ccalign.tokenizers import var_vq
-from ccalign.train import TrainConfig, load_config, run_training
+from ccalign.train import TrainConfig, ddo, load_config, run_training
 from ccalign.train.ddo import (
     FileNegatives,
     OnlineNegatives,
@@ -130,13 +130,16 @@ def test_online_var_negatives_are_keyed_samples_and_leave_the_reference_untouche
     assert source.draw(reference, labels[:0], rows[:0]).shape == (0, SEQ)
 
 
-def test_retokenize_encodes_the_decoded_8bit_images():
+def test_retokenize_encodes_the_decoded_8bit_images(monkeypatch):
     model, vae = tiny_pair(seed=1)
     labels = torch.tensor([0, 3, 3, 1])
     key = torch.Generator().manual_seed(11)
     codes, f_hat = generate(model, labels, generator=key, return_fhat=True)
     expected = by_hand(vae, f_hat)
     assert torch.equal(retokenize(vae, f_hat), expected)
+    monkeypatch.setattr(ddo, "RETOKENIZE_ROWS", 3)  # chunks: the same codes
+    assert torch.equal(retokenize(vae, f_hat), expected)
+    monkeypatch.undo()
     assert not torch.equal(expected, codes)  # the round trip changes codes (a random VQVAE)
     sampler = VarNegatives(model, vae)
     drawn = sampler.generate(labels, generator=torch.Generator().manual_seed(11))

@@ -64,6 +64,7 @@ from ccalign.train.trainer import Callback, Trainer
 
 NEGATIVES_FILE = "negatives.safetensors"
 NEGATIVES_DIR = "negatives"
+RETOKENIZE_ROWS = 32  # images decoded and re-encoded at once (a constant: part of the result)
 _KEY_TAG = 0x64646F  # "ddo": keeps these streams apart from the trainer's other keyed draws
 
 
@@ -88,11 +89,15 @@ def retokenize(vae: var_vq.VarVQ, f_hat: Tensor) -> Tensor:
 
     As DDO's VAR_sample.py saves its samples: decode, (x + 1) / 2 * 255 cast to uint8 (which
     truncates, as numpy's astype does); read back as VAR's data pipeline reads images
-    (2 p / 255 - 1, no resize: they already have the VQVAE's size); then encode.
+    (2 p / 255 - 1, no resize: they already have the VQVAE's size); then encode. Runs in
+    fixed chunks of ``RETOKENIZE_ROWS`` rows (256 px images at full batch would need tens of GiB).
     """
-    images = vae.decode_fhat(f_hat.to(vae.device, torch.float32))
-    pixels = images.add(1).mul(0.5).mul(255).to(torch.uint8)
-    return vae.encode(pixels.float().div(255).mul(2).sub(1))
+    codes = []
+    for part in f_hat.split(RETOKENIZE_ROWS):
+        images = vae.decode_fhat(part.to(vae.device, torch.float32))
+        pixels = images.add(1).mul(0.5).mul(255).to(torch.uint8)
+        codes.append(vae.encode(pixels.float().div(255).mul(2).sub(1)))
+    return torch.cat(codes)
 
 
 class VarNegatives:
