@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -160,6 +161,7 @@ def write_negatives(reference: LlamaGen, trainer: Trainer) -> Path:
     folder = out / NEGATIVES_DIR
     _claim(folder, manifest, trainer.dist)
     labels = trainer.dataset.all_labels()
+    started = time.perf_counter()
     sampler = Sampler(reference, device=trainer.device, cuda_graph=False, inplace=True)
     for step in range(1 + trainer.dist.rank, steps + 1, trainer.dist.world_size):
         path = folder / f"step_{step:08d}.npz"
@@ -168,8 +170,9 @@ def write_negatives(reference: LlamaGen, trainer: Trainer) -> Path:
             atomic_write(path, lambda tmp, a=arrays: _savez(tmp, a))
     sampler.release()
     D.barrier(trainer.dist)
+    seconds = time.perf_counter() - started  # this call's sampling (a resume: only its part)
     if trainer.dist.is_main:
-        _join(folder, final, steps, manifest, reference)
+        _join(folder, final, steps, manifest, reference, seconds)
     D.barrier(trainer.dist)
     return final
 
@@ -223,8 +226,10 @@ def _claim(folder: Path, manifest: dict, dist: D.DistInfo) -> None:
         )
 
 
-def _join(folder: Path, final: Path, steps: int, manifest: dict, reference: LlamaGen) -> None:
-    """All steps' negatives as one flat code file, with their global rows."""
+def _join(
+    folder: Path, final: Path, steps: int, manifest: dict, reference: LlamaGen, seconds: float
+) -> None:
+    """All steps' negatives as one flat code file, with their global rows and sampling time."""
     parts = {"tokens": [], "labels": [], "rows": []}
     for step in range(1, steps + 1):
         with np.load(folder / f"step_{step:08d}.npz") as data:
@@ -244,6 +249,7 @@ def _join(folder: Path, final: Path, steps: int, manifest: dict, reference: Llam
         "grid": str(reference.config.grid),
         "manifest": json.dumps(manifest),
         "steps": str(steps),
+        "sampling_seconds": f"{seconds:.2f}",
     }
     atomic_save_safetensors(tensors, final, meta)
 
