@@ -26,13 +26,13 @@ def test_plan_rows_per_method():
 
     base = ["base", "base-cfg1.5", "base-cfg2", "base-cfg3"]
     assert names(("cca",)) == [*base, "cca", "cca+cfg"]  # the default demo is unchanged
-    assert names(("gft",)) == [*base, "gft-s1", "gft", "gft-s2", "gft-s3"]
+    assert names(("gft",)) == [*base, "gft", "gft-s1.25", "gft-s1.5", "gft-s2"]
     assert names(("ddo",)) == [*base, "ddo"]
     rows = {r["name"]: r for r in plan_settings(DemoSettings(methods=("cca", "gft", "ddo")))}
     for name in ("cca", "gft", "ddo"):
         assert rows[name]["model"] == name and rows[name]["cfg_scale"] == 1.0
         assert rows[name]["headline"]  # the full sample count
-    assert rows["gft"]["gft_beta"] == pytest.approx(1 / 1.5)
+    assert rows["gft"]["gft_beta"] == 1.0 and rows["gft-s1.5"]["gft_beta"] == pytest.approx(1 / 1.5)
     assert rows["gft-s2"]["gft_beta"] == 0.5 and not rows["gft-s2"]["headline"]
     assert "gft_beta" not in rows["ddo"] and "gft_beta" not in rows["cca"]
 
