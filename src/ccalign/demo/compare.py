@@ -77,7 +77,7 @@ def recipe_text(method: str, info: dict) -> str:
     if method == "gft":
         return (
             f"lr {info['lr']:g} cosine, {info['images_per_step']} images, sampled at beta "
-            f"1/{info['scale']:g}"
+            f"{info['gft_beta']:.3g} (s = {info['scale']:g})"
         )
     return (
         f"alpha {info['alpha']:g}, beta {info['beta']:g}, lr {info['lr']:g} constant, "
