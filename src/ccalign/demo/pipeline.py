@@ -4,6 +4,9 @@ Stages (each with its own progress bar): encode the training images with the bun
 in the output folder), CCA fine-tuning through the project's trainer (resumable), sampling every
 setting with the same labels and seeds, and evaluation with the bundled classifier against the
 10k test images: domain FID, conditional accuracy, precision/recall, IS analogue and images/s.
+With ``methods`` (``--methods cca,gft,ddo``) GFT and DDO fine-tune from the same base model and
+codes at a matched budget (``ccalign.demo.methods``) and one report compares them all
+(``ccalign.demo.compare``).
 
 The headline rows (base, base + CFG at the CCA + CFG scale, CCA) get enough samples for a
 bootstrap FID spread <= 1; the rest of the curve (other CFG scales, CCA + CFG, sweeps) fewer.
