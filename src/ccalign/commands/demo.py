@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "CCA on Fashion-MNIST from the bundled base model, compared with CFG (report in --out)"
+HELP = (
+    "CCA (or --methods cca,gft,ddo) on Fashion-MNIST from the bundled base model, compared "
+    "with CFG (report in --out)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +36,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("both", "none", "policy-only"),
         help="dropout of policy and reference during CCA (method.dropout)",
     )
+    parser.add_argument(
+        "--methods",
+        default="cca",
+        help="comma list of cca, gft, ddo: fine-tune each at a matched budget and compare them "
+        "with CFG in one report (default: cca, the plain demo)",
+    )
+    parser.add_argument("--gft-lr", type=float, help="GFT learning rate (cosine)")
+    parser.add_argument(
+        "--gft-scale", type=float, help="GFT's guidance-free row samples at beta = 1 / this"
+    )
+    parser.add_argument(
+        "--gft-curve-scales",
+        type=_floats,
+        help="comma list of further s (beta = 1/s) for GFT's own curve",
+    )
+    parser.add_argument("--ddo-alpha", type=float, help="DDO's weight of the reference samples")
+    parser.add_argument("--ddo-beta", type=float, help="DDO beta")
+    parser.add_argument("--ddo-lr", type=float, help="DDO learning rate (constant)")
+    parser.add_argument("--ddo-rounds", type=int, help="DDO rounds sharing the step budget")
+    parser.add_argument("--ddo-uncond-ratio", type=float, help="DDO's null-label fraction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "progress": not args.no_progress,
     }
-    for key in ("samples", "curve_samples", "steps", "lam", "beta", "lr", "dropout"):
+    from ccalign.demo.methods import parse_methods
+
+    changes["methods"] = parse_methods(args.methods)
+    keys = ("samples", "curve_samples", "steps", "lam", "beta", "lr", "dropout", "gft_lr")
+    keys += ("gft_scale", "gft_curve_scales", "ddo_alpha", "ddo_beta", "ddo_lr", "ddo_rounds")
+    for key in (*keys, "ddo_uncond_ratio"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)

@@ -4,6 +4,9 @@ Stages (each with its own progress bar): encode the training images with the bun
 in the output folder), CCA fine-tuning through the project's trainer (resumable), sampling every
 setting with the same labels and seeds, and evaluation with the bundled classifier against the
 10k test images: domain FID, conditional accuracy, precision/recall, IS analogue and images/s.
+With ``methods`` (``--methods cca,gft,ddo``) GFT and DDO fine-tune from the same base model and
+codes at a matched budget (``ccalign.demo.methods``) and one report compares them all
+(``ccalign.demo.compare``).
 
 The headline rows (base, base + CFG at the CCA + CFG scale, CCA) get enough samples for a
 bootstrap FID spread <= 1; the rest of the curve (other CFG scales, CCA + CFG, sweeps) fewer.
@@ -14,7 +17,6 @@ timing per setting.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,9 @@ import torch
 
 from ccalign.data import fashion_mnist
 from ccalign.data.codes import write_flat_codes
+from ccalign.demo import methods as recipes
 from ccalign.demo import report
+from ccalign.demo.methods import cca_config, run_folder  # noqa: F401  (the CCA recipe)
 from ccalign.eval import (
     conditional_accuracy,
     feature_statistics,
@@ -38,7 +42,6 @@ from ccalign.eval import (
 from ccalign.models import llamagen
 from ccalign.sample import Sampler
 from ccalign.tokenizers import load as load_tokenizer
-from ccalign.train import TrainConfig, run_training
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BASE_MODEL = ASSETS / "fmnist_base.safetensors"
@@ -66,6 +69,18 @@ class DemoSettings:
     lr: float = 1e-4
     steps: int = 150
     pairs_per_step: int = 64
+    # --methods: which guidance-free fine-tunes to run and compare (methods.py: matched budget)
+    methods: tuple[str, ...] = ("cca",)
+    gft_lr: float = 1e-4
+    # GFT's guidance-free row samples at beta = 1 / gft_scale: s = 1 had the lowest FID in a
+    # sweep over s = 1 / 1.25 / 1.5 / 2 / 3 at this budget, at the same accuracy (BENCHMARKS.md)
+    gft_scale: float = 1.0
+    gft_curve_scales: tuple[float, ...] = (1.25, 1.5, 2.0)  # GFT's own curve (curve_samples)
+    ddo_alpha: float = 50.0
+    ddo_beta: float = 0.5
+    ddo_lr: float = 1e-5  # alpha 50: lr 1e-4 collapsed (FID 80); 1e-5 ties alpha 10 at 1e-4
+    ddo_rounds: int = 3  # the step budget split over the rounds
+    ddo_uncond_ratio: float = 0.5
     sweep: bool = False
     sweep_lams: tuple[float, ...] = (1.0, 3.0, 10.0)
     sweep_cfg_scales: tuple[float, ...] = (1.25, 4.0, 5.0)
@@ -85,8 +100,15 @@ class DemoSettings:
             pairs_per_step=16,
             sweep_lams=(3.0,),
             sweep_cfg_scales=(4.0,),
+            gft_curve_scales=(3.0,),
+            ddo_rounds=2,
         )
         return cls(**{**small, **changes})
+
+    @property
+    def rows_per_step(self) -> int:
+        """Sequence rows through the policy with gradient per step, the same for every method."""
+        return 2 * self.pairs_per_step
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -102,14 +124,9 @@ def run_demo(settings: DemoSettings) -> dict:
     reference_radii = manifold_radii(reference.features, k=3)  # once, not per setting
 
     base = load_base_model(settings.base_model)
-    lams = [settings.lam, *(settings.sweep_lams if settings.sweep else ())]
-    cca_runs = {
-        lam: finetune(settings, codes_path, run_folder(settings, out, lam), lam) for lam in lams
-    }
-    start = first_log_record(run_folder(settings, out, settings.lam) / "metrics.jsonl")
-
+    models, trained = finetune_methods(settings, codes_path, out)
     rows = plan_settings(settings)
-    models = {"base": base, **{f"cca{lam:g}": model for lam, model in cca_runs.items()}}
+    models = {"base": base, **models}
     drawn = sample_interleaved(rows, models, settings)
     runs = []
     for row in rows:
@@ -134,21 +151,15 @@ def run_demo(settings: DemoSettings) -> dict:
         "curve_samples_per_setting": settings.curve_samples,
         "reference_images": settings.reference_images,
         "speed_ratio": drawn["speed_ratio"],
-        "cca": {
-            "beta": settings.beta,
-            "lam": settings.lam,
-            "dropout": settings.dropout,
-            "d_pos_step1": start["d_pos"],  # policy == reference: 0 up to dropout noise
-            "d_neg_step1": start["d_neg"],
-            "lr": settings.lr,
-            "steps": settings.steps,
-            "pairs_per_step": settings.pairs_per_step,
-        },
+        "methods": list(settings.methods),
+        "budget": {"steps": settings.steps, "rows_per_step": settings.rows_per_step},
+        **trained,
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 1),
     }
     report.write_metrics(runs, out / "metrics.json", meta)
-    report.plot_tradeoff(runs, out / "tradeoff.png")
+    title = "CCA" if settings.methods == ("cca",) else " / ".join(settings.methods).upper()
+    report.plot_tradeoff(runs, out / "tradeoff.png", title=f"CFG scale vs {title}")
     write_report(runs, meta, out / "report.md")
     return {"meta": meta, "runs": runs}
 
@@ -193,65 +204,88 @@ def load_base_model(path: Path) -> llamagen.LlamaGen:
     return llamagen.load(path).eval()
 
 
-def cca_config(settings: DemoSettings, codes_path: Path, out: Path, lam: float) -> TrainConfig:
-    """The demo's CCA recipe as a TrainConfig (beta 0.5: 49-token images need a large beta)."""
-    return TrainConfig.from_dict(
-        {
-            "model": {"name": "custom", "grid": 7, "init": str(settings.base_model)},
-            "data": {"path": str(codes_path), "seed": settings.seed},
-            "method": {
-                "name": "cca",
-                "beta": settings.beta,
-                "lam": lam,
-                "uncond_ratio": 0.1,
-                "dropout": settings.dropout,
-            },
-            "optim": {
-                "lr": settings.lr,
-                "schedule": "cosine",
-                "warmup_ratio": 0.05,
-                "weight_decay": 0.05,
-                "grad_clip": 1.0,
-            },
-            "train": {
-                "global_batch": settings.pairs_per_step,
-                "micro_batch": settings.pairs_per_step,
-                "steps": settings.steps,
-                "precision": "fp32",
-                "seed": settings.seed,
-                "device": "auto",
-                "log_every": 10,
-                "progress": settings.progress,
-            },
-            "checkpoint": {"out": str(out), "every": 50, "keep": 1},
-        }
-    )
+def finetune_methods(settings: DemoSettings, codes_path: Path, out: Path) -> tuple[dict, dict]:
+    """Fine-tune every method in ``settings.methods``: ({model key: model}, {method: meta})."""
+    models: dict = {}
+    info: dict = {}
+    if "cca" in settings.methods:
+        lams = [settings.lam, *(settings.sweep_lams if settings.sweep else ())]
+        for lam in lams:
+            folder = run_folder(settings, out, lam)
+            config = cca_config(settings, codes_path, folder, lam)
+            seconds = recipes.train_timed(config, folder, lambda t: _say(settings, t))
+            models[f"cca{lam:g}"] = recipes.load_final(folder)
+            if lam == settings.lam:
+                info["cca"] = cca_meta(settings, folder, seconds)
+    if "gft" in settings.methods:
+        folder = recipes.method_folder(settings, out, "gft")
+        config = recipes.gft_config(settings, codes_path, folder)
+        seconds = recipes.train_timed(config, folder, lambda t: _say(settings, t))
+        models["gft"] = recipes.load_final(folder)
+        info["gft"] = gft_meta(settings, seconds)
+    if "ddo" in settings.methods:
+        folder = recipes.method_folder(settings, out, "ddo")
+        config = recipes.ddo_config(settings, codes_path, folder)
+        seconds = recipes.train_timed(config, folder, lambda t: _say(settings, t))
+        models["ddo"] = recipes.load_final(folder)
+        info["ddo"] = ddo_meta(settings, folder, seconds)
+    return models, info
 
 
-def run_folder(settings: DemoSettings, out: Path, lam: float) -> Path:
-    """One folder per distinct CCA recipe, so a changed setting never reuses a stale model."""
-    recipe = (
-        lam,
-        settings.dropout,
-        settings.beta,
-        settings.lr,
-        settings.steps,
-        settings.pairs_per_step,
-        settings.seed,
-        settings.train_images,
-        str(settings.base_model),
-    )
-    digest = hashlib.sha1(repr(recipe).encode()).hexdigest()[:8]
-    return out / f"cca_lam{lam:g}_{digest}"
+def cca_meta(settings: DemoSettings, folder: Path, seconds: float) -> dict:
+    """CCA's recipe, its D at step 1 and its budget: pairs -> 2 x pairs policy + reference rows."""
+    start = first_log_record(folder / "metrics.jsonl")
+    return {
+        "beta": settings.beta,
+        "lam": settings.lam,
+        "dropout": settings.dropout,
+        "d_pos_step1": start["d_pos"],  # policy == reference: 0 up to dropout noise
+        "d_neg_step1": start["d_neg"],
+        "lr": settings.lr,
+        "steps": settings.steps,
+        "pairs_per_step": settings.pairs_per_step,
+        "rows_per_step": 2 * settings.pairs_per_step,
+        "nograd_rows_per_step": 2 * settings.pairs_per_step,  # the reference's forward
+        "finetune_seconds": seconds,
+    }
 
 
-def finetune(settings: DemoSettings, codes_path: Path, out: Path, lam: float):
-    """Fine-tune with CCA at ``lam`` (resuming a killed run; reusing a finished one)."""
-    final = out / "final.safetensors"
-    if not final.exists():
-        _say(settings, f"CCA fine-tuning (lambda {lam:g}) -> {out}")
-        run_training(cca_config(settings, codes_path, out, lam), resume=True)
-    return llamagen.load(final).eval()
+def gft_meta(settings: DemoSettings, seconds: float) -> dict:
+    """GFT's recipe and budget: 2 x pairs images, each a conditional row with gradient."""
+    return {
+        "lr": settings.gft_lr,
+        "scale": settings.gft_scale,
+        "gft_beta": 1.0 / settings.gft_scale,
+        "class_dropout": 0.1,
+        "dropout": settings.dropout,
+        "steps": settings.steps,
+        "images_per_step": settings.rows_per_step,
+        "rows_per_step": settings.rows_per_step,
+        "nograd_rows_per_step": settings.rows_per_step,  # the unconditional pass
+        "finetune_seconds": seconds,
+    }
+
+
+def ddo_meta(settings: DemoSettings, folder: Path, seconds: float) -> dict:
+    """DDO's recipe and budget, with the negatives actually drawn and their sampling time."""
+    batch, per_round = recipes.ddo_batch(settings), recipes.ddo_steps_per_round(settings)
+    steps = per_round * settings.ddo_rounds
+    drawn = recipes.ddo_negatives(folder, settings.ddo_rounds)
+    return {
+        "alpha": settings.ddo_alpha,
+        "beta": settings.ddo_beta,
+        "lr": settings.ddo_lr,
+        "uncond_ratio": settings.ddo_uncond_ratio,
+        "rounds": settings.ddo_rounds,
+        "steps_per_round": per_round,
+        "steps": steps,
+        "images_per_step": batch,
+        "rows_per_step": batch * (2 - settings.ddo_uncond_ratio),  # expected: data + negatives
+        "rows_per_step_measured": (batch * steps + drawn["negatives"]) / steps,
+        "nograd_rows_per_step": batch * (2 - settings.ddo_uncond_ratio),  # the reference
+        **drawn,
+        "finetune_seconds": seconds,  # negatives' sampling included
+    }
 
 
 def first_log_record(metrics_log: Path) -> dict:
@@ -262,7 +296,7 @@ def first_log_record(metrics_log: Path) -> dict:
 
 # ---- stage 3: sampling and scoring ----
 def plan_settings(settings: DemoSettings) -> list[dict]:
-    """The table's rows: base without/with CFG, CCA without/with CFG, and sweeps."""
+    """The table's rows: base without/with CFG, then each method's rows (CCA: with CFG, sweeps)."""
     sweep_scales = settings.sweep_cfg_scales if settings.sweep else ()
     base_scales = sorted({*settings.cfg_scales, *sweep_scales})
     rows = [
@@ -290,6 +324,27 @@ def plan_settings(settings: DemoSettings) -> list[dict]:
                 lam=None,
             )
         )
+    if "cca" in settings.methods:
+        rows += cca_rows(settings)
+    if "gft" in settings.methods:
+        rows += gft_rows(settings)
+    if "ddo" in settings.methods:
+        rows.append(
+            dict(
+                name="ddo",
+                model="ddo",
+                headline=True,
+                cfg_scale=1.0,
+                family="DDO",
+                sweep_label=f"α={settings.ddo_alpha:g}",
+            )
+        )
+    return rows
+
+
+def cca_rows(settings: DemoSettings) -> list[dict]:
+    """CCA guidance-free (and its lambda sweep), then CCA + CFG."""
+    rows = []
     lams = sorted({settings.lam, *(settings.sweep_lams if settings.sweep else ())})
     for lam in lams:
         suffix = "" if lam == settings.lam else f"-lam{lam:g}"
@@ -316,6 +371,31 @@ def plan_settings(settings: DemoSettings) -> list[dict]:
         )
     )
     return rows
+
+
+def gft_rows(settings: DemoSettings) -> list[dict]:
+    """GFT guidance-free at beta = 1 / gft_scale (headline), and its curve over other scales."""
+    scales = sorted({settings.gft_scale, *settings.gft_curve_scales})
+    return [
+        dict(
+            name="gft" if s == settings.gft_scale else f"gft-s{s:g}",
+            model="gft",
+            headline=s == settings.gft_scale,
+            cfg_scale=1.0,
+            gft_beta=1.0 / s,
+            family="GFT, beta = 1/s",
+            sweep_value=s,
+            sweep_label=f"s={s:g}",
+        )
+        for s in scales
+    ]
+
+
+def model_key(row: dict) -> str:
+    """The key of a row's model in ``sample_interleaved``'s models (CCA: one per lambda)."""
+    if row["model"] == "cca":
+        return f"cca{row['lam']:g}"
+    return row["model"]
 
 
 def balanced_labels(count: int) -> np.ndarray:
@@ -353,9 +433,8 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
     draws = []
     for row in rows:
         count = settings.samples if row.get("headline") else settings.curve_samples
-        key = "base" if row["model"] == "base" else f"cca{row['lam']:g}"
         generator = torch.Generator().manual_seed(settings.seed)
-        draws.append(_Draw(row, samplers[key], balanced_labels(count), generator))
+        draws.append(_Draw(row, samplers[model_key(row)], balanced_labels(count), generator))
     longest = max(len(d.labels) for d in draws)
     rounds: list[dict[str, list[float]]] = []
     total = sum(len(d.labels) for d in draws)
@@ -369,7 +448,12 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
                 scale = draw.row["cfg_scale"]
                 begin = time.perf_counter()
                 draw.tokens.append(
-                    draw.sampler.generate(batch, cfg_scale=scale, generator=draw.generator)
+                    draw.sampler.generate(
+                        batch,
+                        cfg_scale=scale,
+                        gft_beta=draw.row.get("gft_beta"),
+                        generator=draw.generator,
+                    )
                 )
                 draw.seconds.append(time.perf_counter() - begin)
                 speeds["free" if scale == 1.0 else "cfg"].append(len(batch) / draw.seconds[-1])
@@ -458,6 +542,11 @@ def bootstrap_fid_std(reference: np.ndarray, samples: np.ndarray, rounds: int = 
 
 # ---- stage 4: the written report ----
 def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
+    """report.md: CCA's own report for the default demo, the comparison's for ``--methods``."""
+    if meta.get("methods", ["cca"]) != ["cca"]:
+        from ccalign.demo import compare
+
+        return compare.write_report(runs, meta, path)
     by_name = {r["name"]: r for r in runs}
     base, cca = by_name["base"], by_name["cca"]
     cfg_runs = [r for r in runs if r["model"] == "base" and r["cfg_scale"] != 1.0]

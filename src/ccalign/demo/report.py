@@ -68,7 +68,7 @@ def metrics_table(runs: Sequence[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot_tradeoff(runs: Sequence[dict], path: Path) -> Path:
+def plot_tradeoff(runs: Sequence[dict], path: Path, title: str = "CFG scale vs CCA") -> Path:
     """FID against IS and against accuracy, one curve per family (CFG sweep, CCA lambda sweep)."""
     import matplotlib
 
@@ -102,7 +102,7 @@ def plot_tradeoff(runs: Sequence[dict], path: Path) -> Path:
         ax.set_ylabel("FID (classifier features) ↓")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Fidelity-diversity trade-off: CFG scale vs CCA")
+    fig.suptitle(f"Fidelity-diversity trade-off: {title}")
     fig.tight_layout()
 
     def save(tmp: str) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -300,6 +301,7 @@ def write_negatives(
     folder = out / NEGATIVES_DIR
     _claim(folder, manifest, trainer.dist)
     labels = trainer.dataset.all_labels()
+    started = time.perf_counter()
     sampler = negative_sampler(reference, vae=vae, device=trainer.device, inplace=True)
     for step in range(1 + trainer.dist.rank, steps + 1, trainer.dist.world_size):
         path = folder / f"step_{step:08d}.npz"
@@ -308,8 +310,9 @@ def write_negatives(
             atomic_write(path, lambda tmp, a=arrays: _savez(tmp, a))
     sampler.release()
     D.barrier(trainer.dist)
+    seconds = time.perf_counter() - started  # this call's sampling (a resume: only its part)
     if trainer.dist.is_main:
-        _join(folder, final, steps, manifest, reference)
+        _join(folder, final, steps, manifest, reference, seconds)
     D.barrier(trainer.dist)
     return final
 
@@ -366,8 +369,10 @@ def _claim(folder: Path, manifest: dict, dist: D.DistInfo) -> None:
         )
 
 
-def _join(folder: Path, final: Path, steps: int, manifest: dict, reference: nn.Module) -> None:
-    """All steps' negatives as one flat code file, with their global rows."""
+def _join(
+    folder: Path, final: Path, steps: int, manifest: dict, reference: nn.Module, seconds: float
+) -> None:
+    """All steps' negatives as one flat code file, with their global rows and sampling time."""
     parts = {"tokens": [], "labels": [], "rows": []}
     for step in range(1, steps + 1):
         with np.load(folder / f"step_{step:08d}.npz") as data:
@@ -388,6 +393,7 @@ def _join(folder: Path, final: Path, steps: int, manifest: dict, reference: nn.M
         "grid": str(grid),
         "manifest": json.dumps(manifest),
         "steps": str(steps),
+        "sampling_seconds": f"{seconds:.2f}",
     }
     if seq_len != grid * grid:  # multi-scale codes (VAR), as write_flat_codes records them
         meta["seq_len"] = str(seq_len)

@@ -1,0 +1,103 @@
+"""`ccalign demo --methods cca,gft,ddo`: rows per method, matched budgets, the comparison report."""
+
+import json
+
+import pytest
+
+from ccalign.cli import main
+from ccalign.data import fashion_mnist
+from ccalign.demo import methods as recipes
+from ccalign.demo.compare import cfg_fid_at
+from ccalign.demo.pipeline import DemoSettings, plan_settings
+from ccalign.models import llamagen
+
+
+def test_methods_parse_in_canonical_order_and_reject_unknown_names():
+    assert recipes.parse_methods("ddo, cca") == ("cca", "ddo")
+    assert recipes.parse_methods("GFT") == ("gft",)
+    for bad in ("cca,cfg", "", ","):
+        with pytest.raises(ValueError, match="--methods"):
+            recipes.parse_methods(bad)
+
+
+def test_plan_rows_per_method():
+    def names(methods):
+        return [r["name"] for r in plan_settings(DemoSettings(methods=methods))]
+
+    base = ["base", "base-cfg1.5", "base-cfg2", "base-cfg3"]
+    assert names(("cca",)) == [*base, "cca", "cca+cfg"]  # the default demo is unchanged
+    assert names(("gft",)) == [*base, "gft", "gft-s1.25", "gft-s1.5", "gft-s2"]
+    assert names(("ddo",)) == [*base, "ddo"]
+    rows = {r["name"]: r for r in plan_settings(DemoSettings(methods=("cca", "gft", "ddo")))}
+    for name in ("cca", "gft", "ddo"):
+        assert rows[name]["model"] == name and rows[name]["cfg_scale"] == 1.0
+        assert rows[name]["headline"]  # the full sample count
+    assert rows["gft"]["gft_beta"] == 1.0 and rows["gft-s1.5"]["gft_beta"] == pytest.approx(1 / 1.5)
+    assert rows["gft-s2"]["gft_beta"] == 0.5 and not rows["gft-s2"]["headline"]
+    assert "gft_beta" not in rows["ddo"] and "gft_beta" not in rows["cca"]
+
+
+def test_matched_budget_of_the_recipes(tmp_path):
+    settings = DemoSettings(methods=("cca", "gft", "ddo"))
+    codes = tmp_path / "codes.safetensors"
+    cca = recipes.cca_config(settings, codes, tmp_path / "c", settings.lam)
+    gft = recipes.gft_config(settings, codes, tmp_path / "g")
+    ddo = recipes.ddo_config(settings, codes, tmp_path / "d")
+    assert settings.rows_per_step == 128
+    assert cca.train.global_batch == 64  # pairs: x 2 labels = 128 policy rows
+    assert gft.train.global_batch == 128  # images: 128 conditional rows
+    u = ddo.method.uncond_ratio
+    assert ddo.train.global_batch * (2 - u) == pytest.approx(128, abs=1)  # data + negatives
+    assert cca.train.steps == gft.train.steps == 150
+    assert ddo.train.steps * ddo.method.rounds == 150 and ddo.method.rounds == 3
+    assert ddo.method.dropout == "none" and ddo.method.negatives == "file"
+    assert gft.model.init == cca.model.init == ddo.model.init == str(settings.base_model)
+
+
+def test_run_folders_follow_each_recipe(tmp_path):
+    settings = DemoSettings()
+    gft = recipes.method_folder(settings, tmp_path, "gft")
+    ddo = recipes.method_folder(settings, tmp_path, "ddo")
+    assert gft.name.startswith("gft_") and ddo.name.startswith("ddo_")
+    changed = DemoSettings(ddo_alpha=10.0)
+    assert recipes.method_folder(changed, tmp_path, "ddo") != ddo
+    assert recipes.method_folder(changed, tmp_path, "gft") == gft  # not a GFT setting
+    assert recipes.method_folder(DemoSettings(steps=10), tmp_path, "gft") != gft
+
+
+def test_cfg_curve_interpolation():
+    curve = [dict(accuracy=0.8, fid=30.0), dict(accuracy=0.9, fid=40.0)]
+    assert cfg_fid_at(0.85, curve) == pytest.approx(35.0)
+    assert cfg_fid_at(0.95, curve) is None and cfg_fid_at(0.7, curve) is None
+
+
+def test_quick_comparison_runs_end_to_end(tmp_path):
+    fashion_mnist.find_folder()  # the embedded data set must be installed (scripts/setup.sh)
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--methods", "cca,gft,ddo", "--out", str(out)]
+    assert main([*argv, "--no-progress", "--threads", "1"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    runs, meta = {r["name"]: r for r in doc["runs"]}, doc["meta"]
+    assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg", "gft", "gft-s3", "ddo"}
+    for name in ("cca", "gft", "ddo"):
+        assert runs[name]["model"] == name and runs[name]["cfg_scale"] == 1.0
+        assert runs[name]["fid"] > 0 and runs[name]["images_per_s"] > 0
+        assert meta[name]["finetune_seconds"] > 0
+    quick = DemoSettings.quick()
+    assert meta["methods"] == ["cca", "gft", "ddo"]
+    assert meta["budget"] == {"steps": quick.steps, "rows_per_step": quick.rows_per_step}
+    for name in ("cca", "gft"):
+        assert meta[name]["steps"] == quick.steps
+        assert meta[name]["rows_per_step"] == meta[name]["nograd_rows_per_step"] == 32
+    ddo = meta["ddo"]
+    assert ddo["steps"] == ddo["rounds"] * ddo["steps_per_round"] == quick.steps
+    # the negatives actually drawn: every conditional row got one, about half the rows
+    assert ddo["rows_per_step_measured"] == pytest.approx(32, rel=0.2)
+    assert 0 < ddo["negatives"] < ddo["images_per_step"] * ddo["steps"]
+    assert 0 <= ddo["negatives_seconds"] <= ddo["finetune_seconds"]
+    (gft_folder,) = out.glob("gft_*")
+    assert "t_embedder.mlp.0.weight" in llamagen.load(gft_folder / "final.safetensors").state_dict()
+    report = (out / "report.md").read_text()
+    assert "| DDO | alpha 50" in report and "## Reading" in report
+    assert "| gft | gft | none |" in report
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
