@@ -13,8 +13,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
-from torch import nn
-from torch.utils.data import Dataset
 
 from _support import Killed, kill_after
 from ccalign.data.codes import write_flat_codes
@@ -24,41 +22,9 @@ from ccalign.train import TrainConfig, Trainer, load_config, run_training
 from ccalign.train import lora as L
 from ccalign.train.config import config_changes
 from ccalign.train.state import list_checkpoints, load_checkpoint
+from test_train import GRID, VOCAB, RandomCodes, tiny_model
 
-GRID, VOCAB, CLASSES = 4, 32, 5
 ADAPTED = ("wqkv", "wo", "w1", "w2", "w3")
-
-
-def tiny_model(dropout: float = 0.0, seed: int = 0) -> llamagen.LlamaGen:
-    """2 layers, non-zero output head, random RMSNorm gains (so every weight matters)."""
-    torch.manual_seed(seed)
-    model = llamagen.build(
-        "custom",
-        grid=GRID,
-        dim=32,
-        n_layer=2,
-        n_head=4,
-        vocab_size=VOCAB,
-        num_classes=CLASSES,
-        token_dropout=dropout,
-        resid_dropout=dropout,
-        ffn_dropout=dropout,
-    )
-    nn.init.normal_(model.output.weight, std=0.2)
-    return model
-
-
-class RandomCodes(Dataset):
-    def __init__(self, n: int, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        self.tokens = torch.randint(0, VOCAB, (n, GRID * GRID), generator=g)
-        self.labels = torch.randint(0, CLASSES, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.tokens[i], self.labels[i]
 
 
 def lora_config(out: Path, lora: dict | None = None, **sections) -> TrainConfig:
