@@ -9,15 +9,13 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 from _support import Killed, kill_after
 from ccalign.data.codes import write_flat_codes
 from ccalign.models import llamagen
 from ccalign.train import TrainConfig, run_training
 from ccalign.train.state import load_checkpoint
-
-GRID, VOCAB, CLASSES = 4, 32, 5
+from test_train import CLASSES, GRID, VOCAB, tiny_model
 
 
 def free_port() -> int:
@@ -71,20 +69,7 @@ def launch(config: TrainConfig, kill: int = 0, resume: bool = False) -> None:
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_single_process_accumulation(tmp_path, parallel):
-    torch.manual_seed(0)
-    model = llamagen.build(
-        "custom",
-        grid=GRID,
-        dim=32,
-        n_layer=2,
-        n_head=4,
-        vocab_size=VOCAB,
-        num_classes=CLASSES,
-        token_dropout=0.0,
-        resid_dropout=0.0,
-        ffn_dropout=0.0,
-    )
-    nn.init.normal_(model.output.weight, std=0.2)
+    model = tiny_model()  # seed 0, no dropout
     init = str(tmp_path / "init.safetensors")
     llamagen.save(model, init)
     g = torch.Generator().manual_seed(1)

@@ -24,8 +24,7 @@ from ccalign.train import TrainConfig, Trainer, run_training
 from ccalign.train.run import model_from_config, open_training_data
 from ccalign.train.sharded import read_metadata
 from ccalign.train.state import latest_checkpoint, list_checkpoints, load_checkpoint
-
-GRID, VOCAB, CLASSES = 4, 32, 5
+from test_train import CLASSES, GRID, VOCAB, tiny_model
 
 
 def free_port() -> int:
@@ -38,20 +37,7 @@ def free_port() -> int:
 def files(tmp_path_factory) -> tuple[str, str]:
     """A tiny model without dropout and 24 random code sequences."""
     folder = tmp_path_factory.mktemp("files")
-    torch.manual_seed(0)
-    model = llamagen.build(
-        "custom",
-        grid=GRID,
-        dim=32,
-        n_layer=2,
-        n_head=4,
-        vocab_size=VOCAB,
-        num_classes=CLASSES,
-        token_dropout=0.0,
-        resid_dropout=0.0,
-        ffn_dropout=0.0,
-    )
-    torch.nn.init.normal_(model.output.weight, std=0.2)
+    model = tiny_model()  # seed 0, no dropout
     init = str(folder / "init.safetensors")
     llamagen.save(model, init)
     g = torch.Generator().manual_seed(1)
