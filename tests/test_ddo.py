@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from _support import Killed, kill_after
+from _support import Killed, become_rank, free_port, kill_after
 from ccalign.align import ddo_loss
 from ccalign.cli import main
 from ccalign.data.codes import open_codes, write_flat_codes
@@ -376,14 +374,7 @@ def test_cli_finetune_method_ddo_and_the_recipe_config(tmp_path):
 
 # ---- several processes ----
 def ddo_worker(rank: int, world: int, port: int, config: TrainConfig) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
+    become_rank(rank, world, port)
     run_training(config)
 
 
@@ -395,9 +386,7 @@ def test_two_processes_draw_the_same_negatives_and_updates(tmp_path, parallel, s
     run_training(single)
     multi = ddo_config(tmp_path / "multi", init, codes, negatives=source, rounds=2)
     multi.train.parallel = parallel
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(ddo_worker, args=(2, port, multi), nprocs=2, join=True, start_method="fork")
     a = final_state(tmp_path / "single" / "final.safetensors")
     b = final_state(tmp_path / "multi" / "final.safetensors")

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from _support import Killed, kill_after
+from _support import Killed, become_rank, free_port, kill_after
 from ccalign.data.codes import write_flat_codes
 from ccalign.models import llamagen
 from ccalign.train import TrainConfig, run_training
 from ccalign.train.state import load_checkpoint
 from test_train import CLASSES, GRID, VOCAB, tiny_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_config(out, init, codes, micro_batch: int, **train) -> TrainConfig:
@@ -46,14 +38,7 @@ def run_config(out, init, codes, micro_batch: int, **train) -> TrainConfig:
 
 
 def worker(rank: int, world: int, port: int, config: TrainConfig, kill: int, resume: bool) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
+    become_rank(rank, world, port)
     try:
         run_training(config, resume=resume, callbacks=[kill_after(kill)] if kill else [])
     except Killed:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
 
-from _support import Killed, kill_after
+from _support import Killed, become_rank, free_port, kill_after
 from ccalign.data.codes import write_flat_codes
 from ccalign.io import read_safetensors
 from ccalign.models import llamagen, load_weights
@@ -283,21 +281,10 @@ def test_lora_run_killed_and_resumed_is_bitwise_identical(tmp_path):
 
 
 # ---- DDP ----
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, config: TrainConfig) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
+    become_rank(rank, world, port)
     run_training(config)
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from _support import Killed, kill_after
+from _support import Killed, become_rank, free_port, kill_after
 from ccalign.data.codes import write_flat_codes
 from ccalign.io import UnsafePickleError
 from ccalign.models import llamagen
@@ -25,12 +24,6 @@ from ccalign.train.run import model_from_config, open_training_data
 from ccalign.train.sharded import read_metadata
 from ccalign.train.state import latest_checkpoint, list_checkpoints, load_checkpoint
 from test_train import CLASSES, GRID, VOCAB, tiny_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +86,7 @@ def die_in_second_save(rank: int) -> None:
 
 
 def worker(rank: int, port: int, config: TrainConfig, resume: bool, die: bool) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-    )
+    become_rank(rank, 2, port)
     if die:
         die_in_second_save(rank)
     run_training(config, resume=resume)
