@@ -15,6 +15,7 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 HELP = "write a model (file, registry name or hf:// URI) in the official layout or as safetensors"
 FORMATS = ("official", "safetensors")
@@ -58,21 +59,12 @@ def export_llamagen(
 ) -> list[Path]:
     """LlamaGen: ``{"model": state_dict}`` .pt, or safetensors with its config beside it."""
     from ccalign.commands.sample import check_recorded_architecture
-    from ccalign.io import atomic_write
     from ccalign.models import llamagen
 
     if vae is not None:
         raise ValueError("--vae is VAR's VQVAE; a LlamaGen checkpoint needs none: drop it")
     check_recorded_architecture(str(path), preset, grid)
-    model = llamagen.load(path, preset, grid=grid)
-    if fmt == "official":
-        llamagen.save(model, out, official=True)
-        return [out]
-    llamagen.save(model, out)
-    config = out.parent / CONFIG_NAME
-    text = json.dumps({"family": "llamagen", **model.config.to_dict()}, indent=1) + "\n"
-    atomic_write(config, lambda tmp: Path(tmp).write_text(text))
-    return [out, config]
+    return write_export(llamagen, "llamagen", llamagen.load(path, preset, grid=grid), fmt, out)
 
 
 def export_var(
@@ -80,7 +72,6 @@ def export_var(
 ) -> list[Path]:
     """VAR: its raw state_dict (.pth, as released), or safetensors (with the quantiser copy)
     and its config beside it."""
-    from ccalign.io import atomic_write
     from ccalign.models import var
 
     if grid is not None:
@@ -92,12 +83,19 @@ def export_var(
             "(its VQVAE, e.g. vae_ch160v4096z32.pth or var-vae)"
         )
     model = var.load(path, None if recorded else preset, vae=vae)
+    return write_export(var, "var", model, fmt, out)
+
+
+def write_export(module: ModuleType, family: str, model, fmt: str, out: Path) -> list[Path]:
+    """``module.save`` in the official layout, or as safetensors with ``config.json`` beside."""
+    from ccalign.io import atomic_write
+
     if fmt == "official":
-        var.save(model, out, official=True)
+        module.save(model, out, official=True)
         return [out]
-    var.save(model, out)
+    module.save(model, out)
     config = out.parent / CONFIG_NAME
-    text = json.dumps({"family": "var", **model.config.to_dict()}, indent=1) + "\n"
+    text = json.dumps({"family": family, **model.config.to_dict()}, indent=1) + "\n"
     atomic_write(config, lambda tmp: Path(tmp).write_text(text))
     return [out, config]
 
