@@ -347,3 +347,26 @@ def test_train_tokenizer_command_writes_model_metrics_and_figure(tmp_path, capsy
     classes_with_two = int((np.bincount(labels["test"]) >= 2).sum())
     with Image.open(tmp_path / "r.png") as png:  # 2 x (originals, reconstructions), 3x scale
         assert png.size == (classes_with_two * 28 * 3, 4 * 28 * 3)
+
+
+def test_train_tokenizer_command_trains_the_multiscale_kind(tmp_path, capsys):
+    from ccalign.cli import main
+    from ccalign.tokenizers.var_vq import VarVQ
+    from test_fashion_mnist import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path / "fm", train=32, test=20)
+    out = tmp_path / "msvq.safetensors"
+    common = ["train-tokenizer", "--fashion-mnist-folder", str(tmp_path / "fm"), "--out",
+              str(out), "--steps", "2", "--batch-size", "8", "--codebook-size", "16",
+              "--threads", "1"]
+    assert main([*common, "--kind", "multiscale", "--patch-nums", "1,3,7"]) == 0
+    tok = load(out)
+    assert isinstance(tok, VarVQ) and isinstance(tok, ImageTokenizer)
+    assert (tok.vocab_size, tok.grid, tok.seq_len, tok.image_size) == (16, 7, 59, 28)
+    codes = tok.encode(torch.zeros(2, 1, 28, 28))
+    assert codes.shape == (2, 59) and tok.decode(codes).shape == (2, 1, 28, 28)
+    capsys.readouterr()
+    assert main([*common, "--patch-nums", "1,3,7"]) != 0
+    assert "--kind multiscale only" in capsys.readouterr().err
+    assert main([*common, "--kind", "multiscale", "--image-size", "32"]) != 0
+    assert "encodes 28 px" in capsys.readouterr().err

@@ -155,3 +155,50 @@ def test_training_pass_straight_through_and_vq_loss():
     for name in ("encoder.conv_in.weight", "quantize.embedding.weight",
                  "quantize.quant_resi.qresi_ls.0.weight", "decoder.conv_out.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_residuals_are_the_vectors_each_scale_quantises():
+    q = tiny_vq().quantize
+    f = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    rows = q.residuals(f)
+    assert rows.shape == (3 * q.seq_len, 4)
+    torch.testing.assert_close(rows[:3], f.mean((2, 3)))  # scale 1x1: the area-pooled latent
+    nearest = torch.cdist(rows.double(), q.embedding.weight.double()).argmin(1)
+    codes = q.encode(f)
+    assert torch.equal(nearest, torch.cat([codes[:, s].reshape(-1) for s in q.scale_slices()]))
+    f_hat_before_last = q.codes_to_fhat(
+        torch.cat([codes[:, : 1 + 4 + 9], torch.zeros(3, 16, dtype=torch.long)], 1)
+    ) - q.upsampled(3, q.code_map(torch.zeros(3, 16, dtype=torch.long)))
+    last = (f - f_hat_before_last).permute(0, 2, 3, 1).reshape(-1, 4)
+    torch.testing.assert_close(rows[-48:], last, rtol=0, atol=1e-5)
+
+
+def test_small_multiscale_vq_trains_and_restarts_dead_codes_on_residuals():
+    from ccalign.tokenizers import small_vq
+
+    torch.manual_seed(0)
+    model = small_vq.build_small_multiscale(
+        vocab_size=32, z_channels=4, ch=8, norm_groups=4, patch_nums=(1, 2)
+    )
+    assert model.image_size == 8 and model.seq_len == 5
+    images = (torch.rand(64, 8, 8) * 255).to(torch.uint8)
+    images[:, 2:5, :] = 0  # shared structure, so there is something to learn
+    before = small_vq.evaluate(model, images)
+    settings = small_vq.TrainSettings(
+        steps=25, batch_size=16, warmup=5, lr=3e-3, restart_every=5, log_every=100
+    )
+    small_vq.train(model, images, settings, log=lambda m: None)
+    after = small_vq.evaluate(model, images)
+    assert after["mse"] < 0.8 * before["mse"] and 1 <= after["codes_used"] <= 32
+
+    x = images[:4].float().div(127.5).sub(1)[:, None]
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[2, 9, 30]] = True
+    book = model.quantize.embedding.weight
+    old = book.detach().clone()
+    assert small_vq.restart_dead_codes(model, x, dead, torch.Generator().manual_seed(0)) == 3
+    assert torch.equal(book[~dead], old[~dead])
+    with torch.no_grad():
+        pool = model.quantize.residuals(model.latents(x))
+    for row in book[dead].detach():
+        assert torch.isclose(pool, row, atol=1e-6).all(1).any()

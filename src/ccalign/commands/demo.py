@@ -6,13 +6,22 @@ import argparse
 from pathlib import Path
 
 HELP = (
-    "CCA (or --methods cca,gft,ddo) on Fashion-MNIST from the bundled base model, compared "
-    "with CFG (report in --out)"
+    "CCA (or --methods cca,gft,ddo) on Fashion-MNIST from the bundled LlamaGen (or --family var: "
+    "VAR) base model, compared with CFG (report in --out)"
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder")
+    parser.add_argument(
+        "--family",
+        choices=("llamagen", "var"),
+        default="llamagen",
+        help="the bundled model family: LlamaGen (next-token, 49 codes) or VAR (next-scale, "
+        "88 codes of a multi-scale VQ)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="report folder (default runs/demo, runs/demo_var for VAR)"
+    )
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     parser.add_argument(
         "--sweep",
@@ -73,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from ccalign.demo.pipeline import DemoSettings, run_demo
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    out = args.out or Path("runs/demo" if args.family == "llamagen" else f"runs/demo_{args.family}")
     changes = {
-        "out": args.out,
+        "out": out,
         "sweep": args.sweep,
         "seed": args.seed,
         "progress": not args.no_progress,
@@ -87,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     for key in (*keys, "ddo_uncond_ratio"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
-    settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)
+    settings = DemoSettings.for_family(args.family, quick=args.quick, **changes)
     result = run_demo(settings)
-    print(f"report: {args.out / 'report.md'} ({result['meta']['seconds']:.0f} s)")
+    print(f"report: {out / 'report.md'} ({result['meta']['seconds']:.0f} s)")
     return 0

@@ -259,6 +259,7 @@ def _setup_var(args: argparse.Namespace, device) -> tuple:
     from ccalign.models import var
     from ccalign.sample.var import VarSampler
     from ccalign.tokenizers import var_vq
+    from ccalign.tokenizers.files import resolve_file
 
     unsupported = {
         "--grid": args.grid is not None, "--temperature": args.temperature != 1.0,
@@ -288,7 +289,7 @@ def _setup_var(args: argparse.Namespace, device) -> tuple:
     config = recorded or var.VARConfig(**var.PRESETS[args.model])
     tokenizer = None
     if args.tokenizer:  # read at the model's scales (official VQVAE files do not record them)
-        tokenizer = var_vq.load(args.tokenizer, patch_nums=config.patch_nums)
+        tokenizer = var_vq.load(resolve_file(args.tokenizer), patch_nums=config.patch_nums)
     model = var.load(args.checkpoint, None if recorded else args.model, vae=tokenizer)
     if tokenizer is not None:
         tokenizer.to(device).eval()

@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-HELP = "train a small VQ image tokenizer (e.g. 28x28 grey -> 7x7 codes) and report its quality"
+HELP = (
+    "train a small VQ image tokenizer (28x28 grey -> 7x7 codes, or --kind multiscale: VAR's "
+    "multi-scale codes) and report its quality"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-data", default=None,
                         help="image folder to evaluate on (Fashion-MNIST uses its test split)")
     parser.add_argument("--out", required=True, help="tokenizer file to write (.safetensors)")
+    parser.add_argument("--kind", choices=("vq", "multiscale"), default="vq",
+                        help="vq: LlamaGen-family VQ (7x7 codes); multiscale: VAR's multi-scale "
+                             "VQVAE (codes of scales 1, 2, 3, 5, 7 for the VAR demo)")
+    parser.add_argument("--patch-nums", default=None,
+                        help="multiscale only: comma list of scale sides, the last one the latent "
+                             "side (default 1,2,3,5,7)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="image side for folders (default: the small VQ's 28)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
@@ -46,20 +55,18 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    overrides = {
-        k: v for k, v in (("image_size", args.image_size), ("in_channels", args.channels),
-                          ("codebook_size", args.codebook_size)) if v is not None
-    }
     torch.manual_seed(args.seed)
-    model = small_vq.build_small(**overrides).to(device)
+    model = build_model(args).to(device)
     train_images, test_images, test_labels = _load_data(args, model.image_size, model.channels)
     settings = small_vq.TrainSettings(seed=args.seed, **{
         k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                           ("lr", args.lr)) if v is not None
     })
-    print(f"training the small VQ ({model.num_parameters():,} parameters, "
-          f"{model.vocab_size} codes, {model.grid}x{model.grid} grid) on {len(train_images)} "
-          f"images for {settings.steps} steps, device {device}", file=sys.stderr)
+    codes = getattr(model, "patch_nums", (model.grid,))
+    print(f"training the small {args.kind} tokenizer ({model.num_parameters():,} parameters, "
+          f"{model.vocab_size} codes, scales {'/'.join(f'{p}x{p}' for p in codes)}) on "
+          f"{len(train_images)} images for {settings.steps} steps, device {device}",
+          file=sys.stderr)
     history = small_vq.train(model, train_images, settings, log=lambda m: print(m, file=sys.stderr))
     dtype = torch.float16 if args.store_dtype == "float16" else None
     files.save(model, args.out, dtype=dtype)
@@ -75,6 +82,33 @@ def run(args: argparse.Namespace) -> int:
     if args.recon_png:
         save_comparison_png(stored, test_images, test_labels, args.recon_png)
     return 0
+
+
+def build_model(args: argparse.Namespace):
+    """The untrained tokenizer ``--kind`` names, with the size options applied."""
+    from ccalign.tokenizers import small_vq
+
+    if args.kind == "vq":
+        if args.patch_nums is not None:
+            raise ValueError("--patch-nums applies to --kind multiscale only")
+        overrides = {
+            k: v for k, v in (("image_size", args.image_size), ("in_channels", args.channels),
+                              ("codebook_size", args.codebook_size)) if v is not None
+        }
+        return small_vq.build_small(**overrides)
+    overrides = {
+        k: v for k, v in (("in_channels", args.channels), ("vocab_size", args.codebook_size))
+        if v is not None
+    }
+    if args.patch_nums is not None:
+        overrides["patch_nums"] = tuple(int(p) for p in args.patch_nums.split(","))
+    model = small_vq.build_small_multiscale(**overrides)
+    if args.image_size is not None and args.image_size != model.image_size:
+        raise ValueError(
+            f"the multi-scale VQ with scales {model.patch_nums} encodes {model.image_size} px "
+            f"images (4x the last scale); set --patch-nums to give {args.image_size} px"
+        )
+    return model
 
 
 def _load_data(args, size: int, channels: int):

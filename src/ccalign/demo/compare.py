@@ -18,7 +18,8 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
     methods = meta["methods"]
     text = "\n\n".join(
         [
-            "# Guidance-free methods on Fashion-MNIST: " + ", ".join(NAMES[m] for m in methods),
+            f"# Guidance-free methods on Fashion-MNIST ({meta.get('family_title', 'LlamaGen')}): "
+            + ", ".join(NAMES[m] for m in methods),
             setup_text(meta),
             budget_table(meta),
             report.metrics_table(runs),

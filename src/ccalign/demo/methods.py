@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from ccalign.io import atomic_write, open_safetensors
-from ccalign.models import llamagen
+from ccalign.models import families
 from ccalign.train import TrainConfig, run_training
 
 if TYPE_CHECKING:
@@ -59,7 +61,7 @@ def ddo_steps_per_round(settings: DemoSettings) -> int:
 def _common(settings: DemoSettings, codes_path: Path, out: Path, batch: int, steps: int) -> dict:
     """Model, data, train and checkpoint sections shared by every method."""
     return {
-        "model": {"name": "custom", "grid": 7, "init": str(settings.base_model)},
+        "model": {**settings.demo_family.model_section, "init": str(settings.base_model)},
         "data": {"path": str(codes_path), "seed": settings.seed},
         "train": {
             "global_batch": batch,
@@ -180,8 +182,10 @@ def train_timed(config: TrainConfig, out: Path, say) -> float:
     return float(json.loads(record.read_text())["seconds"])
 
 
-def load_final(out: Path) -> llamagen.LlamaGen:
-    return llamagen.load(out / "final.safetensors").eval()
+def load_final(out: Path) -> nn.Module:
+    """The fine-tuned model a run folder holds, whatever its family."""
+    path = out / "final.safetensors"
+    return families.FAMILIES[families.family_of_file(path)][0].load(path).eval()
 
 
 def ddo_negatives(out: Path, rounds: int) -> dict:

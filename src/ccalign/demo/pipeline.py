@@ -1,4 +1,8 @@
-"""The embedded demo: CCA on Fashion-MNIST from the bundled base model, measured against CFG.
+"""The embedded demo: CCA on Fashion-MNIST from a bundled base model, measured against CFG.
+
+Two model families ship a base model and tokenizer (``ccalign.demo.families``): LlamaGen (the
+default, 49 codes per image) and VAR (``--family var``: next-scale prediction over the 88 codes
+of a small multi-scale VQ). The pipeline below is the same for both.
 
 Stages (each with its own progress bar): encode the training images with the bundled VQ (cached
 in the output folder), CCA fine-tuning through the project's trainer (resumable), sampling every
@@ -27,6 +31,7 @@ import torch
 
 from ccalign.data import fashion_mnist
 from ccalign.data.codes import write_flat_codes
+from ccalign.demo import families as demo_families
 from ccalign.demo import methods as recipes
 from ccalign.demo import report
 from ccalign.demo.methods import cca_config, run_folder  # noqa: F401  (the CCA recipe)
@@ -39,20 +44,22 @@ from ccalign.eval import (
     manifold_radii,
     precision_recall,
 )
-from ccalign.models import llamagen
-from ccalign.sample import Sampler
 from ccalign.tokenizers import load as load_tokenizer
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BASE_MODEL = ASSETS / "fmnist_base.safetensors"
+BASE_MODEL = demo_families.FAMILIES["llamagen"].base_model
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Everything the demo does; ``quick()`` shrinks it to a smoke run of about a minute."""
+    """Everything the demo does; ``quick()`` shrinks it to a smoke run of about a minute.
+
+    ``for_family`` applies a family's tuned settings (``ccalign.demo.families``) under the
+    caller's changes; ``base_model`` defaults to the family's bundled one.
+    """
 
     out: Path = Path("runs/demo")
-    base_model: Path = BASE_MODEL
+    family: str = "llamagen"
+    base_model: Path | None = None
     seed: int = 0
     train_images: int = 10000  # training images encoded for fine-tuning (150 x 64 use 9600)
     reference_images: int = 10000  # test images the samples are compared with
@@ -87,23 +94,30 @@ class DemoSettings:
     grid_columns: int = 10
     progress: bool = True
 
+    def __post_init__(self):
+        known = demo_families.family(self.family)
+        unsupported = set(self.methods) - set(known.methods)
+        if unsupported:
+            raise ValueError(
+                f"the {known.title} demo fine-tunes with {', '.join(known.methods)}, not "
+                f"{', '.join(sorted(unsupported))}"
+            )
+        if self.base_model is None:
+            object.__setattr__(self, "base_model", known.base_model)
+
+    @classmethod
+    def for_family(cls, family: str = "llamagen", *, quick: bool = False, **changes):
+        """Settings for ``family``: its tuned values, then ``quick``'s, then ``changes``."""
+        tuned = demo_families.family(family).settings
+        return cls(**{**tuned, **(QUICK if quick else {}), "family": family, **changes})
+
     @classmethod
     def quick(cls, **changes) -> DemoSettings:
-        small = dict(
-            train_images=512,
-            reference_images=500,
-            samples=100,
-            curve_samples=100,
-            batch_size=100,
-            cfg_scales=(2.0,),
-            steps=4,
-            pairs_per_step=16,
-            sweep_lams=(3.0,),
-            sweep_cfg_scales=(4.0,),
-            gft_curve_scales=(3.0,),
-            ddo_rounds=2,
-        )
-        return cls(**{**small, **changes})
+        return cls.for_family(changes.pop("family", "llamagen"), quick=True, **changes)
+
+    @property
+    def demo_family(self) -> demo_families.DemoFamily:
+        return demo_families.family(self.family)
 
     @property
     def rows_per_step(self) -> int:
@@ -111,19 +125,37 @@ class DemoSettings:
         return 2 * self.pairs_per_step
 
 
+#: ``DemoSettings.quick``: a smoke run of about a minute
+QUICK = dict(
+    train_images=512,
+    reference_images=500,
+    samples=100,
+    curve_samples=100,
+    batch_size=100,
+    cfg_scales=(2.0,),
+    steps=4,
+    pairs_per_step=16,
+    sweep_lams=(3.0,),
+    sweep_cfg_scales=(4.0,),
+    gft_curve_scales=(3.0,),
+    ddo_rounds=2,
+)
+
+
 def run_demo(settings: DemoSettings) -> dict:
     """Run every stage; returns the metrics document also written to ``out/metrics.json``."""
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tokenizer = load_tokenizer("fmnist-vq").eval()
+    family = settings.demo_family
+    tokenizer = load_tokenizer(family.tokenizer).eval()
     codes_path = encode_training_set(tokenizer, settings, out)
     extractor = load_classifier_extractor(progress=False)
     test_images, _ = fashion_mnist.load("test")
     reference = extractor.extract(test_images[: settings.reference_images])
     reference_radii = manifold_radii(reference.features, k=3)  # once, not per setting
 
-    base = load_base_model(settings.base_model)
+    base = family.load_model(settings.base_model)
     models, trained = finetune_methods(settings, codes_path, out)
     rows = plan_settings(settings)
     models = {"base": base, **models}
@@ -146,6 +178,8 @@ def run_demo(settings: DemoSettings) -> dict:
         )
 
     meta = {
+        "family": family.name,
+        "family_title": family.title,
         "seed": settings.seed,
         "samples_per_setting": settings.samples,
         "curve_samples_per_setting": settings.curve_samples,
@@ -172,13 +206,20 @@ def _say(settings: DemoSettings, text: str) -> None:
 # ---- stage 1: data ----
 def encode_training_set(tokenizer, settings: DemoSettings, out: Path) -> Path:
     """Encode the first ``train_images`` training images once; later runs reuse the file."""
-    path = out / f"codes_train{settings.train_images}.safetensors"
+    path = out / f"codes_{settings.family}_train{settings.train_images}.safetensors"
     if path.exists():
         return path
     images, labels = fashion_mnist.load("train")
     images, labels = images[: settings.train_images], labels[: settings.train_images]
     codes = encode_images(tokenizer, images, settings)
-    write_flat_codes(path, codes, labels, vocab_size=tokenizer.vocab_size, grid=tokenizer.grid)
+    write_flat_codes(
+        path,
+        codes,
+        labels,
+        vocab_size=tokenizer.vocab_size,
+        grid=tokenizer.grid,
+        seq_len=getattr(tokenizer, "seq_len", None),  # a multi-scale VQ: every scale's codes
+    )
     return path
 
 
@@ -195,15 +236,6 @@ def encode_images(tokenizer, images: np.ndarray, settings: DemoSettings) -> np.n
 
 
 # ---- stage 2: models ----
-def load_base_model(path: Path) -> llamagen.LlamaGen:
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"base model missing: {path}; rebuild the bundled one with `ccalign pretrain "
-            "--config configs/fmnist_pretrain.toml` (see BENCHMARKS.md)"
-        )
-    return llamagen.load(path).eval()
-
-
 def finetune_methods(settings: DemoSettings, codes_path: Path, out: Path) -> tuple[dict, dict]:
     """Fine-tune every method in ``settings.methods``: ({model key: model}, {method: meta})."""
     models: dict = {}
@@ -407,7 +439,7 @@ class _Draw:
     """One setting's sampling: labels, seeded generator, the batches drawn and their times."""
 
     row: dict
-    sampler: Sampler
+    sampler: object  # the family's sampler (demo_families.sampler)
     labels: np.ndarray
     generator: torch.Generator
     tokens: list[torch.Tensor] = field(default_factory=list)
@@ -429,7 +461,7 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
     """
     from tqdm import tqdm
 
-    samplers = {key: Sampler(model) for key, model in models.items()}
+    samplers = {key: demo_families.sampler(model) for key, model in models.items()}
     draws = []
     for row in rows:
         count = settings.samples if row.get("headline") else settings.curve_samples
@@ -446,14 +478,10 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
                 if len(batch) == 0:
                     continue
                 scale = draw.row["cfg_scale"]
+                extra = {"gft_beta": draw.row["gft_beta"]} if "gft_beta" in draw.row else {}
                 begin = time.perf_counter()
                 draw.tokens.append(
-                    draw.sampler.generate(
-                        batch,
-                        cfg_scale=scale,
-                        gft_beta=draw.row.get("gft_beta"),
-                        generator=draw.generator,
-                    )
+                    draw.sampler.generate(batch, cfg_scale=scale, generator=draw.generator, **extra)
                 )
                 draw.seconds.append(time.perf_counter() - begin)
                 speeds["free" if scale == 1.0 else "cfg"].append(len(batch) / draw.seconds[-1])
@@ -553,7 +581,7 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
     best = min(cfg_runs, key=lambda r: r["fid"])
     text = "\n\n".join(
         [
-            "# CCA on Fashion-MNIST",
+            f"# CCA on Fashion-MNIST ({meta.get('family_title', 'LlamaGen')})",
             f"{meta['samples_per_setting']} samples per headline row (base, base + CFG, CCA) and "
             f"{meta['curve_samples_per_setting']} per other row (balanced over the 10 classes, "
             f"seed {meta['seed']}), compared with {meta['reference_images']} test images "

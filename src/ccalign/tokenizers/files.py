@@ -21,9 +21,12 @@ from ccalign.tokenizers.llamagen_vq import (
 )
 
 METADATA_KEY = "ccalign.tokenizer"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: The small VQ trained on Fashion-MNIST that ships with the package (see BENCHMARKS.md).
-FMNIST_VQ_PATH = Path(__file__).resolve().parent.parent / "assets" / "fmnist_vq.safetensors"
-ALIASES = {"fmnist-vq": FMNIST_VQ_PATH}
+FMNIST_VQ_PATH = ASSETS / "fmnist_vq.safetensors"
+#: The small multi-scale VQ of the VAR demo (scales 1, 2, 3, 5, 7; see BENCHMARKS.md).
+FMNIST_MSVQ_PATH = ASSETS / "fmnist_msvq.safetensors"
+ALIASES = {"fmnist-vq": FMNIST_VQ_PATH, "fmnist-msvq": FMNIST_MSVQ_PATH}
 #: Where LlamaGen's trainer keeps the weights of a VQ checkpoint, in order of preference. Its
 #: samplers decode with ``checkpoint["model"]``, so the GPTs were trained on codes of those
 #: weights; "ema" is only a fallback for files without "model".
@@ -60,7 +63,7 @@ def load(
     (vae_ch160v4096z32.pth, or a ccalign file of one) loads as a multi-scale
     :class:`~ccalign.tokenizers.var_vq.VarVQ`; ``image_size`` 512 selects VAR's 512 px scales.
     """
-    path = _resolve(path)
+    path = resolve_file(path)
     if var_vq.metadata_config(path) is not None:
         return var_vq.load(path, image_size=image_size)
     config = _config_from_metadata(path)
@@ -77,13 +80,14 @@ def load(
     return model.eval()
 
 
-def _resolve(path: PathLike) -> Path:
+def resolve_file(path: PathLike) -> Path:
+    """The tokenizer file a path, bundled alias, registry name or hf:// URI stands for."""
     if str(path) in ALIASES and not Path(path).exists():
         path = ALIASES[str(path)]
         if not Path(path).exists():
             raise FileNotFoundError(
                 f"the bundled tokenizer {path} is missing; rebuild it with "
-                "`ccalign train-tokenizer` (see BENCHMARKS.md)"
+                "`ccalign train-tokenizer` (the command is in BENCHMARKS.md)"
             )
     path = resolve(path, kind="tokenizer")
     if not path.exists():

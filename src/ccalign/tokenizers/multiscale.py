@@ -139,26 +139,34 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, f: Tensor, chunk_rows: int = 16384) -> Tensor:
         """Latents (B, C, n, n) -> codes (B, L), by residual quantisation over the scales."""
+        return torch.cat([idx for _, idx in self._quantize_scales(f, chunk_rows)], dim=1)
+
+    @torch.no_grad()
+    def residuals(self, f: Tensor, chunk_rows: int = 16384) -> Tensor:
+        """The vectors each scale quantises (its downsampled residual), all scales stacked as
+        rows (M, C): where dead codes are restarted when training a small multi-scale VQ."""
+        return torch.cat([z for z, _ in self._quantize_scales(f, chunk_rows)])
+
+    def _quantize_scales(self, f: Tensor, chunk_rows: int):
+        """Yield (residual rows (B pn^2, C), codes (B, pn^2)) scale by scale, coarsest first."""
         f = f.float()
         b, c, n, _ = f.shape
         if c != self.dim or n != self.side or f.shape[3] != n:
             raise ValueError(
                 f"latents must be (B, {self.dim}, {self.side}, {self.side}), got {tuple(f.shape)}"
             )
-        rest, f_hat, codes = f.clone(), torch.zeros_like(f), []
+        rest = f.clone()
         book = self.embedding.weight.float()
         last = len(self.patch_nums) - 1
         for si, pn in enumerate(self.patch_nums):
             z = rest if si == last else F.interpolate(rest, size=(pn, pn), mode="area")
-            idx = self._nearest(z.permute(0, 2, 3, 1).reshape(-1, c), book, chunk_rows)
-            h = F.embedding(idx.view(b, pn, pn), book).permute(0, 3, 1, 2)
-            if si != last:
+            rows = z.permute(0, 2, 3, 1).reshape(-1, c)
+            idx = self._nearest(rows, book, chunk_rows)
+            if si != last:  # the last scale's residual is not needed afterwards
+                h = F.embedding(idx.view(b, pn, pn), book).permute(0, 3, 1, 2)
                 h = F.interpolate(h, size=(n, n), mode="bicubic")
-            h = self.phi(si)(h.contiguous())
-            f_hat.add_(h)
-            rest.sub_(h)
-            codes.append(idx.view(b, pn * pn))
-        return torch.cat(codes, dim=1)
+                rest.sub_(self.phi(si)(h.contiguous()))
+            yield rows, idx.view(b, pn * pn)
 
     @staticmethod
     def _nearest(z: Tensor, book: Tensor, chunk_rows: int) -> Tensor:

@@ -1,9 +1,12 @@
-"""A small VQ tokenizer for small images (28x28 grey -> 7x7 codes), trained in minutes on a CPU.
+"""Small VQ tokenizers for small images (28x28 grey), trained in minutes on a CPU.
 
-Same family as LlamaGen's VQ (:mod:`ccalign.tokenizers.llamagen_vq`): L2-normalised codebook,
-codebook + commitment losses, straight-through gradients; no perceptual or GAN loss. Codes that
-go unused for a while are restarted on random encoder outputs of the current batch, so most of
-the codebook stays in use.
+Two kinds, one training loop: the LlamaGen-family VQ (:mod:`ccalign.tokenizers.llamagen_vq`:
+L2-normalised codebook, codebook + commitment losses; 7x7 codes) and VAR's multi-scale VQVAE
+(:mod:`ccalign.tokenizers.var_vq`: residual quantisation over the scales 1, 2, 3, 5, 7, 88
+codes coarsest first). Straight-through gradients, no perceptual or GAN loss. Codes that go
+unused for a while are restarted on random vectors the quantiser saw in the current batch
+(encoder outputs, or for the multi-scale VQ the residuals of every scale), so most of the
+codebook stays in use.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from ccalign.data.images import to_model_range
 from ccalign.tokenizers.llamagen_vq import VQConfig, VQModel
+from ccalign.tokenizers.var_vq import VarVQ, VarVQConfig
 
 #: The 28x28 grey tokenizer of the demo: 512 codes, 7x7 grid.
 SMALL_CONFIG = VQConfig(
@@ -36,10 +40,32 @@ SMALL_CONFIG = VQConfig(
 )
 
 
+#: The 28x28 grey multi-scale VQ of the VAR demo: 512 codes, scales 1, 2, 3, 5, 7 (88 codes).
+SMALL_MULTISCALE_CONFIG = VarVQConfig(
+    vocab_size=512,
+    z_channels=16,
+    ch=16,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    in_channels=1,
+    patch_nums=(1, 2, 3, 5, 7),
+    num_phi=4,
+    phi_ratio=0.5,
+    level_attn=False,
+    mid_attn=True,
+    norm_groups=8,
+)
+
+
 def build_small(**overrides) -> VQModel:
     """The small VQ (untrained); overrides change fields of :data:`SMALL_CONFIG`."""
     fields = {**SMALL_CONFIG.__dict__, **overrides}
     return VQModel(VQConfig(**fields))
+
+
+def build_small_multiscale(**overrides) -> VarVQ:
+    """The small multi-scale VQ (untrained); overrides change :data:`SMALL_MULTISCALE_CONFIG`."""
+    return VarVQ(VarVQConfig(**{**SMALL_MULTISCALE_CONFIG.to_dict(), **overrides}))
 
 
 @dataclass
@@ -77,7 +103,7 @@ def lr_at(step: int, s: TrainSettings) -> float:
 
 
 def train(
-    model: VQModel,
+    model: VQModel | VarVQ,
     images: torch.Tensor,
     settings: TrainSettings,
     log: Callable[[str], None] = print,
@@ -102,10 +128,10 @@ def train(
         x = to_model_range(batch.to(device), model.channels)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, settings)
-        recon, codebook_loss, commit_loss, codes = model(x)
+        recon, vq_loss, codes = training_pass(model, x)
         mse = F.mse_loss(recon.float(), x)
         opt.zero_grad(set_to_none=True)
-        (mse + codebook_loss + commit_loss).backward()
+        (mse + vq_loss).backward()
         opt.step()
         hits += torch.bincount(codes.flatten(), minlength=model.vocab_size)
         if _restart_due(step, settings):
@@ -121,20 +147,34 @@ def train(
     return history
 
 
+def training_pass(model: VQModel | VarVQ, x: torch.Tensor):
+    """(reconstruction, VQ loss, codes): VQModel returns codebook and commitment losses apart,
+    VarVQ their weighted sum over the scales."""
+    if isinstance(model, VarVQ):
+        return model(x)
+    recon, codebook_loss, commit_loss, codes = model(x)
+    return recon, codebook_loss + commit_loss, codes
+
+
 def _restart_due(step: int, s: TrainSettings) -> bool:
     return (step + 1) % s.restart_every == 0 and step < s.restart_until * s.steps
 
 
 @torch.no_grad()
 def restart_dead_codes(
-    model: VQModel, images: torch.Tensor, dead: torch.Tensor, gen: torch.Generator
+    model: VQModel | VarVQ, images: torch.Tensor, dead: torch.Tensor, gen: torch.Generator
 ) -> int:
-    """Move each dead code onto a random encoder output of ``images``; returns how many moved."""
+    """Move each dead code onto a random vector the quantiser sees for ``images`` (encoder
+    outputs, L2-normalised as the codebook; for VarVQ every scale's residual); returns how many
+    moved."""
     count = int(dead.sum())
     if count == 0:
         return 0
     h = model.latents(images).float()
-    pool = F.normalize(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1)
+    if isinstance(model, VarVQ):
+        pool = model.quantize.residuals(h)
+    else:
+        pool = F.normalize(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), dim=-1)
     picks = torch.randint(len(pool), (count,), generator=gen).to(pool.device)
     weight = model.quantize.embedding.weight
     weight[dead.nonzero().squeeze(1)] = pool[picks].to(weight.dtype)
@@ -142,7 +182,9 @@ def restart_dead_codes(
 
 
 @torch.no_grad()
-def evaluate(model: VQModel, images: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+def evaluate(
+    model: VQModel | VarVQ, images: torch.Tensor, batch_size: int = 500
+) -> dict[str, float]:
     """Reconstruction error and codebook statistics of ``model`` on uint8 images.
 
     ``mse`` is on pixel values scaled to [0, 1] (reconstructions clamped), ``psnr`` in dB from

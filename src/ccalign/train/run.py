@@ -11,6 +11,7 @@ from torch import nn
 from ccalign import hub
 from ccalign.data.codes import CodeDataset, open_codes, validate_codes
 from ccalign.models import families, llamagen, var
+from ccalign.tokenizers.files import resolve_file
 from ccalign.train.config import ALIGNMENT_METHODS, ModelSection, TrainConfig
 from ccalign.train.distributed import launched_as_main
 from ccalign.train.rundir import check_output_folder, claim_output_folder
@@ -93,12 +94,13 @@ def _var_from_config(section: ModelSection, method: str | None) -> var.VAR:
 
 
 def var_vae_file(section: ModelSection) -> Path | None:
-    """``model.vae`` resolved to a file; for a registry VAR ``init``, its VQVAE by default."""
+    """``model.vae`` resolved to a file (a path, ``fmnist-msvq``, a registry name or hf://); for
+    a registry VAR ``init``, its VQVAE by default."""
     name = section.vae
     if name is None and section.init is not None:
         release = hub.find(section.init)
         name = release.tokenizer if release is not None else None
-    return None if name is None else hub.resolve(name, kind="tokenizer")
+    return None if name is None else resolve_file(name)
 
 
 def _require_vae(vae: Path | None, what: str) -> None:
