@@ -48,6 +48,55 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
 
 
+def test_quick_var_demo_runs_end_to_end(tmp_path):
+    from ccalign.demo.families import FAMILIES
+    from ccalign.models import var
+
+    out = tmp_path / "demo_var"
+    args = ["demo", "--family", "var", "--quick", "--out", str(out), "--no-progress"]
+    assert main([*args, "--threads", "1"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["meta"]["family"] == "var"
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg"}
+    assert runs["base"]["accuracy"] > 0.3 and all(r["images_per_s"] > 0 for r in runs.values())
+    assert (out / "report.md").read_text().startswith("# CCA on Fashion-MNIST (VAR)")
+    (folder,) = out.glob("cca_lam*")
+    tuned = var.load(folder / "final.safetensors").state_dict()
+    base = var.load(FAMILIES["var"].base_model).state_dict()
+    assert tuned.keys() == base.keys()
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
+    assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("quantizer."))
+
+
+def test_family_settings_and_methods():
+    from ccalign.demo.families import FAMILIES
+
+    var_settings = DemoSettings.for_family("var")
+    assert var_settings.base_model == FAMILIES["var"].base_model
+    assert DemoSettings().base_model == BASE_MODEL
+    for key, value in FAMILIES["var"].settings.items():
+        assert getattr(var_settings, key) == value
+    assert DemoSettings.for_family("var", lam=7.0).lam == 7.0  # the caller's change wins
+    with pytest.raises(ValueError, match="fine-tunes with cca, ddo, not gft"):
+        DemoSettings(family="var", methods=("cca", "gft"))
+    with pytest.raises(ValueError, match="not 'dit'"):
+        DemoSettings(family="dit")
+
+
+def test_bundled_files_fit_the_25_mb_budget():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
+    paths = [root / name for name in listed.stdout.decode().split("\0") if name]
+    total = sum(path.stat().st_size for path in paths if path.is_file())
+    assert total <= 25_000_000, f"the repository's files take {total / 1e6:.1f} MB"
+
+
 def test_bootstrap_fid_spread_equals_exact_fids_of_the_same_resamples():
     import numpy as np
 
