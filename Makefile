@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo compare test lint
+.PHONY: setup demo demo-var compare test lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 demo: setup
 	$(BIN)/ccalign demo
+
+demo-var: setup
+	$(BIN)/ccalign demo --family var
 
 compare: setup
 	$(BIN)/ccalign demo --methods cca,gft,ddo --out runs/compare

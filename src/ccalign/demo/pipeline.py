@@ -638,6 +638,13 @@ def reading(
         elif closed < 0.5:
             verdict += ": at this scale the claim that CCA matches CFG does not fully hold"
         parts.append(verdict + ".")
+    acc_gap = best["accuracy"] - base["accuracy"]
+    if acc_gap > 0:
+        acc_closed = (cca["accuracy"] - base["accuracy"]) / acc_gap
+        parts.append(
+            f"Of the accuracy gap to that setting it closes {acc_closed:.0%}"
+            + (" (beyond the best CFG setting's accuracy)." if acc_closed >= 1 else ".")
+        )
     parts.append(
         f"Guidance-free sampling runs {speed:.2f}x as fast as CFG (median over "
         f"{ratio['rounds']} interleaved rounds, range {ratio['min']:.2f}-{ratio['max']:.2f}; "
