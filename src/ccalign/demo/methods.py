@@ -88,7 +88,7 @@ def _cosine(lr: float) -> dict:
 
 
 def cca_config(settings: DemoSettings, codes_path: Path, out: Path, lam: float) -> TrainConfig:
-    """The demo's CCA recipe as a TrainConfig (beta 0.5: 49-token images need a large beta)."""
+    """The demo's CCA recipe as a TrainConfig (beta and lambda per family: DemoSettings)."""
     doc = _common(settings, codes_path, out, settings.pairs_per_step, settings.steps)
     doc["method"] = {
         "name": "cca",
