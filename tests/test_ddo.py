@@ -387,7 +387,8 @@ def test_two_processes_draw_the_same_negatives_and_updates(tmp_path, parallel, s
     multi = ddo_config(tmp_path / "multi", init, codes, negatives=source, rounds=2)
     multi.train.parallel = parallel
     port = free_port()
-    mp.start_processes(ddo_worker, args=(2, port, multi), nprocs=2, join=True, start_method="fork")
+    args = (2, port, multi)
+    mp.start_processes(ddo_worker, args=args, nprocs=2, join=True, start_method="forkserver")
     a = final_state(tmp_path / "single" / "final.safetensors")
     b = final_state(tmp_path / "multi" / "final.safetensors")
     for key, value in a.items():

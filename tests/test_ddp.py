@@ -46,10 +46,11 @@ def worker(rank: int, world: int, port: int, config: TrainConfig, kill: int, res
 
 
 def launch(config: TrainConfig, kill: int = 0, resume: bool = False) -> None:
-    """Two workers; fork: they inherit the imported torch (spawn re-imports it: ~10 s on busy
-    cores) and run single-threaded, so the parent's OpenMP pool is never used after the fork."""
+    """Two workers started by a fork server: a clean process that imported torch once, so the
+    workers start fast without inheriting the test process's threads (a plain fork deadlocked a
+    worker on a lock another thread held, once in a full suite run)."""
     args = (2, free_port(), config, kill, resume)
-    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="fork")
+    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="forkserver")
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -295,7 +295,7 @@ def test_two_ddp_processes_match_one_accumulating_process(tmp_path):
     run_training(lora_config(tmp_path / "one", **sections))
     double = lora_config(tmp_path / "two", **sections)
     mp.start_processes(
-        worker, args=(2, free_port(), double), nprocs=2, join=True, start_method="fork"
+        worker, args=(2, free_port(), double), nprocs=2, join=True, start_method="forkserver"
     )
     a, b = (read_safetensors(tmp_path / run / "final_lora.safetensors") for run in ("one", "two"))
     for key in a:

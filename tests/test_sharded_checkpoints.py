@@ -95,7 +95,7 @@ def worker(rank: int, port: int, config: TrainConfig, resume: bool, die: bool) -
 def launch(config: TrainConfig, resume: bool = False, die: bool = False) -> None:
     """Two FSDP workers (fork: they inherit the imported torch and this worktree's code)."""
     args = (free_port(), config, resume, die)
-    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="fork")
+    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="forkserver")
 
 
 @pytest.fixture(scope="module")
