@@ -69,7 +69,7 @@ def test_quick_var_demo_runs_end_to_end(tmp_path):
     assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("quantizer."))
 
 
-def test_family_settings_and_methods():
+def test_family_settings_and_methods(tmp_path):
     from ccalign.demo.families import FAMILIES
 
     var_settings = DemoSettings.for_family("var")
@@ -82,6 +82,13 @@ def test_family_settings_and_methods():
         DemoSettings(family="var", methods=("cca", "gft"))
     with pytest.raises(ValueError, match="not 'dit'"):
         DemoSettings(family="dit")
+    with pytest.raises(ValueError, match="holds a llamagen model.*--family llamagen"):
+        FAMILIES["var"].load_model(BASE_MODEL)
+    assert isinstance(FAMILIES["llamagen"].load_model(BASE_MODEL), llamagen.LlamaGen)
+    official = tmp_path / "gpt.pt"  # LlamaGen's official layout records no family
+    torch.save({"model": llamagen.load(BASE_MODEL).state_dict()}, official)
+    with pytest.raises(ValueError, match="does not record its model family"):
+        FAMILIES["llamagen"].load_model(official)
 
 
 def test_bundled_files_fit_the_25_mb_budget():

@@ -405,6 +405,11 @@ def test_cli_finetune_official_var_file_from_images(tmp_path):
                  "--set", "train.progress=false", "--set", "train.precision=fp32"]) == 0
     assert (out / "final.safetensors").exists() and (out / "final.pth").exists()
     assert families.family_of_file(out / "final.pth") == "var"
+    final = families.load_file(out / "final.safetensors")
+    assert families.family_of(final) == "var"
+    assert torch.equal(final.head.weight, var.load(out / "final.safetensors").head.weight)
+    with pytest.raises(ValueError, match="does not record its architecture"):
+        families.load_file(out / "final.pth")  # official layout: VAR's, but no preset
 
 
 def test_var_cca_gradient_matches_the_official_loss_written_out(tmp_path):

@@ -27,13 +27,20 @@ class DemoFamily:
     settings: dict = field(default_factory=dict)  # DemoSettings fields tuned for the family
 
     def load_model(self, path: Path) -> nn.Module:
-        """A model of this family in eval mode; a missing bundled file names its rebuild."""
+        """A model of this family in eval mode; a missing bundled file names its rebuild, a
+        model of another family is refused."""
         if not Path(path).exists():
             raise FileNotFoundError(
                 f"base model missing: {path}; rebuild the bundled one with `ccalign pretrain "
                 f"--config {self.pretrain_config}` (the full commands are in BENCHMARKS.md)"
             )
-        return families.FAMILIES[self.name][0].load(path).eval()
+        model = families.load_file(path)
+        if families.family_of(model) != self.name:
+            raise ValueError(
+                f"{path} holds a {families.family_of(model)} model, but the {self.title} demo "
+                f"needs a {self.name} one (pass --family {families.family_of(model)})"
+            )
+        return model.eval()
 
 
 FAMILIES: dict[str, DemoFamily] = {

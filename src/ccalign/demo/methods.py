@@ -184,8 +184,7 @@ def train_timed(config: TrainConfig, out: Path, say) -> float:
 
 def load_final(out: Path) -> nn.Module:
     """The fine-tuned model a run folder holds, whatever its family."""
-    path = out / "final.safetensors"
-    return families.FAMILIES[families.family_of_file(path)][0].load(path).eval()
+    return families.load_file(out / "final.safetensors").eval()
 
 
 def ddo_negatives(out: Path, rounds: int) -> dict:

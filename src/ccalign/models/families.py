@@ -69,6 +69,19 @@ def family_of_preset(name: str | None) -> str | None:
     return None
 
 
+def load_file(path) -> nn.Module:
+    """A ccalign safetensors model of whichever family its metadata records. Official files
+    lack the architecture: an official VAR file gets var.load's error asking for the preset,
+    other files an error saying their family is unknown."""
+    family = family_of_file(path)
+    if family is None:
+        raise ValueError(
+            f"{path} does not record its model family: give a ccalign .safetensors model, or load "
+            "an official file with ccalign.models.llamagen.load / var.load and its preset"
+        )
+    return FAMILIES[family][0].load(path)
+
+
 def save(model: nn.Module, path, *, official: bool = False) -> None:
     """Write ``model`` with its own family's ``save`` (ccalign safetensors or official layout)."""
     module_of(model).save(model, path, official=official)
