@@ -15,6 +15,7 @@ from torch import nn
 from _support import Killed, become_rank, free_port, kill_after
 from ccalign.align import ddo_loss
 from ccalign.cli import main
+from ccalign.conditions import ClassLabels
 from ccalign.data.codes import open_codes, write_flat_codes
 from ccalign.models import llamagen
 from ccalign.sample import generate
@@ -191,7 +192,7 @@ def test_objective_equals_the_loss_on_separately_computed_log_likelihoods():
     row_mask = torch.tensor([False, True, False, True, False])
     row_ids = torch.arange(10, 15)
     source = FixedNegatives(fakes)
-    objective = DDOObjective(null_class=CLASSES, beta=0.3, alpha=4.0, uncond_ratio=0.5)
+    objective = DDOObjective(condition=ClassLabels(CLASSES), beta=0.3, alpha=4.0, uncond_ratio=0.5)
     objective.negatives = source
     out = objective(policy, reference, labels, tokens, row_mask, row_ids)
     out.loss.backward()
@@ -216,7 +217,7 @@ def test_objective_equals_the_loss_on_separately_computed_log_likelihoods():
 
 
 def test_objective_without_a_negative_source_says_so():
-    objective = DDOObjective(null_class=CLASSES, beta=0.3, alpha=4.0, uncond_ratio=0.5)
+    objective = DDOObjective(condition=ClassLabels(CLASSES), beta=0.3, alpha=4.0, uncond_ratio=0.5)
     model = tiny_model()
     labels, tokens = torch.tensor([0, 1]), torch.zeros(2, GRID * GRID, dtype=torch.long)
     with pytest.raises(RuntimeError, match="negatives is not set"):

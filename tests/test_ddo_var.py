@@ -13,17 +13,12 @@ import torch
 from _support import Killed, kill_after
 from ccalign.data.codes import open_codes
 from ccalign.models import var
-from ccalign.sample.var import generate
+from ccalign.models.var import generate
+from ccalign.models.var import sampler as var_sampler
+from ccalign.models.var.sampler import VarSampler, retokenize
 from ccalign.tokenizers import var_vq
-from ccalign.train import TrainConfig, ddo, load_config, run_training
-from ccalign.train.ddo import (
-    FileNegatives,
-    OnlineNegatives,
-    VarNegatives,
-    negative_seed,
-    retokenize,
-    step_rows,
-)
+from ccalign.train import TrainConfig, load_config, run_training
+from ccalign.train.ddo import FileNegatives, OnlineNegatives, negative_seed, step_rows
 from ccalign.train.distributed import BatchPlan
 from ccalign.train.state import list_checkpoints
 from test_ddo import write_files as write_llamagen_files
@@ -137,11 +132,11 @@ def test_retokenize_encodes_the_decoded_8bit_images(monkeypatch):
     codes, f_hat = generate(model, labels, generator=key, return_fhat=True)
     expected = by_hand(vae, f_hat)
     assert torch.equal(retokenize(vae, f_hat), expected)
-    monkeypatch.setattr(ddo, "RETOKENIZE_ROWS", 3)  # chunks: the same codes
+    monkeypatch.setattr(var_sampler, "RETOKENIZE_ROWS", 3)  # chunks: the same codes
     assert torch.equal(retokenize(vae, f_hat), expected)
     monkeypatch.undo()
     assert not torch.equal(expected, codes)  # the round trip changes codes (a random VQVAE)
-    sampler = VarNegatives(model, vae)
+    sampler = VarSampler(model, retokenize=vae)
     drawn = sampler.generate(labels, generator=torch.Generator().manual_seed(11))
     assert torch.equal(drawn, expected)
     with pytest.raises(ValueError, match="has no temperature"):

@@ -7,7 +7,8 @@ import torch
 
 from ccalign.cli import main
 from ccalign.data import fashion_mnist
-from ccalign.demo.pipeline import BASE_MODEL, DemoSettings, plan_settings
+from ccalign.demo.pipeline import BASE_MODEL, plan_settings
+from ccalign.demo.settings import DemoSettings
 from ccalign.models import llamagen
 
 REQUIRED = {"name", "model", "cfg_scale", "fid", "accuracy", "precision", "recall", "images_per_s"}
@@ -42,14 +43,14 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| base-cfg2 | base | CFG 2 |" in report and "## Reading" in report
     assert (out / "tradeoff.png").exists()
-    (folder,) = out.glob("cca_lam*")
+    (folder,) = out.glob("cca_*")
     tuned = llamagen.load(folder / "final.safetensors").state_dict()
     base = llamagen.load(BASE_MODEL).state_dict()
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
 
 
 def test_quick_var_demo_runs_end_to_end(tmp_path):
-    from ccalign.demo.families import FAMILIES
+    from ccalign.demo.bundles import BUNDLES
     from ccalign.models import var
 
     out = tmp_path / "demo_var"
@@ -61,21 +62,21 @@ def test_quick_var_demo_runs_end_to_end(tmp_path):
     assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg"}
     assert runs["base"]["accuracy"] > 0.3 and all(r["images_per_s"] > 0 for r in runs.values())
     assert (out / "report.md").read_text().startswith("# CCA on Fashion-MNIST (VAR)")
-    (folder,) = out.glob("cca_lam*")
+    (folder,) = out.glob("cca_*")
     tuned = var.load(folder / "final.safetensors").state_dict()
-    base = var.load(FAMILIES["var"].base_model).state_dict()
+    base = var.load(BUNDLES["var"].base_model).state_dict()
     assert tuned.keys() == base.keys()
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
     assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("quantizer."))
 
 
 def test_family_settings_and_methods(tmp_path):
-    from ccalign.demo.families import FAMILIES
+    from ccalign.demo.bundles import BUNDLES
 
     var_settings = DemoSettings.for_family("var")
-    assert var_settings.base_model == FAMILIES["var"].base_model
+    assert var_settings.base_model == BUNDLES["var"].base_model
     assert DemoSettings().base_model == BASE_MODEL
-    for key, value in FAMILIES["var"].settings.items():
+    for key, value in BUNDLES["var"].settings.items():
         assert getattr(var_settings, key) == value
     assert DemoSettings.for_family("var", lam=7.0).lam == 7.0  # the caller's change wins
     with pytest.raises(ValueError, match="fine-tunes with cca, ddo, not gft"):
@@ -83,12 +84,12 @@ def test_family_settings_and_methods(tmp_path):
     with pytest.raises(ValueError, match="not 'dit'"):
         DemoSettings(family="dit")
     with pytest.raises(ValueError, match="holds a llamagen model.*--family llamagen"):
-        FAMILIES["var"].load_model(BASE_MODEL)
-    assert isinstance(FAMILIES["llamagen"].load_model(BASE_MODEL), llamagen.LlamaGen)
+        BUNDLES["var"].load_model(BASE_MODEL)
+    assert isinstance(BUNDLES["llamagen"].load_model(BASE_MODEL), llamagen.LlamaGen)
     official = tmp_path / "gpt.pt"  # LlamaGen's official layout records no family
     torch.save({"model": llamagen.load(BASE_MODEL).state_dict()}, official)
-    with pytest.raises(ValueError, match="does not record its model family"):
-        FAMILIES["llamagen"].load_model(official)
+    with pytest.raises(ValueError, match="does not record its architecture"):
+        BUNDLES["llamagen"].load_model(official)
 
 
 def test_bundled_files_fit_the_25_mb_budget():

@@ -1,14 +1,16 @@
 """`ccalign demo --methods cca,gft,ddo`: rows per method, matched budgets, the comparison report."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ccalign.cli import main
 from ccalign.data import fashion_mnist
-from ccalign.demo import methods as recipes
+from ccalign.demo import recipes
 from ccalign.demo.compare import cfg_fid_at
-from ccalign.demo.pipeline import DemoSettings, plan_settings
+from ccalign.demo.pipeline import plan_settings
+from ccalign.demo.settings import DemoSettings
 from ccalign.models import llamagen
 
 
@@ -40,9 +42,9 @@ def test_plan_rows_per_method():
 def test_matched_budget_of_the_recipes(tmp_path):
     settings = DemoSettings(methods=("cca", "gft", "ddo"))
     codes = tmp_path / "codes.safetensors"
-    cca = recipes.cca_config(settings, codes, tmp_path / "c", settings.lam)
-    gft = recipes.gft_config(settings, codes, tmp_path / "g")
-    ddo = recipes.ddo_config(settings, codes, tmp_path / "d")
+    cca = recipes.cca_config(settings, codes, tmp_path, settings.lam)
+    gft = recipes.gft_config(settings, codes, tmp_path)
+    ddo = recipes.ddo_config(settings, codes, tmp_path)
     assert settings.rows_per_step == 128
     assert cca.train.global_batch == 64  # pairs: x 2 labels = 128 policy rows
     assert gft.train.global_batch == 128  # images: 128 conditional rows
@@ -54,15 +56,26 @@ def test_matched_budget_of_the_recipes(tmp_path):
     assert gft.model.init == cca.model.init == ddo.model.init == str(settings.base_model)
 
 
-def test_run_folders_follow_each_recipe(tmp_path):
-    settings = DemoSettings()
-    gft = recipes.method_folder(settings, tmp_path, "gft")
-    ddo = recipes.method_folder(settings, tmp_path, "ddo")
-    assert gft.name.startswith("gft_") and ddo.name.startswith("ddo_")
-    changed = DemoSettings(ddo_alpha=10.0)
-    assert recipes.method_folder(changed, tmp_path, "ddo") != ddo
-    assert recipes.method_folder(changed, tmp_path, "gft") == gft  # not a GFT setting
-    assert recipes.method_folder(DemoSettings(steps=10), tmp_path, "gft") != gft
+def test_run_folders_are_named_by_the_method_and_a_hash_of_the_config(tmp_path):
+    codes = tmp_path / "codes.safetensors"
+
+    def folders(settings):
+        return {
+            method: recipes.get(method).variants(settings, codes, tmp_path)[0].config
+            for method in ("cca", "gft", "ddo")
+        }
+
+    plain = {m: c.checkpoint.out for m, c in folders(DemoSettings()).items()}
+    for method, out in plain.items():
+        assert Path(out).parent == tmp_path and Path(out).name.startswith(f"{method}_")
+    changed = {m: c.checkpoint.out for m, c in folders(DemoSettings(ddo_alpha=10.0)).items()}
+    assert changed["ddo"] != plain["ddo"]
+    assert changed["gft"] == plain["gft"] and changed["cca"] == plain["cca"]  # not theirs
+    shorter = folders(DemoSettings(steps=10))
+    assert all(shorter[m].checkpoint.out != plain[m] for m in plain)
+    # the folder does not depend on where the demo writes, only on the recipe
+    elsewhere = recipes.gft_config(DemoSettings(), tmp_path / "x" / codes.name, tmp_path)
+    assert elsewhere.checkpoint.out == plain["gft"]
 
 
 def test_cfg_curve_interpolation():

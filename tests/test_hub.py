@@ -20,9 +20,9 @@ from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 from ccalign import hub, tokenizers
 from ccalign.cli import main
 from ccalign.errors import UserError
-from ccalign.models import llamagen
+from ccalign.models import families, llamagen
+from ccalign.train.build import model_from_config
 from ccalign.train.config import ModelSection
-from ccalign.train.run import model_from_config
 
 LLAMAGEN = "FoundationVision/LlamaGen"
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
@@ -106,17 +106,20 @@ def one_line_error(capsys) -> str:
 # ---- the registry ----
 
 
-def test_every_release_names_a_known_family_tokenizer_and_preset():
+def test_every_release_names_a_registered_family_tokenizer_and_preset():
     for name, release in hub.REGISTRY.items():
-        assert release.name == name and release.family in hub.FAMILIES
-        assert release.tokenizer is None or release.tokenizer in hub.REGISTRY
-        assert hub.FAMILIES[release.family].kind == ("tokenizer" if release.grid is None
-                                                     else "model")
-        if release.family == "llamagen":
-            assert release.preset in llamagen.PRESETS
+        family = families.get(release.family)  # the families' own words, models and codecs
+        assert release.name == name and release.kind in ("model", "tokenizer")
+        assert release.tokenizer is None or hub.REGISTRY[release.tokenizer].kind == "tokenizer"
+        assert (release.grid is None) == (release.kind == "tokenizer")
+        if release.kind == "model":
+            assert release.preset in family.presets
+            assert set(release.options) <= family.capabilities  # GFT: the beta embedding
+        if release.kind == "model" and family is llamagen.FAMILY:
             assert release.grid == int(name.rsplit("-", 1)[1]) // 16  # 256 px: 16, 384 px: 24
-        if release.family == "vq":
+        if release.kind == "tokenizer" and family is llamagen.FAMILY:
             assert release.preset in tokenizers.NAMES
+    assert hub.REGISTRY["gft-llamagen-L-384"].options == {"beta_embedding": True}
     assert hub.REGISTRY["cca-llamagen-L-384"].file.endswith("c2i_L_384_CCA_0005000.pt")
     assert hub.REGISTRY["var-d16"].uri == "hf://FoundationVision/var/var_d16.pth"
 
@@ -221,11 +224,11 @@ def test_wrong_kind_and_families_not_loadable_yet_are_refused_before_download(
         hub.resolve("llamagen-vq16", kind="model")
     with pytest.raises(UserError, match="llamagen-L-384 is a LlamaGen GPT, not a tokenizer"):
         tokenizers.load("llamagen-L-384")
-    monkeypatch.setitem(hub.FAMILIES, "var", hub.Family("model", "VAR", False))
+    monkeypatch.setattr(families, "_REGISTRY", {"llamagen": llamagen.FAMILY})
     assert main(["sample", "var-d16", "--out", str(tmp_path / "s"), "--classes", "1"]) == 1
     err = one_line_error(capsys)
     assert "var-d16 is a VAR checkpoint (family 'var'), which this version of ccalign cannot " \
-           "load yet" in err
+           "load: no such family is registered" in err
 
 
 # ---- the commands ----
@@ -271,13 +274,14 @@ def test_models_lists_the_registry_with_cached_flags(cache, capsys):
     assert main(["models"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
     assert set(hub.REGISTRY) <= set(rows)
-    assert rows["llamagen-L-384"] == ["llamagen-L-384", "llamagen", "GPT-L", "24",
+    assert rows["llamagen-L-384"] == ["llamagen-L-384", "llamagen", "model", "GPT-L", "24",
                                       "llamagen-vq16", "yes", f"hf://{LLAMAGEN}/c2i_L_384.pt"]
-    assert rows["llamagen-L-256"][5] == "no"
-    assert rows["var-d16"][1:5] == ["var", "VAR-d16", "16", "var-vae"]
-    assert main(["models", "--family", "vq"]) == 0
+    assert rows["llamagen-L-256"][6] == "no"
+    assert rows["var-d16"][1:6] == ["var", "model", "VAR-d16", "16", "var-vae"]
+    assert rows["var-vae"][1:3] == ["var", "tokenizer"]
+    assert main(["models", "--family", "var"]) == 0
     shown = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]]
-    assert shown == ["llamagen-vq16", "llamagen-vq8"]
+    assert "var-vae" in shown and all(n.startswith(("var", "cca-var", "ddo-var")) for n in shown)
     assert main(["models", "--family", "dit"]) == 1
     assert "--family 'dit': choose one of" in one_line_error(capsys)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccalign.models import CheckpointMismatchError, llamagen
+from ccalign.models import llamagen
+from ccalign.weights import CheckpointMismatchError
 
 OFFICIAL_COUNTS = {
     "GPT-B": (110_888_448, 12, 768, 2048),

@@ -15,11 +15,12 @@ from peft import LoraConfig, get_peft_model
 from _support import Killed, become_rank, free_port, kill_after
 from ccalign.data.codes import write_flat_codes
 from ccalign.io import read_safetensors
-from ccalign.models import llamagen, load_weights
+from ccalign.models import llamagen
 from ccalign.train import TrainConfig, Trainer, load_config, run_training
 from ccalign.train import lora as L
 from ccalign.train.config import config_changes
 from ccalign.train.state import list_checkpoints, load_checkpoint
+from ccalign.weights import load_weights
 from test_train import GRID, VOCAB, RandomCodes, tiny_model
 
 ADAPTED = ("wqkv", "wo", "w1", "w2", "w3")

@@ -298,7 +298,7 @@ def test_activation_estimate_matches_saved_tensor_bytes(mode, checkpointing):
         autocast=mode != "fp32",
         device_type="cpu",
     )
-    estimate = M.llamagen_activations(model, rows, dtypes, checkpointing).saved
+    estimate = llamagen.FAMILY.activations(model, rows, dtypes, checkpointing).saved
     if mode == "autocast" and not checkpointing:  # the blocks' bf16 weight copies are saved too
         block_linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear)]
         estimate += 2 * sum(m.weight.numel() for m in block_linears)
@@ -347,7 +347,7 @@ def test_parse_memory():
 
 
 def test_unknown_model_family_is_named():
-    with pytest.raises(ValueError, match="no activation estimate for Linear"):
+    with pytest.raises(ValueError, match="Linear is not a model of a registered family"):
         M.plan_memory(nn.Linear(2, 2), micro_batch=2, dtypes=M.Dtypes())
 
 

@@ -274,14 +274,14 @@ def test_cli_sample_end_to_end(tmp_path, monkeypatch, capsys):
     assert "say what to sample" in capsys.readouterr().err
 
 
-def test_cli_tokenizer_follows_the_model_grid(tmp_path):
+def test_the_tokenizer_follows_the_model_grid(tmp_path):
     """A convolutional VQ saved at one size decodes the model's grid (VQ-16: 256 -> 384 px)."""
     from ccalign import tokenizers
-    from ccalign.commands.sample import _load_tokenizer
 
     tokenizers.save(tokenizers.build("small"), tmp_path / "vq.safetensors")
     default = tokenizers.load(tmp_path / "vq.safetensors")
-    sized = _load_tokenizer(str(tmp_path / "vq.safetensors"), "cpu", grid=default.grid + 2)
+    config = llamagen.LlamaGenConfig(grid=default.grid + 2)
+    sized = llamagen.FAMILY.load_tokenizer(str(tmp_path / "vq.safetensors"), config)
     assert sized.grid == default.grid + 2
     assert sized.image_size == (default.grid + 2) * (default.image_size // default.grid)
     codes = torch.zeros(1, sized.grid**2, dtype=torch.long)

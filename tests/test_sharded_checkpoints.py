@@ -20,7 +20,7 @@ from ccalign.data.codes import write_flat_codes
 from ccalign.io import UnsafePickleError
 from ccalign.models import llamagen
 from ccalign.train import TrainConfig, Trainer, run_training
-from ccalign.train.run import model_from_config, open_training_data
+from ccalign.train.build import model_from_config, open_training_data
 from ccalign.train.sharded import read_metadata
 from ccalign.train.state import latest_checkpoint, list_checkpoints, load_checkpoint
 from test_train import CLASSES, GRID, VOCAB, tiny_model

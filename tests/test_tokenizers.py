@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccalign.models.checkpoint import CheckpointMismatchError
 from ccalign.tokenizers import FMNIST_VQ_PATH, ImageTokenizer, build, load, save
 from ccalign.tokenizers.llamagen_vq import VQConfig, VQModel, config_from_state_dict, preset_name
 from ccalign.tokenizers.small_vq import TrainSettings, evaluate, restart_dead_codes, train
+from ccalign.weights import CheckpointMismatchError
 
 TINY = dict(codebook_size=64, codebook_embed_dim=4, ch=16, ch_mult=(1, 2), num_res_blocks=1,
             z_channels=16, norm_groups=4, usage_window=32, image_size=8)

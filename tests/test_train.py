@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from _support import Killed, kill_after
 from ccalign.cli import main
 from ccalign.data.codes import write_flat_codes
-from ccalign.models import llamagen, load_weights
+from ccalign.models import llamagen
 from ccalign.train import (
     LRSchedule,
     NonFiniteLossError,
@@ -29,6 +29,7 @@ from ccalign.train import (
 )
 from ccalign.train.distributed import BatchPlan, keyed_row_mask
 from ccalign.train.state import latest_checkpoint, list_checkpoints
+from ccalign.weights import load_weights
 
 GRID, VOCAB, CLASSES = 4, 32, 5
 REPO = Path(__file__).resolve().parents[1]

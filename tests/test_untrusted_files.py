@@ -22,7 +22,7 @@ from ccalign import tokenizers
 from ccalign.cli import main
 from ccalign.data.codes import write_flat_codes
 from ccalign.io import UnsafePickleError, read_tensor_file
-from ccalign.models import llamagen, load_weights
+from ccalign.models import llamagen
 from ccalign.tokenizers.llamagen_vq import VQConfig, VQModel
 from ccalign.train.state import (
     capture_rng,
@@ -32,6 +32,7 @@ from ccalign.train.state import (
     restore_rng,
     save_checkpoint,
 )
+from ccalign.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GPT = dict(grid=4, dim=32, n_layer=1, n_head=2, vocab_size=64, num_classes=5)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from ccalign.models import var
-from ccalign.models.checkpoint import CheckpointMismatchError
+from ccalign.multiscale import phi_index, phi_ticks
 from ccalign.tokenizers import var_vq
-from ccalign.tokenizers.multiscale import phi_index, phi_ticks
 from ccalign.train.optim import param_groups
 from ccalign.train.trainer import enable_activation_checkpointing
+from ccalign.weights import CheckpointMismatchError
 
 #: key count and parameter count of the released files (VAR's README / build_vae_var)
 OFFICIAL = {
@@ -317,7 +317,8 @@ def test_save_load_round_trip_and_official_layout(tmp_path):
                                            num_res_blocks=1, patch_nums=(1, 2, 3, 4)))
     vae.quantize.load_state_dict(model.quantizer.state_dict(), strict=False)
     torch.save(vae.state_dict(), tmp_path / "vae.pth")  # VAR's raw VQVAE layout
-    from_path = var.load(tmp_path / "official.pth", "custom", vae=tmp_path / "vae.pth", **TINY)
+    vae = var_vq.load(tmp_path / "vae.pth", patch_nums=TINY["patch_nums"])
+    from_path = var.load(tmp_path / "official.pth", "custom", vae=vae, **TINY)
     assert torch.equal(from_path.eval().logits(labels, tokens), model.logits(labels, tokens))
     other = tiny(seed=5)
     with pytest.raises(ValueError, match="different quantiser"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ccalign.models import var
-from ccalign.sample import var as var_sample
+from ccalign.models.var import sampler as var_sample
 
 TINY = dict(depth=2, dim=32, n_head=2, patch_nums=(1, 2, 3, 4), vocab_size=16, vae_dim=4,
             num_classes=5)

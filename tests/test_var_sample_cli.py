@@ -56,7 +56,7 @@ def test_var_file_samples_tokens_and_images(files, tmp_path):
         (["--temperature", "0.5"], "--temperature: not an option of VAR sampling"),
         (["--grid", "4"], "--grid"),
         (["--var-cfg", "-3"], "official_cfg -3"),
-        (["--model", "VAR-d16"], "--model VAR-d16 contradicts"),
+        (["--model", "VAR-d16"], "which records depth 2, dim 32"),
         (["--model", "VAR-d99"], "choose one of"),
     ],
 )

@@ -16,8 +16,8 @@ from _support import Killed, kill_after
 from ccalign.data.codes import open_codes, write_flat_codes
 from ccalign.models import families, var
 from ccalign.tokenizers import var_vq
+from ccalign.train import run_training
 from ccalign.train.config import load_config
-from ccalign.train.run import run_training
 from ccalign.train.state import list_checkpoints
 from test_train import make_config
 
@@ -79,13 +79,13 @@ def test_cca_from_codes_saves_var_files_with_trained_weights_and_frozen_quantize
     out = tmp_path / "run"
     run_training(var_config(out, files, model={"save_official": True}))
     init, final = var.load(files["init"]), var.load(out / "final.safetensors")
-    assert families.family_of(final) == "var"
+    assert families.of(final) is var.FAMILY
     moved = [k for k, p in init.named_parameters() if p.requires_grad]
     after, before = final.state_dict(), init.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in moved)
     frozen = [k for k in before if k.startswith("quantizer.")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    official = var.load(out / "final.pth", "custom", vae=files["vae"], **TINY)
+    official = var.load(out / "final.pth", "custom", vae=var_vq.load(files["vae"]), **TINY)
     assert all(torch.equal(official.state_dict()[k], after[k]) for k in after)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
@@ -276,7 +276,7 @@ def test_var_activation_estimate_matches_saved_tensor_bytes(mode, checkpointing)
     measured = M.saved_activation_bytes(forward, [*model.parameters(), *model.buffers()])
     dtypes = M.Dtypes(weights=torch.bfloat16 if mode == "bf16-weights" else torch.float32,
                       autocast=mode != "fp32", device_type="cpu")
-    estimate = M.var_activations(model, rows, dtypes, checkpointing).saved
+    estimate = var.FAMILY.activations(model, rows, dtypes, checkpointing).saved
     if mode == "autocast":  # bf16 weight copies (the plan counts them as autocast_copies)
         copied = [model.head_nm.ada_lin[1]]
         if not checkpointing:
@@ -305,7 +305,7 @@ def test_export_round_trips_give_identical_logits(tmp_path, capsys):
     pth, st = tmp_path / "out" / "var.pth", tmp_path / "out" / "var.safetensors"
     assert main(["export", files["init"], "--format", "official", "--out", str(pth)]) == 0
     assert main(["export", files["init"], "--format", "safetensors", "--out", str(st)]) == 0
-    official = var.load(pth, "custom", vae=files["vae"], **TINY).eval()
+    official = var.load(pth, "custom", vae=var_vq.load(files["vae"]), **TINY).eval()
     assert set(torch.load(pth, weights_only=True)) == set(var.official_state_dict(model))
     assert torch.equal(official.logits(labels, tokens), expected)
     assert torch.equal(var.load(st).eval().logits(labels, tokens), expected)
@@ -313,7 +313,7 @@ def test_export_round_trips_give_identical_logits(tmp_path, capsys):
     assert config["family"] == "var" and config["depth"] == TINY["depth"]
     # an official VAR file is recognised by its keys and asks for its preset and VQVAE
     assert main(["export", str(pth), "--format", "safetensors", "--out", str(st)]) == 1
-    assert "official VAR file: give --model" in capsys.readouterr().err
+    assert "official VAR file: set model.name to its preset (--model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -404,9 +404,9 @@ def test_cli_finetune_official_var_file_from_images(tmp_path):
                  "--set", "train.global_batch=4", "--set", "train.micro_batch=2",
                  "--set", "train.progress=false", "--set", "train.precision=fp32"]) == 0
     assert (out / "final.safetensors").exists() and (out / "final.pth").exists()
-    assert families.family_of_file(out / "final.pth") == "var"
+    assert families.of_file(out / "final.pth") is var.FAMILY
     final = families.load_file(out / "final.safetensors")
-    assert families.family_of(final) == "var"
+    assert families.of(final) is var.FAMILY
     assert torch.equal(final.head.weight, var.load(out / "final.safetensors").head.weight)
     with pytest.raises(ValueError, match="does not record its architecture"):
         families.load_file(out / "final.pth")  # official layout: VAR's, but no preset

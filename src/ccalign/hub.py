@@ -8,8 +8,7 @@ existing file wins over a registry name of the same spelling).
 
 Repos and file names are those the projects publish in their READMEs (FoundationVision/LlamaGen,
 thu-ml/CCA, FoundationVision/VAR, NVlabs/DDO, thu-ml/GFT); none was read from the Hub itself.
-Families this build cannot load yet (VAR, its VQVAE, GFT's beta-conditioned LlamaGen) resolve,
-are listed by ``ccalign models``, and are refused with a clear message when loaded.
+Each release names its model family and kind; the family loads it (``ccalign.models.families``).
 """
 
 from __future__ import annotations
@@ -17,10 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ccalign.errors import UserError
 
@@ -29,35 +29,24 @@ _URI = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>refs/pr/\d+|[^/]+))
 
 
 @dataclass(frozen=True)
-class Family:
-    """What a family of checkpoints is and whether this build of ccalign loads it."""
-
-    kind: str  # "model" or "tokenizer"
-    title: str
-    loadable: bool
-
-
-#: Families of released files. A branch that adds a model family flips ``loadable`` here.
-FAMILIES: dict[str, Family] = {
-    "llamagen": Family("model", "LlamaGen GPT", True),
-    "vq": Family("tokenizer", "LlamaGen VQ tokenizer", True),
-    "var": Family("model", "VAR", True),
-    "var-vqvae": Family("tokenizer", "VAR multi-scale VQVAE", True),
-    "gft": Family("model", "GFT LlamaGen (beta-conditioned)", True),
-}
-
-
-@dataclass(frozen=True)
 class Release:
-    """One public checkpoint: where it lives on the Hub and how to build the model it holds."""
+    """One public checkpoint: where it lives on the Hub and what it holds.
+
+    ``family`` is the model family as ``ccalign.models.families`` names it ("llamagen", "var"),
+    for its tokenizers too; ``options`` are config fields of the model beyond its preset (a GFT
+    release is a LlamaGen model with ``beta_embedding``).
+    """
 
     name: str
     family: str
+    kind: str  # "model" or "tokenizer"
+    title: str  # what it is, in messages ("LlamaGen GPT", "VAR multi-scale VQVAE")
     repo: str
     file: str
     preset: str | None = None  # GPT-L, VQ-16, VAR-d16, ...
-    grid: int | None = None  # tokens per side (VAR: of the last scale); None: any (a VQ)
+    grid: int | None = None  # tokens per side (VAR: of the last scale); None for a tokenizer
     tokenizer: str | None = None  # registry name of the tokenizer its tokens belong to
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -65,12 +54,14 @@ class Release:
 
 
 def _llamagen(
-    prefix: str, repo: str, pattern: str, sizes: list[tuple[str, int]], family: str
+    prefix: str, repo: str, pattern: str, sizes: list[tuple[str, int]], title: str = "LlamaGen GPT",
+    **options: Any,
 ) -> list[Release]:
     """Releases of LlamaGen GPTs: one per (size letter, image size), file from ``pattern``."""
     return [
-        Release(f"{prefix}-{size}-{px}", family, repo, pattern.format(size=size, px=px),
-                f"GPT-{size}", px // 16, "llamagen-vq16")
+        Release(f"{prefix}-{size}-{px}", "llamagen", "model", title, repo,
+                pattern.format(size=size, px=px), f"GPT-{size}", px // 16, "llamagen-vq16",
+                options)
         for size, px in sizes
     ]
 
@@ -78,8 +69,8 @@ def _llamagen(
 def _var(prefix: str, repo: str, pattern: str, depths: list[int]) -> list[Release]:
     """Releases of 256-px VAR models (last scale 16x16), file from ``pattern``."""
     return [
-        Release(f"{prefix}-d{depth}", "var", repo, pattern.format(depth=depth), f"VAR-d{depth}",
-                16, "var-vae")
+        Release(f"{prefix}-d{depth}", "var", "model", "VAR", repo, pattern.format(depth=depth),
+                f"VAR-d{depth}", 16, "var-vae")
         for depth in depths
     ]
 
@@ -87,32 +78,35 @@ def _var(prefix: str, repo: str, pattern: str, depths: list[int]) -> list[Releas
 _LLAMAGEN_SIZES = [("B", 256), ("B", 384), ("L", 256), ("L", 384), ("XL", 384), ("XXL", 384),
                    ("3B", 384)]
 _CCA_SIZES = [(size, 384) for size in ("B", "L", "XL", "XXL", "3B")]
+_GFT = "GFT LlamaGen GPT (beta embedding)"
 
 _RELEASES: list[Release] = [
     # FoundationVision/LlamaGen README: c2i weights and the VQ tokenizers
-    *_llamagen("llamagen", "FoundationVision/LlamaGen", "c2i_{size}_{px}.pt", _LLAMAGEN_SIZES,
-               "llamagen"),
-    Release("llamagen-vq16", "vq", "FoundationVision/LlamaGen", "vq_ds16_c2i.pt", "VQ-16"),
-    Release("llamagen-vq8", "vq", "FoundationVision/LlamaGen", "vq_ds8_c2i.pt", "VQ-8"),
+    *_llamagen("llamagen", "FoundationVision/LlamaGen", "c2i_{size}_{px}.pt", _LLAMAGEN_SIZES),
+    Release("llamagen-vq16", "llamagen", "tokenizer", "LlamaGen VQ tokenizer",
+            "FoundationVision/LlamaGen", "vq_ds16_c2i.pt", "VQ-16"),
+    Release("llamagen-vq8", "llamagen", "tokenizer", "LlamaGen VQ tokenizer",
+            "FoundationVision/LlamaGen", "vq_ds8_c2i.pt", "VQ-8"),
     # thu-ml/CCA README: guidance-free CCA fine-tunes (5000 steps)
     *_llamagen("cca-llamagen", "ChenDRAG/CCA_LlamaGen",
-               "CCA_LlamaGen_Guidance_Free/c2i_{size}_{px}_CCA_0005000.pt", _CCA_SIZES,
-               "llamagen"),
+               "CCA_LlamaGen_Guidance_Free/c2i_{size}_{px}_CCA_0005000.pt", _CCA_SIZES),
     *_var("cca-var", "ChenDRAG/CCA_VAR", "CCA_VAR_Guidance_Free/VAR_d{depth}_CCA.pth",
           [16, 20, 24, 30]),
     # FoundationVision/VAR README: the 256-px models, the 512-px d36 and the VQVAE (the README
     # trains d36 with shared AdaLN, "d36-s"; whether var_d36.pth is that model is unconfirmed)
     *_var("var", "FoundationVision/var", "var_d{depth}.pth", [16, 20, 24, 30]),
-    Release("var-d36", "var", "FoundationVision/var", "var_d36.pth", "VAR-d36", 32, "var-vae"),
-    Release("var-vae", "var-vqvae", "FoundationVision/var", "vae_ch160v4096z32.pth"),
+    Release("var-d36", "var", "model", "VAR", "FoundationVision/var", "var_d36.pth", "VAR-d36",
+            32, "var-vae"),
+    Release("var-vae", "var", "tokenizer", "VAR multi-scale VQVAE", "FoundationVision/var",
+            "vae_ch160v4096z32.pth"),
     # NVlabs/DDO README and VAR_sample.py: DDO fine-tunes of VAR
     *_var("ddo-var", "nvidia/DirectDiscriminativeOptimization", "var_d{depth}-ddo.pth",
           [16, 30]),
     # thu-ml/GFT LlamaGen/README: guidance-free training of LlamaGen (a beta embedding added)
-    Release("gft-llamagen-L-384", "gft", "ChenDRAG/LLamaGen_GF", "LlamaGenL_GF_scratch.pt",
-            "GPT-L", 24, "llamagen-vq16"),
-    Release("gft-llamagen-3B-384", "gft", "ChenDRAG/LLamaGen_GF", "LlamaGen3B_GF.pt", "GPT-3B",
-            24, "llamagen-vq16"),
+    *_llamagen("gft-llamagen", "ChenDRAG/LLamaGen_GF", "LlamaGenL_GF_scratch.pt", [("L", 384)],
+               _GFT, beta_embedding=True),
+    *_llamagen("gft-llamagen", "ChenDRAG/LLamaGen_GF", "LlamaGen3B_GF.pt", [("3B", 384)], _GFT,
+               beta_embedding=True),
 ]
 
 #: Every public checkpoint by name.
@@ -134,7 +128,7 @@ def resolve(name_or_path: str | os.PathLike, *, kind: str | None = None) -> Path
     """The local file for a path (returned unchanged), a registry name or an ``hf://`` URI.
 
     ``kind`` ("model" or "tokenizer") says what the caller will load: a registry name of the
-    other kind, or of a family this build cannot load yet, is refused before any download.
+    other kind is refused before any download.
     """
     text = str(name_or_path)
     if text.startswith(HF_SCHEME):
@@ -144,7 +138,7 @@ def resolve(name_or_path: str | os.PathLike, *, kind: str | None = None) -> Path
     if release is None:
         return Path(name_or_path)
     if kind is not None:
-        check_loadable(release, kind)
+        check_kind(release, kind)
     return download(release.repo, release.file, _split_revision(text)[1])
 
 
@@ -159,19 +153,11 @@ def parse_uri(uri: str) -> tuple[str, str | None, str]:
     return match["repo"], match["rev"], match["file"]
 
 
-def check_loadable(release: Release, kind: str) -> None:
-    """Refuse a release of the wrong kind, or of a family this build cannot load, saying why."""
-    family = FAMILIES[release.family]
-    if family.kind != kind:
-        option = "--tokenizer (data.tokenizer)" if family.kind == "tokenizer" else "the model"
-        raise UserError(
-            f"{release.name} is a {family.title}, not a {kind}; give it as {option}"
-        )
-    if not family.loadable:
-        raise UserError(
-            f"{release.name} is a {family.title} checkpoint (family {release.family!r}), which "
-            "this version of ccalign cannot load yet; `ccalign models` lists what it loads"
-        )
+def check_kind(release: Release, kind: str) -> None:
+    """Refuse a release of the other kind ("model" / "tokenizer"), saying how to give it."""
+    if release.kind != kind:
+        option = "--tokenizer (data.tokenizer)" if release.kind == "tokenizer" else "the model"
+        raise UserError(f"{release.name} is a {release.title}, not a {kind}; give it as {option}")
 
 
 def download(repo: str, file: str, revision: str | None = None) -> Path:

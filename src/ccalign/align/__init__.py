@@ -11,13 +11,14 @@ from ccalign.align.losses import (
     dpo_loss,
     unlearning_loss,
 )
-from ccalign.align.negatives import ContrastPairs, make_pairs, roll_labels
+from ccalign.align.negatives import ContrastPairs, contrast_pairs, make_pairs, roll_labels
 
 __all__ = [
     "OBJECTIVES",
     "AlignOutput",
     "ContrastPairs",
     "alignment_loss",
+    "contrast_pairs",
     "cca_loss",
     "ddo_loss",
     "dpo_loss",

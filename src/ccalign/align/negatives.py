@@ -12,17 +12,20 @@ them as positives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from ccalign.conditions import ClassLabels, ConditionKind
 
 
 @dataclass
 class ContrastPairs:
     """Positive and negative labels for one batch, and which negatives are really positives."""
 
-    pos_labels: Tensor  # (B,) int64
-    neg_labels: Tensor  # (B,) int64
+    pos_labels: Any  # (B,) int64 class ids, or a batch of another condition kind
+    neg_labels: Any
     neg_is_positive: Tensor  # (B,) bool
 
 
@@ -52,10 +55,15 @@ def make_pairs(
             "make_pairs do the null-masking (uncond_ratio or mask)"
         )
     null_mask = _null_mask(labels, uncond_ratio, mask, generator)
-    null = torch.full_like(labels, null_class)
-    pos = torch.where(null_mask, null, labels)
-    neg = torch.where(null_mask, null, roll_labels(labels))
-    return ContrastPairs(pos_labels=pos, neg_labels=neg, neg_is_positive=neg == pos)
+    return contrast_pairs(ClassLabels(null_class), labels, null_mask)
+
+
+def contrast_pairs(kind: ConditionKind, conds: Any, null_rows: Tensor) -> ContrastPairs:
+    """Positives and rolled negatives of any condition kind, ``null_rows`` masked in both."""
+    null = kind.null_like(conds)
+    pos = kind.where(null_rows, null, conds)
+    neg = kind.where(null_rows, null, kind.roll(conds))
+    return ContrastPairs(pos_labels=pos, neg_labels=neg, neg_is_positive=kind.same(neg, pos))
 
 
 def _null_mask(

@@ -12,15 +12,17 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ccalign.demo.bundles import BUNDLES
+
     parser.add_argument(
         "--family",
-        choices=("llamagen", "var"),
-        default="llamagen",
+        choices=tuple(BUNDLES),
+        default=next(iter(BUNDLES)),
         help="the bundled model family: LlamaGen (next-token, 49 codes) or VAR (next-scale, "
         "88 codes of a multi-scale VQ)",
     )
     parser.add_argument(
-        "--out", type=Path, help="report folder (default runs/demo, runs/demo_var for VAR)"
+        "--out", type=Path, help="report folder (default runs/demo, runs/demo_<family> for another)"
     )
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     parser.add_argument(
@@ -79,18 +81,19 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ccalign.demo.pipeline import DemoSettings, run_demo
+    from ccalign.demo.bundles import bundle
+    from ccalign.demo.pipeline import run_demo
+    from ccalign.demo.recipes import parse_methods
+    from ccalign.demo.settings import DemoSettings
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    out = args.out or Path("runs/demo" if args.family == "llamagen" else f"runs/demo_{args.family}")
+    out = args.out or bundle(args.family).default_out
     changes = {
         "out": out,
         "sweep": args.sweep,
         "seed": args.seed,
         "progress": not args.no_progress,
     }
-    from ccalign.demo.methods import parse_methods
-
     changes["methods"] = parse_methods(args.methods)
     keys = ("samples", "curve_samples", "steps", "lam", "beta", "lr", "dropout", "gft_lr")
     keys += ("gft_scale", "gft_curve_scales", "ddo_alpha", "ddo_beta", "ddo_lr", "ddo_rounds")

@@ -8,7 +8,6 @@ import argparse
 HELP = (
     "CCA / DDO / GFT / DPO / unlearning fine-tuning on extracted codes or images encoded on the fly"
 )
-METHODS = ("cca", "ddo", "gft", "dpo", "unlearning")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
     parser.add_argument(
         "--method",
-        choices=METHODS,
-        help="the objective (sets method.name; default: the config's). DDO runs "
+        help="the method: cca, ddo, gft, dpo or unlearning (sets method.name; default: the "
+        "config's; `ccalign.train.methods` lists them). DDO runs "
         "method.rounds rounds, each from and against the one before: for one round at a time "
         "pass --init the previous round's final.safetensors and --set method.round=R",
     )
@@ -27,9 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read the config, refuse MLE (that is `ccalign pretrain`), and train."""
+    from ccalign.train import methods
     from ccalign.train.command import config_from_args, run_from_args
 
     config = config_from_args(args, method=args.method)
-    if config.method.name == "mle":
-        raise ValueError("method.name = 'mle' is pretraining: use `ccalign pretrain`")
+    if methods.get(config.method.name).pretrains:
+        raise ValueError(
+            f"method.name = {config.method.name!r} is pretraining: use `ccalign pretrain`"
+        )
     return run_from_args(args, config)

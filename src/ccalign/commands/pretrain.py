@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read the config, force the MLE objective, and train (from --init when given)."""
+    from ccalign.train import methods
     from ccalign.train.command import config_from_args, run_from_args
 
-    return run_from_args(args, config_from_args(args, method="mle"))
+    return run_from_args(args, config_from_args(args, method=methods.pretraining()))

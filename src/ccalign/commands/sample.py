@@ -26,9 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="preset of an official checkpoint, e.g. GPT-L or VAR-d16 (var_d16.pth)"
     )
-    parser.add_argument(
-        "--grid", type=int, help="tokens per side of an official checkpoint (24 at 384 px)"
-    )
     what = parser.add_argument_group("what to sample")
     what.add_argument("--classes", help="class indices, e.g. '1,5,207' or '0-9'")
     what.add_argument("--per-class", type=int, help="images per class (of --classes, default all)")
@@ -52,21 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "guides, 0 = the unconditional model, between 0 and 1 interpolates (LlamaGen's sampler "
         "treats any scale <= 1 as guidance-free); must be finite and >= 0",
     )
-    how.add_argument(
-        "--var-cfg",
-        type=float,
-        help="VAR models: VAR's own cfg number c instead of --cfg-scale, a ramp over the scales "
-        "from 1 (guidance-free) to 1 + c, as VAR's sampler (the paper's VAR setting: 1.5 with "
-        "--top-k 900 --top-p 0.96); 0 = guidance-free",
-    )
-    how.add_argument("--cfg-interval", type=int, default=-1, help="guide tokens <= this + 1 only")
-    how.add_argument(
-        "--gft-beta",
-        type=float,
-        help="GFT checkpoints only: the beta input, 1 / s for a CFG-like scale s (the released "
-        "GFT models: 0.66 for L, 0.7 for 3B), one pass per token; 1.0 = the plain conditional",
-    )
-    how.add_argument("--temperature", type=float, default=1.0)
     how.add_argument("--top-k", type=int, default=0, help="0 = off")
     how.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     images = parser.add_argument_group("images")
@@ -80,9 +62,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--no-png", action="store_true", help="write samples.npz but no PNGs")
     run = parser.add_argument_group("hardware")
     run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    run.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_family_options(parser.add_argument_group("options of one model family"))
+
+
+def add_family_options(group) -> None:
+    """Every registered family's own sampling options (each family refuses the others')."""
+    from ccalign.models import families
+
+    seen: set[str] = set()
+    for family in families.all_families():
+        for option in family.sampling_options:
+            if option.flags[0] not in seen:
+                seen.add(option.flags[0])
+                group.add_argument(*option.flags, **option.argparse)
+
+
+def family_model_options(args: argparse.Namespace) -> dict:
+    """The model options given on the command line (the flags that families read into their
+    specs: LlamaGen's --grid), None where not given."""
+    from ccalign.models import families
+
+    return {
+        option.dest: getattr(args, option.dest)
+        for family in families.all_families()
+        for option in family.sampling_options
+        if option.dest in family.options
+    }
+
+
+def check_family_options(family, args: argparse.Namespace) -> None:
+    """Refuse an option of another family that was given, naming it."""
+    from ccalign.models import families
+
+    own = {option.dest for option in family.sampling_options}
+    for other in families.all_families():
+        for option in other.sampling_options:
+            if option.dest not in own and option.given(args):
+                raise ValueError(
+                    f"{option.flags[0]}: not an option of {family.title} sampling "
+                    f"({family.title}'s sampler has none)"
+                )
 
 
 def parse_classes(text: str) -> list[int]:
@@ -110,10 +130,8 @@ def _class_range(part: str, text: str) -> range:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject unusable options before any model is loaded, naming the option."""
-    from ccalign.sample.engine import check_gft_beta
-    from ccalign.sample.filtering import check_sampling_args
-    from ccalign.sample.guidance import check_scale
+    """Reject unusable common options before any model is loaded, naming the option."""
+    from ccalign.models.guidance import check_scale
 
     if args.resize is not None and args.resize < 1:
         raise ValueError(f"--resize {args.resize}: give the image side in pixels (>= 1), e.g. 256")
@@ -122,34 +140,30 @@ def check_args(args: argparse.Namespace) -> None:
     if args.seed < 0:
         raise ValueError(f"--seed {args.seed}: must be >= 0")
     check_scale(args.cfg_scale)
-    check_gft_beta(args.gft_beta)
-    if args.var_cfg is not None and args.cfg_scale != 1.0:
-        raise ValueError("give either --cfg-scale (ccalign's scale) or --var-cfg (VAR's), not both")
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
 
 
-def check_recorded_architecture(path: str, name: str | None, grid: int | None) -> None:
-    """A --model or --grid that contradicts the architecture a ccalign file records is an error
-    (the file's config would silently win, or the grid be overridden)."""
-    from ccalign.models import llamagen
-
-    recorded = llamagen.config_from_file(path)
+def check_recorded_architecture(family, path, preset: str | None, options: dict) -> None:
+    """A --model or a family option (--grid) that contradicts the architecture a ccalign file
+    records is an error (the file's config would silently win)."""
+    recorded = family.config_from_file(path)
     if recorded is None:
         return
-    if grid is not None and grid != recorded.grid:
-        raise ValueError(
-            f"--grid {grid} contradicts {path}, which records grid {recorded.grid}; leave "
-            "--grid out (ccalign files carry their architecture)"
-        )
-    if name is None:
+    for key, value in options.items():
+        if value is not None and value != getattr(recorded, key, value):
+            raise ValueError(
+                f"--{key} {value} contradicts {path}, which records {key} "
+                f"{getattr(recorded, key)}; leave --{key} out (ccalign files carry their "
+                "architecture)"
+            )
+    if preset is None:
         return
-    if name not in llamagen.PRESETS:
-        raise ValueError(f"--model {name!r}: choose one of {sorted(llamagen.PRESETS)}")
-    preset = llamagen.PRESETS[name]
-    found = {key: getattr(recorded, key) for key in preset}
-    if found != preset:
+    if preset not in family.presets:
+        raise ValueError(f"--model {preset!r}: choose one of {sorted(family.presets)}")
+    sizes = family.presets[preset]
+    found = {key: getattr(recorded, key) for key in sizes}
+    if found != dict(sizes):
         raise ValueError(
-            f"--model {name} ({_sizes(preset)}) contradicts {path}, which records "
+            f"--model {preset} ({_sizes(sizes)}) contradicts {path}, which records "
             f"{_sizes(found)}; leave --model out (ccalign files carry their architecture)"
         )
 
@@ -158,25 +172,55 @@ def _sizes(sizes: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(sizes.items()))
 
 
+def model_spec(args: argparse.Namespace, family_options: dict):
+    """The spec of the checkpoint argument, its family, and the tokenizer to use (the
+    registry's for a registry name unless --tokenizer says)."""
+    from ccalign import hub
+    from ccalign.models import families
+    from ccalign.models.family import ModelSpec
+
+    spec = ModelSpec(init=args.checkpoint, preset=args.model, options=family_options)
+    family = families.identify(spec)
+    release = hub.find(args.checkpoint)
+    tokenizer = args.tokenizer or (release.tokenizer if release is not None else None)
+    return spec, family, tokenizer
+
+
+def load_checkpoint(args: argparse.Namespace, family_options: dict):
+    """(family, model, tokenizer or None) of the checkpoint, checked against the options.
+
+    The tokenizer is loaded first: some families build their model with it (VAR's quantiser).
+    """
+    from ccalign import hub
+
+    spec, family, tokenizer_source = model_spec(args, family_options)
+    path = hub.resolve(args.checkpoint, kind="model")
+    given = {key: value for key, value in family_options.items() if key in family.options}
+    check_recorded_architecture(family, path, args.model, given)
+    model, tokenizer = family.load_with_tokenizer(spec, tokenizer_source)
+    return family, model, tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ccalign import hub
     from ccalign.sample.runner import RunConfig, plan_labels, run_sampling
 
     check_args(args)
     classes = parse_classes(args.classes) if args.classes is not None else None
-    release = hub.find(args.checkpoint)
-    if release is not None:  # a registry name supplies what the command line leaves out
-        args.model = args.model or release.preset
-        if release.family != "var":  # VAR's scales come with its preset
-            args.grid = args.grid or release.grid
-        args.tokenizer = args.tokenizer or release.tokenizer
-    args.checkpoint = str(hub.resolve(args.checkpoint, kind="model"))
-    family = _setup_var if _is_var(args) else _setup_llamagen
+    options = family_model_options(args)
+    _, family, _ = model_spec(args, options)
+    check_family_options(family, args)
+    sampling = family.sampling_settings(args)
+    family.check_sampling(None, sampling)
     with _distributed(args.device) as (rank, world_size, device, barrier):
-        sampler, tokenizer, sampling = family(args, device)
-        model = sampler.model
+        family, model, tokenizer = load_checkpoint(args, options)
+        family.check_sampling(model, sampling)
+        if isinstance(tokenizer, torch.nn.Module):
+            tokenizer.to(device).eval()
+        sampler = family.sampler(
+            model, device=device, inplace=True, **family.sampler_options(args)
+        )
         labels = plan_labels(
             model.num_classes,
             classes=classes,
@@ -212,106 +256,6 @@ def run(args: argparse.Namespace) -> int:
             if path is not None:
                 print(f"{name}: {path}")
     return 0
-
-
-def _setup_llamagen(args: argparse.Namespace, device) -> tuple:
-    """(sampler, tokenizer or None, sampling settings) for a LlamaGen checkpoint."""
-    from ccalign.models import llamagen
-    from ccalign.sample.engine import Sampler, check_gft_beta
-
-    if args.var_cfg is not None:
-        raise ValueError("--var-cfg is VAR's guidance number; for LlamaGen give --cfg-scale")
-    check_recorded_architecture(args.checkpoint, args.model, args.grid)
-    model = llamagen.load(args.checkpoint, args.model, grid=args.grid)
-    check_gft_beta(args.gft_beta, model)
-    tokenizer = (
-        _load_tokenizer(args.tokenizer, device, model.config.grid) if args.tokenizer else None
-    )
-    sampling = dict(
-        cfg_scale=args.cfg_scale,
-        cfg_interval=args.cfg_interval,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-    )
-    if args.gft_beta is not None:  # only then: runs without it keep their recorded settings
-        sampling["gft_beta"] = args.gft_beta
-    use_graph = False if args.no_cuda_graph or device.type != "cuda" else None
-    sampler = Sampler(
-        model, device=device, cuda_graph=use_graph, compile=args.compile, inplace=True
-    )
-    return sampler, tokenizer, sampling
-
-
-def _is_var(args: argparse.Namespace) -> bool:
-    """A ccalign VAR file, or an official one named by a VAR preset (--model VAR-d16)."""
-    from ccalign.models import var
-
-    named = (args.model or "").startswith("VAR-")
-    return named or var.config_from_file(args.checkpoint) is not None
-
-
-def _setup_var(args: argparse.Namespace, device) -> tuple:
-    """(sampler, tokenizer or None, sampling settings) for a VAR checkpoint.
-
-    The VQVAE (--tokenizer) is loaded once and gives an official checkpoint its quantiser.
-    """
-    from ccalign.models import var
-    from ccalign.sample.var import VarSampler
-    from ccalign.tokenizers import var_vq
-    from ccalign.tokenizers.files import resolve_file
-
-    unsupported = {
-        "--grid": args.grid is not None, "--temperature": args.temperature != 1.0,
-        "--cfg-interval": args.cfg_interval != -1, "--compile": args.compile,
-        "--gft-beta": args.gft_beta is not None,
-    }
-    if any(unsupported.values()):
-        given = ", ".join(name for name, used in unsupported.items() if used)
-        raise ValueError(f"{given}: not an option of VAR sampling (VAR's sampler has none)")
-    recorded = var.config_from_file(args.checkpoint)
-    if recorded is None and args.tokenizer is None:
-        raise ValueError(
-            f"{args.checkpoint} is an official VAR file: give --tokenizer with its VQVAE "
-            "(vae_ch160v4096z32.pth), whose quantiser builds every scale's input"
-        )
-    if args.model is not None and args.model not in var.PRESETS:
-        raise ValueError(f"--model {args.model!r}: choose one of {sorted(var.PRESETS)}")
-    if recorded is not None and args.model is not None:
-        preset = var.PRESETS[args.model]
-        found = {key: getattr(recorded, key) for key in preset}
-        if found != preset:
-            raise ValueError(
-                f"--model {args.model} contradicts {args.checkpoint}, which records depth "
-                f"{recorded.depth}, width {recorded.dim}; leave --model out (ccalign files carry "
-                "their architecture)"
-            )
-    config = recorded or var.VARConfig(**var.PRESETS[args.model])
-    tokenizer = None
-    if args.tokenizer:  # read at the model's scales (official VQVAE files do not record them)
-        tokenizer = var_vq.load(resolve_file(args.tokenizer), patch_nums=config.patch_nums)
-    model = var.load(args.checkpoint, None if recorded else args.model, vae=tokenizer)
-    if tokenizer is not None:
-        tokenizer.to(device).eval()
-    sampling = dict(cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p)
-    if args.var_cfg is not None:
-        sampling["official_cfg"] = args.var_cfg
-    return VarSampler(model, device=device, inplace=True), tokenizer, sampling
-
-
-def _load_tokenizer(path: str, device, grid: int):
-    """The ``--tokenizer``, sized for the model's ``grid`` (VQ-16 at grid 24: 384 px)."""
-    import torch
-
-    from ccalign import tokenizers
-
-    tokenizer = tokenizers.load(path)
-    if tokenizer.grid != grid:  # convolutional VQs decode any grid: set the image size to match
-        downsample = tokenizer.image_size // tokenizer.grid
-        tokenizer = tokenizers.load(path, image_size=grid * downsample)
-    if isinstance(tokenizer, torch.nn.Module):
-        tokenizer.to(device).eval()
-    return tokenizer
 
 
 @contextmanager

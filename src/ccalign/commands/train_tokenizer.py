@@ -154,8 +154,9 @@ def load_folder_images(root, size: int, channels: int) -> tuple[torch.Tensor, np
 def save_comparison_png(model, images: torch.Tensor, labels: np.ndarray, path, per_class: int = 2,
                         scale: int = 3) -> None:
     """A grid with `per_class` test images of each class: originals above reconstructions."""
-    from ccalign.data.images import to_model_range, to_uint8
+    from ccalign.data.images import to_uint8
     from ccalign.io import atomic_write
+    from ccalign.tokenizers.base import to_model_range
 
     classes = [c for c in np.unique(labels) if (labels == c).sum() >= per_class]
     picks = [i for c in classes for i in np.flatnonzero(labels == c)[:per_class]]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ccalign.io import PathLike
+from ccalign.tokenizers.base import to_model_range
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -113,16 +114,6 @@ def views(image: Image.Image, size: int, mode: str, crop_range: float = 1.1) -> 
     if mode == "center":
         return arr[None]
     raise ValueError(f"unknown view mode {mode!r}; choose ten-crop, flip or center")
-
-
-def to_model_range(pixels: torch.Tensor, channels: int) -> torch.Tensor:
-    """uint8 (..., H, W) grey or (..., H, W, 3) RGB -> float32 (..., C, H, W) in [-1, 1].
-
-    Computed as (x / 255 - 0.5) / 0.5, the ToTensor + Normalize(0.5, 0.5) of the original.
-    """
-    x = pixels.float() / 255.0
-    x = x.unsqueeze(-3) if channels == 1 else x.movedim(-1, -3)
-    return (x - 0.5) / 0.5
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ccalign.demo import report
+from ccalign.demo import recipes, report
 from ccalign.io import atomic_write
 
-NAMES = {"cca": "CCA", "gft": "GFT", "ddo": "DDO"}
+
+def _title(method: str) -> str:
+    return recipes.get(method).title
 
 
 def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
@@ -19,7 +21,7 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
     text = "\n\n".join(
         [
             f"# Guidance-free methods on Fashion-MNIST ({meta.get('family_title', 'LlamaGen')}): "
-            + ", ".join(NAMES[m] for m in methods),
+            + ", ".join(_title(m) for m in methods),
             setup_text(meta),
             budget_table(meta),
             report.metrics_table(runs),
@@ -60,32 +62,14 @@ def budget_table(meta: dict) -> str:
     ]
     for method in meta["methods"]:
         info = meta[method]
+        negatives = info.get("negatives_seconds")
         rows.append(
-            f"| {NAMES[method]} | {recipe_text(method, info)} | {info['steps']} | "
+            f"| {_title(method)} | {recipes.get(method).recipe_text(info)} | {info['steps']} | "
             f"{info['rows_per_step']:g} + {info['nograd_rows_per_step']:g} | "
             f"{info['finetune_seconds']:.0f} | "
-            + (f"{info['negatives_seconds']:.0f} |" if method == "ddo" else "- |")
+            + (f"{negatives:.0f} |" if negatives is not None else "- |")
         )
     return "\n".join(rows)
-
-
-def recipe_text(method: str, info: dict) -> str:
-    if method == "cca":
-        return (
-            f"beta {info['beta']:g}, lambda {info['lam']:g}, lr {info['lr']:g} cosine, "
-            f"{info['pairs_per_step']} pairs"
-        )
-    if method == "gft":
-        return (
-            f"lr {info['lr']:g} cosine, {info['images_per_step']} images, sampled at beta "
-            f"{info['gft_beta']:.3g} (s = {info['scale']:g})"
-        )
-    return (
-        f"alpha {info['alpha']:g}, beta {info['beta']:g}, lr {info['lr']:g} constant, "
-        f"uncond {info['uncond_ratio']:g}, {info['rounds']} rounds x {info['steps_per_round']}, "
-        f"{info['images_per_step']} images + {info['negatives']} negatives in all "
-        f"({info['rows_per_step_measured']:.1f} rows/step measured)"
-    )
 
 
 def cfg_fid_at(accuracy: float, cfg_runs: list[dict]) -> float | None:
@@ -118,7 +102,7 @@ def reading(by_name: dict, runs: list[dict], meta: dict) -> str:
 
 def method_sentence(row: dict, meta: dict, base: dict, curve: list[dict]) -> str:
     """One method's guidance-free point against the base model and the CFG curve."""
-    name = NAMES[row["model"]]
+    name = _title(row["model"])
     noise = float(np.hypot(base["fid_std"], row["fid_std"]))
     change = row["fid"] - base["fid"]
     text = (
@@ -150,20 +134,20 @@ def ranking(heads: list[dict]) -> str:
     noise = float(np.hypot(first["fid_std"], second["fid_std"]))
     gap = second["fid"] - first["fid"]
     head = (
-        f"Lowest guidance-free FID: {NAMES[first['model']]} ({first['fid']:.2f}), then "
-        f"{NAMES[second['model']]} ({second['fid']:.2f})"
+        f"Lowest guidance-free FID: {_title(first['model'])} ({first['fid']:.2f}), then "
+        f"{_title(second['model'])} ({second['fid']:.2f})"
     )
     if gap < 2 * noise:
         head += f": the gap {gap:.2f} is within twice the bootstrap noise ({noise:.2f})"
     else:
         head += f": the gap {gap:.2f} exceeds twice the bootstrap noise ({noise:.2f})"
     accurate = max(heads, key=lambda r: r["accuracy"])
-    return head + f"; highest accuracy: {NAMES[accurate['model']]} ({accurate['accuracy']:.3f})."
+    return head + f"; highest accuracy: {_title(accurate['model'])} ({accurate['accuracy']:.3f})."
 
 
 def speed_sentence(heads: list[dict], curve: list[dict], ratio: dict) -> str:
     cfg_speed = float(np.mean([r["images_per_s"] for r in curve if r["cfg_scale"] != 1.0]))
-    speeds = ", ".join(f"{NAMES[r['model']]} {r['images_per_s']:.0f}" for r in heads)
+    speeds = ", ".join(f"{_title(r['model'])} {r['images_per_s']:.0f}" for r in heads)
     return (
         f"Guidance-free sampling runs {ratio['median']:.2f}x as fast as CFG (median over "
         f"{ratio['rounds']} interleaved rounds, range {ratio['min']:.2f}-{ratio['max']:.2f}; "
@@ -175,8 +159,6 @@ def time_sentence(meta: dict) -> str:
     times = []
     for method in meta["methods"]:
         info = meta[method]
-        text = f"{NAMES[method]} {info['finetune_seconds']:.0f} s"
-        if method == "ddo":
-            text += f" (of it {info['negatives_seconds']:.0f} s sampling its negatives)"
-        times.append(text)
+        note = recipes.get(method).time_note(info)
+        times.append(f"{_title(method)} {info['finetune_seconds']:.0f} s{note}")
     return "Fine-tuning wall time at the matched budget: " + ", ".join(times) + "."

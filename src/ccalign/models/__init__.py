@@ -1,13 +1,10 @@
-"""Autoregressive image generators behind one small interface.
+"""Autoregressive image generators, each family behind one interface.
 
-Every model exposes ``num_classes``, ``null_class``, ``vocab_size``, ``seq_len``,
-``forward(labels, tokens) -> (B,)`` sequence log-likelihoods (what training differentiates) and
-``logits(labels, tokens) -> (B, N, V)``; LlamaGen adds ``setup_kv_cache``/``prefill``/``decode``
-for the sampler.
+``ccalign.models.family`` declares what a family offers (files, building, its sampler and
+tokenizer, the memory estimate, what it can train) and what its models compute
+(``model(conditions, tokens)``: sequence log-likelihoods); ``ccalign.models.families`` is the
+registry (``of(model)``, ``get(name)``, ``identify(spec)``, ``register``). LlamaGen
+(``models.llamagen``) and VAR (``models.var``) are the families that ship; the shared sampling
+pieces are ``next_token`` (the KV-cache engine of next-token models), ``guidance`` and
+``filtering``.
 """
-
-from ccalign.models import llamagen
-from ccalign.models.checkpoint import CheckpointMismatchError, load_weights
-from ccalign.models.llamagen import LlamaGen, LlamaGenConfig
-
-__all__ = ["llamagen", "LlamaGen", "LlamaGenConfig", "load_weights", "CheckpointMismatchError"]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ccalign.models import families
 from ccalign.tokenizers.base import ImageTokenizer
 
 
@@ -103,14 +104,12 @@ def sample_grid(
 ) -> Image.Image:
     """Sample one image per label and return them tiled in one picture (handy in a notebook).
 
-    ``sampling`` takes ``Sampler.generate``'s settings (cfg_scale, top_k, ...); ``seed`` makes the
-    picture reproducible.
+    ``model_or_sampler``: a model of any family or its sampler; ``sampling`` takes the sampler's
+    ``generate`` settings (cfg_scale, top_k, ...); ``seed`` makes the picture reproducible.
     """
-    from ccalign.sample.engine import Sampler
-
     sampler = model_or_sampler
-    if not isinstance(sampler, Sampler):
-        sampler = Sampler(model_or_sampler)
+    if isinstance(sampler, torch.nn.Module):
+        sampler = families.of(sampler).sampler(sampler)
     check_tokenizer(tokenizer, sampler.seq_len, sampler.model.vocab_size)
     if seed is not None:
         sampling["generator"] = torch.Generator(sampler.device).manual_seed(seed)

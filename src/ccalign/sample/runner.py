@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ccalign.io import atomic_write
-from ccalign.sample.engine import Sampler
+from ccalign.models.family import Sampler
 from ccalign.sample.images import check_tokenizer, decode_tokens, to_pil
 from ccalign.tokenizers.base import ImageTokenizer
 

@@ -25,3 +25,13 @@ class ImageTokenizer(Protocol):
     def decode(self, codes: Tensor) -> Tensor:
         """Codes (B, grid * grid) -> images (B, C, H, W), roughly in [-1, 1] (clamp to convert)."""
         ...
+
+
+def to_model_range(pixels: Tensor, channels: int) -> Tensor:
+    """uint8 (..., H, W) grey or (..., H, W, 3) RGB -> float32 (..., C, H, W) in [-1, 1].
+
+    Computed as (x / 255 - 0.5) / 0.5, the ToTensor + Normalize(0.5, 0.5) of the original.
+    """
+    x = pixels.float() / 255.0
+    x = x.unsqueeze(-3) if channels == 1 else x.movedim(-1, -3)
+    return (x - 0.5) / 0.5

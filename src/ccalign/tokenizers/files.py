@@ -10,7 +10,6 @@ import torch
 
 from ccalign.hub import resolve
 from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors, read_tensor_file
-from ccalign.models.checkpoint import check_state_dict, extract_state_dict
 from ccalign.tokenizers import var_vq
 from ccalign.tokenizers.llamagen_vq import (
     PRESETS,
@@ -19,6 +18,7 @@ from ccalign.tokenizers.llamagen_vq import (
     config_from_state_dict,
     preset_name,
 )
+from ccalign.weights import check_state_dict, extract_state_dict
 
 METADATA_KEY = "ccalign.tokenizer"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

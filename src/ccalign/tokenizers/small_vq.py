@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ccalign.data.images import to_model_range
+from ccalign.tokenizers.base import to_model_range
 from ccalign.tokenizers.llamagen_vq import VQConfig, VQModel
 from ccalign.tokenizers.var_vq import VarVQ, VarVQConfig
 

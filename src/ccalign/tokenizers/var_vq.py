@@ -3,7 +3,7 @@
 The module tree reproduces the keys and shapes of the released ``vae_ch160v4096z32.pth`` (a raw
 state_dict: 324 keys, 108,948,355 parameters), so it loads strictly. Encode: f =
 quant_conv(encoder(x)) with x in [-1, 1], then the multi-scale residual quantiser
-(:mod:`ccalign.tokenizers.multiscale`) gives the codes of every scale, coarsest first: (B, 680)
+(:mod:`ccalign.multiscale`) gives the codes of every scale, coarsest first: (B, 680)
 at 256 px. Decode: f_hat = sum over scales of phi(upsampled code vectors), then
 decoder(post_quant_conv(f_hat)) clamped to [-1, 1]. A smaller :class:`VarVQConfig` (other
 scales, codebook, widths) builds a small trainable multi-scale VQ from the same classes.
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors, read_tensor_file
-from ccalign.models.checkpoint import CheckpointMismatchError, check_state_dict, extract_state_dict
+from ccalign.multiscale import MultiScaleQuantizer
 from ccalign.tokenizers.llamagen_vq import Downsample, Upsample  # the same layers, keys "conv"
-from ccalign.tokenizers.multiscale import MultiScaleQuantizer
+from ccalign.weights import CheckpointMismatchError, check_state_dict, extract_state_dict
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)

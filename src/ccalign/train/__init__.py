@@ -1,8 +1,9 @@
-"""Training: CCA / DDO / DPO / unlearning fine-tuning and MLE pretraining of AR image models.
+"""Training: CCA / DDO / GFT / DPO / unlearning fine-tuning and MLE pretraining of AR models.
 
 ``run_training(config)`` does a whole run from a ``TrainConfig`` (``load_config`` reads TOML or
-YAML); ``Trainer`` is the loop itself (single process or DDP under torchrun, gradient
-accumulation, bf16 autocast on CUDA, resumable checkpoints, EMA, JSONL metrics).
+YAML); each method is one record of ``ccalign.train.methods``; ``Trainer`` is the loop itself
+(single process, DDP or FSDP under torchrun, gradient accumulation, bf16, resumable checkpoints,
+EMA, LoRA, JSONL metrics).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ _EXPORTS = {
     "AlignmentObjective": "objectives",
     "DDOObjective": "objectives",
     "MLEObjective": "objectives",
-    "make_objective": "objectives",
     "EMA": "optim",
     "LRSchedule": "optim",
     "make_optimizer": "optim",
@@ -27,9 +27,10 @@ _EXPORTS = {
     "Trainer": "trainer",
     "NonFiniteLossError": "trainer",
     "run_training": "run",
-    "model_from_config": "run",
-    "open_training_data": "run",
+    "model_from_config": "build",
+    "open_training_data": "build",
     "run_rounds": "ddo",
+    "Method": "methods",
 }
 
 __all__ = list(_EXPORTS)

@@ -21,18 +21,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-METHODS = ("cca", "dpo", "unlearning", "ddo", "mle", "gft")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
-WEIGHT_DTYPES = ("fp32", "bf16")
-REFERENCE_DTYPES = ("auto", "fp32", "bf16")
+WEIGHT_DTYPES = ("fp32", "bf16", "fp64")
+REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp64")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PARALLEL = ("ddp", "fsdp")
 DATA_VIEWS = ("center", "flip")
 DROPOUT_MODES = ("both", "none", "policy-only")
-ALIGNMENT_METHODS = ("cca", "dpo", "unlearning")
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
-NEGATIVE_SOURCES = ("file", "online")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: keys that no longer exist, and what to write instead
 _RENAMED = {
@@ -43,9 +40,14 @@ _RENAMED = {
 
 @dataclass
 class ModelSection:
-    """Which model to train: a preset (``GPT-L``, ``VAR-d16``) or ``custom`` with ``arch`` sizes."""
+    """Which model to train: a preset (``GPT-L``, ``VAR-d16``) or ``custom`` with ``arch`` sizes.
+
+    ``family`` names the model family when nothing else tells it (a fresh custom model of a
+    family other than LlamaGen); ``grid`` and ``vae`` are options of one family each.
+    """
 
     name: str = "GPT-L"
+    family: str | None = None  # None: from the registry entry, the init file or the preset
     grid: int = 24  # LlamaGen only: tokens per side (VAR's scales come with its preset)
     init: str | None = None  # pretrained checkpoint (finetune); None builds a fresh model
     arch: dict = field(default_factory=dict)  # config overrides (dim, dropouts, drop_path, ...)
@@ -56,6 +58,19 @@ class ModelSection:
     # quantiser builds the teacher-forcing input; needed for official VAR files and fresh
     # models; ccalign VAR files carry its quantiser, registry VAR names default to their VQVAE
     vae: str | None = None
+
+    def family_options(self) -> dict:
+        """The family options this section sets (``grid``, ``vae``), defaults left out."""
+        default = ModelSection()
+        return {
+            key: getattr(self, key)
+            for key in _FAMILY_OPTIONS
+            if getattr(self, key) != getattr(default, key)
+        }
+
+
+#: [model] keys that one family reads and the others refuse
+_FAMILY_OPTIONS = ("grid", "vae")
 
 
 @dataclass
@@ -71,10 +86,6 @@ class DataSection:
     validate: bool = True  # check labels / tokens / length against the model before training
 
 
-#: the linear layers of a LlamaGen block: attention (wqkv, wo) and MLP (w1, w2, w3)
-LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
-
-
 @dataclass
 class LoraSection:
     """LoRA adapters on the policy (``[method.lora]``, through peft); off by default.
@@ -87,7 +98,9 @@ class LoraSection:
     rank: int = 16
     alpha: float = 16.0  # adapter output scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapters' input (policy in train mode only)
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # linear layers to adapt; empty: the model family's defaults (LlamaGen: wqkv, wo, w1, w2,
+    # w3; VAR: proj, fc1, fc2 and the AdaLN projections)
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -163,7 +176,9 @@ class TrainSection:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     # fp32, or bf16: the policy's weights (and gradients) in bf16, float32 optimizer moments and
     # a bf16 remainder per weight so that small updates are not rounded away (see
-    # ccalign.train.precision); the memory plan: `ccalign finetune --dry-run`
+    # ccalign.train.precision); the memory plan: `ccalign finetune --dry-run`. fp64: every
+    # weight, sum and moment in float64 (with train.precision = "fp32"), for comparing two ways
+    # of computing the same run exactly on any CPU (tests), not for speed
     weights_dtype: str = "fp32"
     reference_dtype: str = "auto"  # the frozen reference's weights; auto: as weights_dtype
     parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp (sharded states)
@@ -213,7 +228,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the key and the valid choices."""
-        _choice("method.name", self.method.name, METHODS)
+        from ccalign.train import methods
+
+        method = methods.get(self.method.name)
         _choice("optim.schedule", self.optim.schedule, SCHEDULES)
         _choice("train.precision", self.train.precision, PRECISIONS)
         _choice("train.parallel", self.train.parallel, PARALLEL)
@@ -221,6 +238,11 @@ class TrainConfig:
         _choice("checkpoint.format", self.checkpoint.format, CHECKPOINT_FORMATS)
         _choice("train.weights_dtype", self.train.weights_dtype, WEIGHT_DTYPES)
         _choice("train.reference_dtype", self.train.reference_dtype, REFERENCE_DTYPES)
+        if self.train.weights_dtype == "fp64" and self.train.precision != "fp32":
+            raise ValueError(
+                'train.weights_dtype = "fp64" computes in float64: set train.precision = "fp32" '
+                "(no bf16 autocast)"
+            )
         _choice("optim.optimizer", self.optim.optimizer, OPTIMIZERS)
         if not _DEVICE.match(self.train.device):
             raise ValueError(
@@ -240,17 +262,7 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if self.train.steps < 0 or self.train.epochs <= 0:
             raise ValueError("train.steps must be >= 0 and train.epochs > 0")
-        if self.method.name in ALIGNMENT_METHODS and self.train.micro_batch < 2:
-            raise ValueError(
-                f"train.micro_batch = {self.train.micro_batch} leaves {self.method.name} without "
-                "negatives: a row's negative label is the next row's in its micro-batch, and a "
-                "batch of one rolls onto itself; use micro_batch >= 2 (the official recipe: 2)"
-            )
-        if self.method.name == "gft" and self.model.arch.get("beta_embedding") is False:
-            raise ValueError(
-                "method gft trains the beta embedding: remove model.arch.beta_embedding = false "
-                "(gft adds it to a plain model)"
-            )
+        method.validate(self)
         if not (0.0 <= self.optim.warmup_start_ratio <= 1.0 and 0.0 <= self.optim.hold_ratio < 1.0):
             raise ValueError(
                 f"optim.warmup_start_ratio must be in [0, 1] and optim.hold_ratio in [0, 1); got "
@@ -263,8 +275,6 @@ class TrainConfig:
             )
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
-        if self.method.name == "ddo":
-            _validate_ddo(self.method, self.train)
         for key in ("uncond_ratio", "class_dropout"):
             value = getattr(self.method, key)
             if not 0.0 <= value <= 1.0:
@@ -362,8 +372,6 @@ def _validate_lora(config: TrainConfig) -> None:
             f"method.lora needs rank >= 1, alpha > 0 and dropout in [0, 1); got rank "
             f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}"
         )
-    if not lora.target_modules:
-        raise ValueError(f"method.lora.target_modules is empty; e.g. {list(LORA_TARGETS)}")
     if config.optim.ema_decay > 0:
         raise ValueError(
             "optim.ema_decay > 0 with method.lora is not supported (the average would copy the "
@@ -379,28 +387,6 @@ def _validate_lora(config: TrainConfig) -> None:
         raise ValueError(
             'method.lora with checkpoint.format = "sharded" is not supported: LoRA checkpoints '
             'hold only the adapters, which are small; use "auto" or "full"'
-        )
-
-
-def _validate_ddo(method: MethodSection, train: TrainSection) -> None:
-    """DDO's own keys: weights, rounds, and how its negatives are sampled."""
-    _choice("method.negatives", method.negatives, NEGATIVE_SOURCES)
-    checks = (
-        ("method.alpha", method.alpha >= 0, ">= 0"),
-        ("method.rounds", method.rounds >= 1, ">= 1"),
-        ("method.round", method.round >= 1, ">= 1"),
-        ("method.negatives_batch", method.negatives_batch >= 1, ">= 1"),
-        ("method.negatives_temperature", method.negatives_temperature > 0, "> 0"),
-        ("method.negatives_top_k", method.negatives_top_k >= 0, ">= 0 (0: off)"),
-        ("method.negatives_top_p", 0 < method.negatives_top_p <= 1, "in (0, 1] (1: off)"),
-    )
-    for key, ok, wanted in checks:
-        if not ok:
-            raise ValueError(f"{key} must be {wanted}, got {getattr(method, key[7:])}")
-    if method.negatives == "online" and train.parallel == "fsdp":
-        raise ValueError(
-            "method.negatives = 'online' samples from the reference inside each step, which a "
-            "sharded (FSDP) reference cannot do; use method.negatives = 'file' with FSDP"
         )
 
 
@@ -429,10 +415,13 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def resumable_change(key: str, method: str) -> bool:
-    """Whether a resumed run may change ``key``; the micro-batch only for MLE, since the other
-    objectives draw their negatives within it."""
-    if key == "train.micro_batch":  # DDO's online negatives are keyed per micro-batch
-        return method not in (*ALIGNMENT_METHODS, "ddo")
+    """Whether a resumed run may change ``key``; the micro-batch only for methods that draw
+    nothing within it (the alignment methods roll negatives in it, DDO keys its online
+    negatives by it)."""
+    if key == "train.micro_batch":
+        from ccalign.train import methods
+
+        return not methods.get(method).micro_batch_keyed
     return key in RESUMABLE_CHANGES
 
 

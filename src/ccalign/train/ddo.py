@@ -28,12 +28,12 @@ any run; with more, round r writes ``<out>/round_<r>/`` (its data order from ``d
 r - method.round``) and the last round's model is copied to ``<out>/final.safetensors``; a
 resumed run skips finished rounds.
 
-Families: :func:`negative_sampler` picks the reference's sampler (LlamaGen's KV-cache sampler,
-or VAR's scale-by-scale one), the one place that knows them. VAR's sampler has no temperature
-(``method.negatives_temperature`` must stay 1; top-k / top-p map to VAR's filter). With
-``method.negatives_retokenize`` (VAR only), each sample is decoded from its f_hat with the VQVAE
-(``model.vae``) to 8-bit pixels and re-encoded, as NVlabs/DDO's VAR code trains on images its
-sampler saved (see :func:`retokenize`); the VQVAE's fingerprint goes into the file's manifest.
+Families: negatives come from the reference's family sampler (LlamaGen's KV-cache sampler,
+VAR's scale-by-scale one), eager. A sampler refuses settings it lacks (VAR's has no temperature:
+``method.negatives_temperature`` must stay 1). ``method.negatives_retokenize`` needs the
+family's ``retokenize`` capability (VAR): each sample is decoded to 8-bit pixels with the
+model's tokenizer (VAR's VQVAE, ``model.vae``) and re-encoded, as NVlabs/DDO's VAR code trains on
+images its sampler saved; the tokenizer's fingerprint goes into the file's manifest.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,21 +52,20 @@ from torch import Tensor, nn
 
 from ccalign.data.codes import FLAT_FORMAT
 from ccalign.io import atomic_save_safetensors, atomic_write, open_safetensors
-from ccalign.models import families, var
-from ccalign.sample.engine import Sampler
-from ccalign.sample.var import VarSampler
-from ccalign.tokenizers import var_vq
+from ccalign.models import families
 from ccalign.train import distributed as D
-from ccalign.train.config import MethodSection, TrainConfig
+from ccalign.train.build import model_from_config, spec_from_section
 from ccalign.train.objectives import DDOObjective
-from ccalign.train.run import model_from_config, train_once, var_vae_file
 from ccalign.train.rundir import check_output_folder
 from ccalign.train.state import tensor_fingerprint
-from ccalign.train.trainer import Callback, Trainer
+
+if TYPE_CHECKING:
+    from ccalign.train.config import MethodSection, TrainConfig
+    from ccalign.train.trainer import Trainer
 
 NEGATIVES_FILE = "negatives.safetensors"
 NEGATIVES_DIR = "negatives"
-RETOKENIZE_ROWS = 32  # images decoded and re-encoded at once (a constant: part of the result)
+NEGATIVE_SOURCES = ("file", "online")
 _KEY_TAG = 0x64646F  # "ddo": keeps these streams apart from the trainer's other keyed draws
 
 
@@ -84,146 +84,47 @@ def sampling_settings(method: MethodSection) -> dict:
     }
 
 
-@torch.no_grad()
-def retokenize(vae: var_vq.VarVQ, f_hat: Tensor) -> Tensor:
-    """Codes (B, L) of the 8-bit images that ``f_hat`` decodes to.
-
-    As DDO's VAR_sample.py saves its samples: decode, (x + 1) / 2 * 255 cast to uint8 (which
-    truncates, as numpy's astype does); read back as VAR's data pipeline reads images
-    (2 p / 255 - 1, no resize: they already have the VQVAE's size); then encode. Runs in
-    fixed chunks of ``RETOKENIZE_ROWS`` rows (256 px images at full batch would need tens of GiB).
-    """
-    codes = []
-    for part in f_hat.split(RETOKENIZE_ROWS):
-        images = vae.decode_fhat(part.to(vae.device, torch.float32))
-        pixels = images.add(1).mul(0.5).mul(255).to(torch.uint8)
-        codes.append(vae.encode(pixels.float().div(255).mul(2).sub(1)))
-    return torch.cat(codes)
-
-
-class VarNegatives:
-    """VAR's sampler as DDO's negative sampler: guidance-free codes, or with ``vae`` the codes
-    of the decoded 8-bit images re-encoded (:func:`retokenize`). ``kwargs`` go to VarSampler."""
-
-    def __init__(self, reference: var.VAR, vae: var_vq.VarVQ | None = None, **kwargs):
-        self.sampler = VarSampler(reference, **kwargs)
-        self.device, self.seq_len = self.sampler.device, self.sampler.seq_len
-        self.vae = None if vae is None else vae.to(self.device, torch.float32)
-
-    def generate(
-        self,
-        labels: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-    ) -> Tensor:
-        """(B, L) codes of guidance-free samples for ``labels``."""
-        refusal = _var_refusal(temperature, False)
-        if refusal is not None:
-            raise ValueError(refusal)
-        settings = {"generator": generator, "top_k": top_k, "top_p": top_p}
-        # the trainer's autocast (online mode) must not reach the float32 quantiser steps
-        with torch.autocast(self.device.type, enabled=False):
-            if self.vae is None:
-                return self.sampler.generate(labels, **settings)
-            _, f_hat = self.sampler.generate(labels, return_fhat=True, **settings)
-            return retokenize(self.vae, f_hat)
-
-    def release(self) -> None:
-        """Free what the sampler holds between calls."""
-        self.sampler.release()
-
-
-def _llamagen_negatives(
-    reference: nn.Module, vae: var_vq.VarVQ | None = None, **kwargs
-) -> Sampler:
-    """LlamaGen's KV-cache sampler, without CUDA graphs (each call's batch differs)."""
-    if vae is not None:
-        raise ValueError(_llamagen_refusal(1.0, True))
-    return Sampler(reference, cuda_graph=False, **kwargs)
-
-
-def _llamagen_refusal(temperature: float, retokenize: bool) -> str | None:
-    if retokenize:
-        return (
-            "method.negatives_retokenize decodes VAR samples to images and re-encodes them (the "
-            "VAR recipe of NVlabs/DDO); a LlamaGen reference's negatives are its own tokens: "
-            "remove it"
-        )
-    return None
-
-
-def _var_refusal(temperature: float, retokenize: bool) -> str | None:
-    if temperature != 1.0:
-        return (
-            f"method.negatives_temperature = {temperature}: VAR's sampler has no temperature "
-            "(top-k and top-p only): leave it at 1 for a VAR reference"
-        )
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Family:
-    """How one model family samples DDO negatives."""
-
-    #: (reference, vae, device=, inplace=) -> an object with generate(labels, generator=,
-    #: temperature=, top_k=, top_p=), release(), device and seq_len
-    sampler: Callable[..., object]
-    grid: Callable[[nn.Module], int]  # the last scale's side, for the code file's metadata
-    refusal: Callable[[float, bool], str | None]  # (temperature, retokenize) -> why not
-
-
-#: the one place that knows the families' negative samplers
-_FAMILIES = {
-    "llamagen": _Family(_llamagen_negatives, lambda m: m.config.grid, _llamagen_refusal),
-    "var": _Family(VarNegatives, lambda m: m.quantizer.side, _var_refusal),
-}
-
-
-def negative_sampler(reference: nn.Module, *, vae: var_vq.VarVQ | None = None, **kwargs):
-    """The sampler of ``reference``'s family for negatives (``vae``: re-encode, VAR only)."""
-    return _FAMILIES[families.family_of(reference)].sampler(reference, vae, **kwargs)
+def negative_sampler(reference: nn.Module, *, codec=None, **options):
+    """The reference family's sampler for negatives, eager (each call's batch differs);
+    ``codec``: decode and re-encode every sample with it (the ``retokenize`` capability)."""
+    if codec is not None:
+        options["retokenize"] = codec
+    return families.of(reference).sampler(reference, eager=True, **options)
 
 
 def check_negative_settings(method: MethodSection, model: nn.Module) -> None:
     """Refuse negative settings that ``model``'s family cannot sample, naming the key."""
-    family = _FAMILIES[families.family_of(model)]
-    refusal = family.refusal(method.negatives_temperature, method.negatives_retokenize)
-    if refusal is not None:
-        raise ValueError(refusal)
+    family = families.of(model)
+    if method.negatives_retokenize and "retokenize" not in family.capabilities:
+        raise ValueError(f"method.negatives_retokenize: {family.missing('retokenize')}; remove it")
+    try:
+        family.check_sampling(None, sampling_settings(method))
+    except ValueError as exc:  # its message starts with the setting's name
+        raise ValueError(f"method.negatives_{exc}") from None
 
 
-def retokenizer(config: TrainConfig, model: nn.Module) -> var_vq.VarVQ | None:
-    """The VQVAE that re-encodes the negatives (``method.negatives_retokenize``), else None."""
+def retokenizer(config: TrainConfig, model: nn.Module):
+    """The tokenizer that re-encodes the negatives (``method.negatives_retokenize``), else None.
+
+    The reference was loaded with the same tokenizer, which checked that they agree."""
     if not config.method.negatives_retokenize:
         return None
-    path = var_vae_file(config.model)
-    if path is None:
-        raise ValueError(
-            "method.negatives_retokenize needs the VQVAE (encoder and decoder) that decodes the "
-            "samples and re-encodes them: set model.vae (vae_ch160v4096z32.pth or the registry "
-            "name var-vae)"
-        )
-    # the reference was loaded with this VQVAE, which checked that their quantisers agree
-    return var_vq.load(path, patch_nums=model.config.patch_nums)
+    spec = spec_from_section(config.model)
+    return families.of(model).codec_for(spec, "method.negatives_retokenize")
 
 
 class OnlineNegatives:
     """Samples each micro-batch's negatives from the reference inside the training step."""
 
-    def __init__(
-        self, *, seed: int, round_index: int, sampling: dict, vae: var_vq.VarVQ | None = None
-    ):
+    def __init__(self, *, seed: int, round_index: int, sampling: dict, codec=None):
         self.seed, self.round_index, self.sampling = seed, round_index, sampling
-        self.vae = vae
+        self.codec = codec
         self._sampler = None
 
     def draw(self, reference: nn.Module, labels: Tensor, row_ids: Tensor) -> Tensor:
         """(K, N) tokens keyed by (seed, round, the micro-batch's first conditional row)."""
         if self._sampler is None:  # on CUDA: one bf16 copy of the reference, kept for the round
-            self._sampler = negative_sampler(reference, vae=self.vae)
+            self._sampler = negative_sampler(reference, codec=self.codec)
         sampler = self._sampler
         if labels.numel() == 0:
             return torch.empty(0, sampler.seq_len, dtype=torch.long, device=sampler.device)
@@ -282,17 +183,15 @@ def step_rows(
     return rows.astype(np.int64), all_labels[items][cond].astype(np.int64)
 
 
-def write_negatives(
-    reference: nn.Module, trainer: Trainer, vae: var_vq.VarVQ | None = None
-) -> Path:
+def write_negatives(reference: nn.Module, trainer: Trainer, codec=None) -> Path:
     """Sample every negative of ``trainer``'s round into ``<out>/negatives.safetensors``.
 
     ``reference`` must hold the round's reference weights; each process samples its steps, the
     main process joins them. An existing file for the same settings and steps is reused; a
-    resume with more steps samples only the new steps' negatives. ``vae``: re-encode (VAR).
+    resume with more steps samples only the new steps' negatives. ``codec``: re-encode.
     """
     config, out, steps = trainer.config, trainer.out, trainer.total_steps
-    manifest = _manifest(config, trainer, vae)
+    manifest = _manifest(config, trainer, codec)
     final = out / NEGATIVES_FILE
     if final.exists():
         meta = FileNegatives(final).meta
@@ -302,7 +201,7 @@ def write_negatives(
     _claim(folder, manifest, trainer.dist)
     labels = trainer.dataset.all_labels()
     started = time.perf_counter()
-    sampler = negative_sampler(reference, vae=vae, device=trainer.device, inplace=True)
+    sampler = negative_sampler(reference, codec=codec, device=trainer.device, inplace=True)
     for step in range(1 + trainer.dist.rank, steps + 1, trainer.dist.world_size):
         path = folder / f"step_{step:08d}.npz"
         if not path.exists():
@@ -335,7 +234,7 @@ def _sample_step(
     return {"tokens": tokens, "labels": labels, "rows": rows}
 
 
-def _manifest(config: TrainConfig, trainer: Trainer, vae: var_vq.VarVQ | None) -> dict:
+def _manifest(config: TrainConfig, trainer: Trainer, codec) -> dict:
     """What the negatives depend on, besides the number of steps."""
     method = config.method
     manifest = {
@@ -350,8 +249,8 @@ def _manifest(config: TrainConfig, trainer: Trainer, vae: var_vq.VarVQ | None) -
         "reference": repr(trainer.reference_fingerprint),
         "device": trainer.device.type,  # CPU and CUDA generators draw different streams
     }
-    if vae is not None:  # only then: manifests of earlier runs stay valid
-        manifest["retokenize_vae"] = f"{tensor_fingerprint(vae):.10g}"
+    if codec is not None:  # only then: manifests of earlier runs stay valid
+        manifest["retokenize_vae"] = f"{tensor_fingerprint(codec):.10g}"
     return manifest
 
 
@@ -386,7 +285,7 @@ def _join(
         "labels": torch.from_numpy(joined["labels"]),
         "rows": torch.from_numpy(joined["rows"]),
     }
-    grid, seq_len = _FAMILIES[families.family_of(reference)].grid(reference), reference.seq_len
+    grid, seq_len = families.of(reference).token_grid(reference), reference.seq_len
     meta = {
         "format": FLAT_FORMAT,
         "vocab_size": str(vocab),
@@ -412,19 +311,19 @@ def attach_negatives(trainer: Trainer) -> None:
         raise TypeError(f"a DDO round needs a DDOObjective, got {type(objective).__name__}")
     method = config.method
     check_negative_settings(method, trainer.model)
-    vae = retokenizer(config, trainer.model)
+    codec = retokenizer(config, trainer.model)
     if method.negatives == "online":
         objective.negatives = OnlineNegatives(
             seed=config.train.seed,
             round_index=method.round,
             sampling=sampling_settings(method),
-            vae=vae,
+            codec=codec,
         )
         return
     cuda = [trainer.device] if trainer.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # building the model draws; dropout must not see it
         reference = model_from_config(config.model)  # the init weights, unsharded, for sampling
-    objective.negatives = FileNegatives(write_negatives(reference, trainer, vae))
+    objective.negatives = FileNegatives(write_negatives(reference, trainer, codec))
 
 
 def round_config(config: TrainConfig, round_index: int, init: str, out: Path) -> TrainConfig:
@@ -439,13 +338,16 @@ def round_config(config: TrainConfig, round_index: int, init: str, out: Path) ->
     )
 
 
-def run_rounds(config: TrainConfig, *, resume: bool, callbacks: Sequence[Callback] = ()) -> None:
-    """Train ``method.rounds`` DDO rounds into ``checkpoint.out`` (see the module doc).
+def run_rounds(
+    config: TrainConfig, *, resume: bool, callbacks: Sequence = (), train_once: Callable
+) -> None:
+    """Train ``method.rounds`` DDO rounds into ``checkpoint.out`` (see the module doc), each
+    through ``train_once`` (``ccalign.train.run``'s, which attaches the negatives).
 
     The caller has claimed the output folder (``run_training`` does).
     """
     if config.method.rounds == 1:
-        train_once(config, resume=resume, callbacks=callbacks, prepare=attach_negatives)
+        train_once(config, resume=resume, callbacks=callbacks)
         return
     out, init = Path(config.checkpoint.out), config.model.init
     first = config.method.round
@@ -458,7 +360,7 @@ def run_rounds(config: TrainConfig, *, resume: bool, callbacks: Sequence[Callbac
             if not (folder / "final.safetensors").exists():
                 check_output_folder(folder, resume=resume, restart=False)
                 one = round_config(config, index, init, folder)
-                train_once(one, resume=resume, callbacks=callbacks, prepare=attach_negatives)
+                train_once(one, resume=resume, callbacks=callbacks)
             init = str(folder / "final.safetensors")
     finally:
         D.shutdown(dist)
@@ -473,3 +375,29 @@ def _device_type(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name).type
+
+
+def validate(config: TrainConfig) -> None:
+    """DDO's own keys: weights, rounds, and how its negatives are sampled."""
+    method = config.method
+    if method.negatives not in NEGATIVE_SOURCES:
+        raise ValueError(
+            f"method.negatives = {method.negatives!r} is not one of {list(NEGATIVE_SOURCES)}"
+        )
+    checks = (
+        ("method.alpha", method.alpha >= 0, ">= 0"),
+        ("method.rounds", method.rounds >= 1, ">= 1"),
+        ("method.round", method.round >= 1, ">= 1"),
+        ("method.negatives_batch", method.negatives_batch >= 1, ">= 1"),
+        ("method.negatives_temperature", method.negatives_temperature > 0, "> 0"),
+        ("method.negatives_top_k", method.negatives_top_k >= 0, ">= 0 (0: off)"),
+        ("method.negatives_top_p", 0 < method.negatives_top_p <= 1, "in (0, 1] (1: off)"),
+    )
+    for key, ok, wanted in checks:
+        if not ok:
+            raise ValueError(f"{key} must be {wanted}, got {getattr(method, key[7:])}")
+    if method.negatives == "online" and config.train.parallel == "fsdp":
+        raise ValueError(
+            "method.negatives = 'online' samples from the reference inside each step, which a "
+            "sharded (FSDP) reference cannot do; use method.negatives = 'file' with FSDP"
+        )

@@ -22,18 +22,18 @@ import torch
 from torch import Tensor, nn
 
 from ccalign.errors import UserError
+from ccalign.models import families
 
 ADAPTER = "default"
 LORA_METADATA_KEY = "ccalign.lora.config"
 _ADAPTER_PART = ".lora_"
 _BASE_PART = ".base_layer."
-#: linear layers LoRA cannot adapt: the chunked log-likelihood applies ``output.weight`` itself;
-#: a model adds its own in ``lora_not_adaptable`` (VAR: ``head`` and ``mat_qkv``, used by weight)
-_NOT_ADAPTABLE = ("output",)
 
 
 def add_adapters(model: nn.Module, section, seed: int) -> nn.Module:
-    """Inject LoRA adapters (A drawn from ``seed``, B = 0) into ``model``; returns the tuner."""
+    """Inject LoRA adapters (A drawn from ``seed``, B = 0) into ``model``; returns the tuner.
+
+    ``section.target_modules`` empty: the model family's default targets."""
     try:
         from peft import LoraConfig, LoraModel
     except ImportError as exc:
@@ -41,22 +41,24 @@ def add_adapters(model: nn.Module, section, seed: int) -> nn.Module:
             "method.lora needs the peft package: pip install peft (or ccalign[lora])"
         ) from exc
 
-    check_targets(model, section.target_modules)
+    family = families.of(model)
+    targets = list(section.target_modules) or list(family.lora_targets)
+    check_targets(model, targets, family.lora_excluded)
     config = LoraConfig(
         r=section.rank,
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
-        target_modules=list(section.target_modules),
+        target_modules=targets,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LoraModel(model, config, ADAPTER)
 
 
-def check_targets(model: nn.Module, targets: list[str]) -> None:
-    """Refuse a target that names no adaptable linear layer, listing the ones there are."""
+def check_targets(model: nn.Module, targets: list[str], excluded: tuple[str, ...] = ()) -> None:
+    """Refuse a target that names no adaptable linear layer, listing the ones there are;
+    ``excluded``: layers the model applies by weight (its family's ``lora_excluded``)."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    excluded = (*_NOT_ADAPTABLE, *getattr(model, "lora_not_adaptable", ()))
     allowed = [n for n in names if n.rsplit(".", 1)[-1] not in excluded]
     for target in targets:
         if not any(_matches(name, target) for name in allowed):

@@ -1,16 +1,12 @@
 """The memory plan of a training run, computed before anything is allocated.
 
 ``plan_memory`` counts, for the policy on one GPU: weights, gradients and optimizer state exactly
-from the parameters (a model built on the meta device), the frozen reference, the activations
-autograd saves for one micro-batch (an estimate from the model's config, with or without
-per-block activation checkpointing), a workspace for the largest transient (a chunk of logits in
-backward, one recomputed block, the reference's forward) and the largest micro-batch that fits a
-given GPU memory.
-
-Activation estimates are looked up by model class in ``ACTIVATION_ESTIMATES``: a model family
-registers a function ``(model, rows, dtypes, checkpointing) -> Activations`` (LlamaGen's and
-VAR's are here). ``saved_activation_bytes`` measures the same quantity on a real
-(small) model, which is how the LlamaGen estimate is tested.
+from the parameters (a model built on the meta device, LoRA adapters included), the frozen
+reference copy when the method holds one, the activations autograd saves for one micro-batch (the
+model family's estimate, with or without per-block activation checkpointing, for the rows the
+method sends through the policy), a workspace for the largest transient and the largest
+micro-batch that fits a given GPU memory. ``saved_activation_bytes`` measures the activations on
+a real (small) model, which is how each family's estimate is tested.
 """
 
 from __future__ import annotations
@@ -20,49 +16,35 @@ import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ccalign.models.llamagen import LlamaGen
-from ccalign.models.var import VAR
+from ccalign.models import families
+from ccalign.models.family import Activations, Dtypes
+
+if TYPE_CHECKING:
+    from ccalign.train.config import TrainConfig
 
 GIB = 2**30
 #: share of the GPU kept free for the CUDA context, cuBLAS workspaces and allocator fragmentation
 HEADROOM = 0.08
-#: positions per chunk of the vocabulary projection (LlamaGen.forward's default)
-LOGIT_CHUNK = 4096
-#: bytes of the CPU generator state that each checkpointed call keeps to replay its dropout
-RNG_STATE = 5056
 OPTIMIZERS = ("adamw", "adamw8bit")
-_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
+__all__ = ["Activations", "Dtypes", "MemoryPlan", "Workload", "plan_memory", "plan_from_config"]
 
 
 @dataclass(frozen=True)
-class Dtypes:
-    """Storage of weights and reference, whether the forward runs in bf16, where masks live."""
+class Workload:
+    """What a method sends through the model per item, and LoRA's adapters, for the plan."""
 
-    weights: torch.dtype = torch.float32
-    reference: torch.dtype = torch.float32
-    autocast: bool = True  # bf16 autocast of the matrix products
-    device_type: str = "cuda"  # dropout masks: bool (1 byte) on CUDA, the tensor's dtype on CPU
-
-    @property
-    def compute_bytes(self) -> int:
-        """Bytes per element of the matrix products' outputs."""
-        return 2 if self.autocast or self.weights != torch.float32 else 4
-
-    def mask_bytes(self, tensor_bytes: int) -> int:
-        return 1 if self.device_type == "cuda" else tensor_bytes
-
-
-@dataclass(frozen=True)
-class Activations:
-    """What one micro-batch adds: ``saved`` for backward, ``workspace`` for the peak transient."""
-
-    saved: int
-    workspace: int
+    policy_rows: float = 2.0  # sequences with gradient (CCA: true and mismatched label)
+    nograd_rows: float = 2.0  # sequences through a forward without gradient
+    reference_copy: bool = True  # a frozen copy of the policy's weights
+    held_hidden: bool = False  # the no-gradient pass's hidden states live through backward (GFT)
+    lora_rank: int = 0  # LoRA adapters' rank (0: none; then only they train)
+    lora_dropout: bool = False
 
 
 @dataclass
@@ -72,20 +54,21 @@ class MemoryPlan:
     model: str
     parameters: int
     micro_batch: int
-    rows: int  # sequences through the policy per micro-batch (2 per image for alignment)
+    rows: int  # sequences through the policy with gradient per micro-batch (2 per image: CCA)
     seq_len: int
     weights: int
     gradients: int
     optimizer: int
     reference: int
     autocast_copies: int  # bf16 copies of float32 matrix weights held by autocast in forward
-    activations: int
+    activations: int  # saved for backward (the held hidden states of GFT and LoRA's included)
     activations_other: int  # the same micro-batch with activation checkpointing flipped
     workspace: int
     activation_checkpointing: bool
     optimizer_name: str
     weights_dtype: str
     reference_dtype: str
+    trainable: int = 0  # parameters that train (all, or LoRA's adapters)
     device_type: str = "cuda"
     gpu_memory: int | None = None
     max_micro_batch: int | None = None
@@ -108,8 +91,11 @@ class MemoryPlan:
     def table(self) -> str:
         """The plan as lines of text (GiB), ready to print."""
         ac = "on" if self.activation_checkpointing else "off"
+        trains = (
+            "" if self.trainable == self.parameters else f" ({self.trainable:,} trainable: LoRA)"
+        )
         lines = [
-            f"memory plan: {self.model}, {self.parameters:,} parameters, micro-batch "
+            f"memory plan: {self.model}, {self.parameters:,} parameters{trains}, micro-batch "
             f"{self.micro_batch} ({self.rows} sequences x {self.seq_len} tokens), weights "
             f"{self.weights_dtype}, reference {self.reference_dtype}, {self.optimizer_name}, "
             f"activation checkpointing {ac}",
@@ -147,13 +133,14 @@ def _line(label: str, value: int | None) -> str:
 # ---- exact counts ----
 def parameter_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of the floating-point parameters stored in ``dtype``."""
-    return sum(p.numel() * _BYTES[dtype] for p in model.parameters() if p.is_floating_point())
+    return sum(p.numel() * dtype.itemsize for p in model.parameters() if p.is_floating_point())
 
 
 def optimizer_state_bytes(params: Iterable[Tensor], optimizer: str, weights: torch.dtype) -> int:
     """Bytes of the optimizer state on the parameters' device, as the trainer's optimizer keeps it.
 
-    adamw, float32 weights: torch AdamW, float32 moments plus a float32 step per tensor.
+    adamw, float32 (float64) weights: torch AdamW, two moments in the weights' dtype plus a
+    float32 step per tensor.
     adamw, bf16 weights: ``CompensatedAdamW``, float32 moments and a bf16 remainder, its
     step a Python int. adamw8bit (torchao ``AdamW8bit``,
     block 256): tensors of at least 4096 values that divide into blocks get uint8 codes, a
@@ -167,77 +154,12 @@ def optimizer_state_bytes(params: Iterable[Tensor], optimizer: str, weights: tor
         n = p.numel()
         if optimizer == "adamw8bit":
             quantized = n >= 4096 and n % 256 == 0
-            total += 2 * (n + 4 * (n // 256) + 4 * 256) if quantized else 2 * n * _BYTES[weights]
-        elif weights == torch.float32:
-            total += 8 * n + 4
+            total += 2 * (n + 4 * (n // 256) + 4 * 256) if quantized else 2 * n * weights.itemsize
+        elif weights.itemsize >= 4:
+            total += 2 * n * weights.itemsize + 4
         else:
             total += 8 * n + 2 * n
     return total
-
-
-# ---- activations ----
-def llamagen_activations(
-    model: LlamaGen, rows: int, dtypes: Dtypes, checkpointing: bool
-) -> Activations:
-    """Saved tensors of one teacher-forced forward of ``rows`` sequences, and the workspace.
-
-    Per token and block (D dim, F FFN width, H heads; r residual bytes = weight bytes, c compute
-    bytes): each RMSNorm keeps its float32 input, the normalised value (r), its output as the
-    next product's input (c) and a float32 rsqrt; attention keeps q, k (c each), the whole qkv
-    output (3c: v is a view of it), its output (c) and a float32 log-sum-exp per head; the FFN
-    keeps w1 x, w3 x, silu(w1 x) and their product (4 x F x c) and, under autocast of float32
-    weights, a second bf16 cast of its input; dropout keeps a mask per dropped tensor. Outside
-    the blocks: labels and tokens, the token-dropout mask, the final norm, and the generator
-    state of each checkpointed call (the logit chunks). With checkpointing a block keeps only
-    its input (r) and one block is recomputed at a time.
-    """
-    cfg = model.config
-    dim, ffn, heads, seq = cfg.dim, cfg.ffn_hidden, cfg.n_head, cfg.seq_len
-    r, c = _BYTES[dtypes.weights], dtypes.compute_bytes
-    dropout = model.training
-    resid_mask = dtypes.mask_bytes(c) if dropout and cfg.resid_dropout > 0 else 0
-    ffn_mask = dtypes.mask_bytes(c) if dropout and cfg.ffn_dropout > 0 else 0
-    token_mask = dtypes.mask_bytes(r) if dropout and cfg.token_dropout > 0 else 0
-    norm = (4 + r + c) * dim + 4
-    ffn_input_cast = c * dim if r != c else 0  # autocast casts the FFN input for w1 and for w3
-    block = (
-        2 * norm
-        + 6 * c * dim
-        + 4 * heads
-        + (resid_mask + ffn_mask) * dim
-        + 4 * c * ffn
-        + ffn_input_cast
-    )
-    outside = token_mask * dim + (4 + 2 * r) * dim + 4 + 8  # + int64 token
-    per_layer = r * dim if checkpointing else block
-    tokens = rows * seq
-    chunk = min(LOGIT_CHUNK, tokens)
-    checkpoints = -(-tokens // chunk) + (cfg.n_layer if checkpointing else 0)
-    saved = tokens * (cfg.n_layer * per_layer + outside) + 8 * rows + RNG_STATE * checkpoints
-    logits = chunk * cfg.vocab_size * (2 * c + 12)  # recomputed chunk: products, fp32, grads
-    block_transient = tokens * c * (3 * ffn + 3 * dim)  # gradients of a block's intermediates
-    recompute = tokens * block if checkpointing else 0
-    reference = tokens * c * (4 * ffn + 3 * dim)  # the reference's forward, one block at a time
-    return Activations(saved, max(logits, block_transient + recompute, reference))
-
-
-#: model class -> activation estimate; other families add theirs with ``register`` (VAR: below)
-ACTIVATION_ESTIMATES: dict[type, Callable[..., Activations]] = {LlamaGen: llamagen_activations}
-
-
-def register(model_class: type, estimate: Callable[..., Activations]) -> None:
-    """Teach ``plan_memory`` the activations of another model family."""
-    ACTIVATION_ESTIMATES[model_class] = estimate
-
-
-def _estimate(model: nn.Module) -> Callable[..., Activations]:
-    for cls, estimate in ACTIVATION_ESTIMATES.items():
-        if isinstance(model, cls):
-            return estimate
-    raise ValueError(
-        f"no activation estimate for {type(model).__name__}: register one with "
-        "ccalign.train.memory.register(model_class, estimate)"
-    )
 
 
 # ---- the plan ----
@@ -248,29 +170,36 @@ def plan_memory(
     dtypes: Dtypes,
     optimizer: str = "adamw",
     activation_checkpointing: bool = False,
-    alignment: bool = True,
+    workload: Workload = Workload(),
     gpu_memory: int | None = None,
     name: str | None = None,
 ) -> MemoryPlan:
     """The plan for ``model`` (any device, meta included); see the module doc."""
-    plan = _plan(model, micro_batch, dtypes, optimizer, activation_checkpointing, alignment)
+    estimate = families.of(model).activations
+    plan = _plan(model, estimate, micro_batch, dtypes, optimizer, activation_checkpointing,
+                 workload)
     plan.model = name or plan.model
     if gpu_memory is not None:
         plan.gpu_memory = gpu_memory
         plan.max_micro_batch = largest_micro_batch(
-            model, dtypes, optimizer, activation_checkpointing, alignment, gpu_memory
+            model, dtypes, optimizer, activation_checkpointing, workload, gpu_memory
         )
     return plan
 
 
-def _plan(model, micro_batch, dtypes, optimizer, checkpointing, alignment) -> MemoryPlan:
+def _plan(model, estimate, micro_batch, dtypes, optimizer, checkpointing, workload) -> MemoryPlan:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    rows = micro_batch * (2 if alignment else 1)
-    estimate = _estimate(model)
+    rows = max(1, round(micro_batch * workload.policy_rows))
+    nograd = round(micro_batch * workload.nograd_rows)
     acts = estimate(model, rows, dtypes, checkpointing)
     other = estimate(model, rows, dtypes, not checkpointing)
+    extra = _extra_saved(model, rows, nograd, dtypes, workload)
     fp32_autocast = dtypes.autocast and dtypes.weights == torch.float32
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    linear = sum(
+        m.weight.numel() for m in model.modules()
+        if isinstance(m, nn.Linear) and m.weight.requires_grad
+    )
+    copy = workload.reference_copy and not workload.lora_rank
     return MemoryPlan(
         model=type(model).__name__,
         parameters=sum(p.numel() for p in model.parameters()),
@@ -278,34 +207,67 @@ def _plan(model, micro_batch, dtypes, optimizer, checkpointing, alignment) -> Me
         rows=rows,
         seq_len=model.seq_len,
         weights=parameter_bytes(model, dtypes.weights),
-        gradients=sum(p.numel() * _BYTES[dtypes.weights] for p in trainable),
+        gradients=sum(p.numel() * dtypes.weights.itemsize for p in trainable),
         optimizer=optimizer_state_bytes(trainable, optimizer, dtypes.weights),
-        reference=parameter_bytes(model, dtypes.reference) if alignment else 0,
+        reference=parameter_bytes(model, dtypes.reference) if copy else 0,
         autocast_copies=2 * linear if fp32_autocast else 0,
-        activations=acts.saved,
-        activations_other=other.saved,
+        activations=acts.saved + extra,
+        activations_other=other.saved + extra,
         workspace=acts.workspace,
         activation_checkpointing=checkpointing,
         optimizer_name=optimizer,
         weights_dtype=_NAMES[dtypes.weights],
-        reference_dtype=_NAMES[dtypes.reference],
+        reference_dtype=_NAMES[dtypes.reference] if copy else "none (not held)",
+        trainable=sum(p.numel() for p in trainable),
         device_type=dtypes.device_type,
     )
 
 
-_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+def _extra_saved(model, rows: int, nograd: int, dtypes: Dtypes, workload: Workload) -> int:
+    """Saved bytes beyond the family's estimate: GFT's held hidden states (the no-gradient
+    pass's, kept for the mixed logits) and LoRA's rank-wide products (and dropped inputs)."""
+    extra = 0
+    if workload.held_hidden:
+        extra += nograd * model.seq_len * _width(model) * dtypes.weight_bytes
+    if workload.lora_rank:
+        c = dtypes.compute_bytes
+        for module in _adapted_linears(model):
+            per_token = workload.lora_rank * c
+            if workload.lora_dropout:
+                per_token += module.in_features * c + dtypes.mask_bytes(c) * module.in_features
+            extra += rows * model.seq_len * per_token
+    return extra
+
+
+def _width(model: nn.Module) -> int:
+    """Width of the final hidden states: the input width of the output head (the linear layer
+    onto the vocabulary)."""
+    heads = [m for m in model.modules()
+             if isinstance(m, nn.Linear) and m.out_features == model.vocab_size]
+    return heads[-1].in_features
+
+
+def _adapted_linears(model: nn.Module) -> list[nn.Linear]:
+    """The base layers that carry LoRA adapters (peft keeps them as ``base_layer``)."""
+    return [
+        m.base_layer for m in model.modules()
+        if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None), nn.Linear)
+    ]
 
 
 def largest_micro_batch(
-    model, dtypes, optimizer, checkpointing, alignment, gpu_memory: int, limit: int = 4096
+    model, dtypes, optimizer, checkpointing, workload: Workload, gpu_memory: int,
+    limit: int = 4096,
 ) -> int:
     """The largest micro-batch whose plan fits ``gpu_memory`` less the headroom (0: none)."""
     usable = gpu_memory * (1 - HEADROOM)
+    estimate = families.of(model).activations
 
     def fits(batch: int) -> bool:
-        return _plan(model, batch, dtypes, optimizer, checkpointing, alignment).total <= usable
+        plan = _plan(model, estimate, batch, dtypes, optimizer, checkpointing, workload)
+        return plan.total <= usable
 
-    smallest = 2 if alignment else 1
+    smallest = 2 if workload.policy_rows >= 2 and workload.reference_copy else 1
     if not fits(smallest):
         return 0
     low, high = smallest, limit
@@ -315,17 +277,27 @@ def largest_micro_batch(
     return low
 
 
-def plan_from_config(config, gpu_memory: int | None = None) -> MemoryPlan:
+def plan_from_config(config: TrainConfig, gpu_memory: int | None = None) -> MemoryPlan:
     """The plan of the run ``config`` describes, on one process (no FSDP sharding counted).
 
     The model is built on the meta device: nothing is allocated and no weights are read (a
-    ccalign ``model.init`` file is opened for its recorded architecture only). ``gpu_memory``
-    defaults to the first visible GPU's, when there is one.
+    ccalign ``model.init`` file is opened for its recorded architecture only). The method says
+    what goes through it (``Method.workload``); LoRA adapters are added as the trainer adds them.
+    ``gpu_memory`` defaults to the first visible GPU's, when there is one.
     """
+    from ccalign.train import lora, methods
+    from ccalign.train.build import spec_from_section
     from ccalign.train.precision import WEIGHT_DTYPES, reference_dtype
 
-    train = config.train
-    model = _meta_model(config.model)
+    train, method = config.train, methods.get(config.method.name)
+    spec = spec_from_section(config.model, method)
+    family = families.identify(spec)
+    families.check_options(family, spec)
+    adapters = config.method.lora
+    with torch.device("meta"):
+        model = family.model_class(family.config_for(spec))
+        if adapters.enabled:
+            lora.add_adapters(model, adapters, seed=0)
     model.train(config.method.dropout != "none")
     on_cpu = train.device == "cpu" or (train.device == "auto" and not torch.cuda.is_available())
     autocast = train.precision == "bf16" or (train.precision == "auto" and not on_cpu)
@@ -343,55 +315,17 @@ def plan_from_config(config, gpu_memory: int | None = None) -> MemoryPlan:
         dtypes=dtypes,
         optimizer=config.optim.optimizer,
         activation_checkpointing=train.activation_checkpointing,
-        alignment=config.method.name != "mle",
+        workload=Workload(
+            policy_rows=method.policy_rows(config.method),
+            nograd_rows=method.nograd_rows(config.method),
+            reference_copy=method.reference_copy,
+            held_hidden=method.held_hidden,
+            lora_rank=adapters.rank if adapters.enabled else 0,
+            lora_dropout=adapters.enabled and adapters.dropout > 0,
+        ),
         gpu_memory=gpu_memory,
-        name=_plan_name(config.model.name, model),
+        name=f"{config.model.name} {family.describe(model)}",
     )
-
-
-def _plan_name(name: str, model: nn.Module) -> str:
-    """The plan's model label: the preset, with LlamaGen's grid or VAR's sequence length."""
-    grid = getattr(model.config, "grid", None)
-    return f"{name} grid {grid}" if grid is not None else f"{name} ({model.seq_len} tokens)"
-
-
-def _meta_model(section) -> nn.Module:
-    """The model ``section`` describes, on the meta device, without reading any weights."""
-    from ccalign.train.run import config_family
-
-    return META_MODELS[config_family(section)](section)
-
-
-def _meta_llamagen(section) -> LlamaGen:
-    from ccalign.models import llamagen
-
-    recorded = None
-    if section.init is not None and Path(section.init).is_file():
-        recorded = llamagen.config_from_file(section.init)
-    with torch.device("meta"):
-        if recorded is not None:
-            return LlamaGen(llamagen.LlamaGenConfig(**{**recorded.to_dict(), **section.arch}))
-        return llamagen.build(section.name, grid=section.grid, **section.arch)
-
-
-def _meta_var(section) -> VAR:
-    """A ccalign VAR file's recorded config, else the registry's or the config's preset."""
-    from ccalign import hub
-    from ccalign.models import var
-
-    recorded = None
-    if section.init is not None and Path(section.init).is_file():
-        recorded = var.config_from_file(section.init)
-    release = hub.find(section.init) if section.init is not None else None
-    name = release.preset if release is not None and release.preset else section.name
-    with torch.device("meta"):
-        if recorded is not None:
-            return VAR(var.VARConfig(**{**recorded.to_dict(), **section.arch}))
-        return var.build(name, **section.arch)
-
-
-#: family -> the meta-device model of a config's model section
-META_MODELS = {"llamagen": _meta_llamagen, "var": _meta_var}
 
 
 def parse_memory(text: str) -> int:
@@ -436,52 +370,3 @@ def _live_tensors() -> list[Tensor]:
 
 def _storage_key(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
-
-
-# ---- VAR ----
-def var_activations(model: VAR, rows: int, dtypes: Dtypes, checkpointing: bool) -> Activations:
-    """Saved tensors of one teacher-forced VAR forward of ``rows`` sequences, and the workspace.
-
-    VAR runs its blocks in the compute dtype (c bytes: 2 under autocast or with bf16 weights,
-    else 4), residual stream included. Per token and block (D dim, H heads): 23 D-wide tensors
-    (LayerNorm inputs and outputs, AdaLN-modulated inputs, qkv, the unit q and k and the scaled
-    q, attention output and its reshaped copy, the gated branches, the 4D GELU input and
-    output), two float32 LayerNorm statistics pairs c-sized, and per head the float32
-    log-sum-exp and four c-sized norms of q and k; per row and block the AdaLN projection (6D),
-    its SiLU input and the two (1 + scale) tensors (9D), and a c-sized stochastic-depth mask per
-    branch when the block's drop-path rate is > 0. Outside the blocks: the head's float32
-    hidden states (input, normalised, modulated: 12 bytes x D per token, + float32 statistics
-    and the int64 token), the teacher-forcing input (vae_dim wide, weight dtype), the class
-    embedding and its copies, the block-causal mask (L x L, c bytes, shared by all rows) and the
-    levels, and the generator state of each checkpointed logit chunk. With checkpointing a block
-    keeps its input (c) and a generator state. Fitted exactly (to the byte) against
-    ``saved_activation_bytes`` on small models, see tests/test_var_train.py.
-    """
-    cfg = model.config
-    dim, heads, seq, depth = cfg.dim, cfg.n_head, cfg.seq_len, cfg.depth
-    r = _BYTES[dtypes.weights]
-    c = 2 if dtypes.autocast or r == 2 else 4
-    tokens = rows * seq
-    dropping = sum(1 for block in model.blocks if block.drop_path.p > 0) if model.training else 0
-    block = tokens * (23 * c * dim + (4 + 4 * c) * heads + 4 * c) + 9 * c * rows * dim + c * heads
-    blocks = (tokens * c * dim + RNG_STATE) * depth if checkpointing else block * depth
-    blocks += 0 if checkpointing else 2 * c * rows * dropping
-    chunk = min(LOGIT_CHUNK, tokens)
-    cond = r + (c if c != r else 0) + 2 * c  # class embedding, its compute-dtype copy, the head's
-    outside = (
-        tokens * (12 * dim + 16)
-        + rows * (cond * dim + 8)
-        + rows * (seq - cfg.first_len) * cfg.vae_dim * r
-        + c * seq * seq
-        + 8 * seq
-        + RNG_STATE * -(-tokens // chunk)
-    )
-    ffn = cfg.ffn_hidden
-    logits = chunk * cfg.vocab_size * (2 * c + 12)  # recomputed chunk: products, fp32, grads
-    block_transient = tokens * c * (3 * ffn + 3 * dim)  # gradients of a block's intermediates
-    recompute = block if checkpointing else 0
-    reference = tokens * c * (4 * ffn + 3 * dim)  # the reference's forward, one block at a time
-    return Activations(blocks + outside, max(logits, block_transient + recompute, reference))
-
-
-register(VAR, var_activations)

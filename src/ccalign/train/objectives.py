@@ -14,19 +14,22 @@ keep only their data term, so no sample is drawn for them.
 ``row_mask`` is decided by the trainer from (seed, step, global sample position), so the same
 sample gets the same draw whatever the number of processes or micro-steps; objectives with
 ``needs_row_ids`` also get those global positions (``row_ids``), which key DDO's negatives.
+Conditions go through the model family's condition kind (``ccalign.conditions``): class labels
+today, caption features with the same code.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ccalign.align import alignment_loss, ddo_loss, make_pairs
-from ccalign.models.llamagen import LogitMix
+from ccalign.align import alignment_loss, contrast_pairs, ddo_loss, gft_token_logprobs
+from ccalign.conditions import ConditionKind
+from ccalign.models.family import LogitMix
 
 
 @dataclass
@@ -51,11 +54,12 @@ class Objective(ABC):
         self,
         policy: nn.Module,
         reference: nn.Module | None,
-        labels: Tensor,
+        labels: Any,
         tokens: Tensor,
         row_mask: Tensor,
     ) -> ObjectiveOutput:
-        """Loss of one micro-batch; ``row_mask`` (B,) bool marks rows given the null class."""
+        """Loss of one micro-batch (``labels``: its conditions); ``row_mask`` (B,) bool marks
+        rows given the null condition."""
 
 
 class AlignmentObjective(Objective):
@@ -63,21 +67,20 @@ class AlignmentObjective(Objective):
 
     needs_reference = True
 
-    def __init__(self, name: str, *, null_class: int, beta: float, lam: float, uncond_ratio: float):
-        if name not in ("cca", "dpo", "unlearning"):
-            raise ValueError(f"unknown alignment loss {name!r}; choose cca, dpo or unlearning")
-        self.name, self.null_class, self.beta, self.lam = name, null_class, beta, lam
+    def __init__(
+        self, name: str, *, condition: ConditionKind, beta: float, lam: float, uncond_ratio: float
+    ):
+        self.name, self.condition, self.beta, self.lam = name, condition, beta, lam
         self.row_mask_ratio = uncond_ratio
 
     def __call__(self, policy, reference, labels, tokens, row_mask) -> ObjectiveOutput:
-        pairs = make_pairs(
-            labels, null_class=self.null_class, uncond_ratio=self.row_mask_ratio, mask=row_mask
-        )
-        both_labels = torch.cat([pairs.pos_labels, pairs.neg_labels])
+        kind = self.condition
+        pairs = contrast_pairs(kind, labels, row_mask.to(tokens.device))
+        both_labels = kind.cat([pairs.pos_labels, pairs.neg_labels])
         both_tokens = torch.cat([tokens, tokens])
-        policy_pos, policy_neg = policy(both_labels, both_tokens).float().chunk(2)
+        policy_pos, policy_neg = precise(policy(both_labels, both_tokens)).chunk(2)
         with torch.no_grad():
-            ref_pos, ref_neg = reference(both_labels, both_tokens).float().chunk(2)
+            ref_pos, ref_neg = precise(reference(both_labels, both_tokens)).chunk(2)
         out = alignment_loss(
             self.name,
             policy_pos,
@@ -95,7 +98,7 @@ class AlignmentObjective(Objective):
 class NegativeSource(Protocol):
     """Where DDO's negatives come from: one reference sample per (label, global row)."""
 
-    def draw(self, reference: nn.Module, labels: Tensor, row_ids: Tensor) -> Tensor:
+    def draw(self, reference: nn.Module, labels: Any, row_ids: Tensor) -> Tensor:
         """Tokens (K, N) int64 of the reference's samples for ``labels`` at rows ``row_ids``."""
 
 
@@ -108,30 +111,32 @@ class DDOObjective(Objective):
     def __init__(
         self,
         *,
-        null_class: int,
+        condition: ConditionKind,
         beta: float,
         alpha: float,
         uncond_ratio: float,
         negatives: NegativeSource | None = None,
     ):
-        self.null_class, self.beta, self.alpha = null_class, beta, alpha
+        self.condition, self.beta, self.alpha = condition, beta, alpha
         self.row_mask_ratio = uncond_ratio
         self.negatives = negatives  # set before training (ccalign.train.ddo does)
 
     def __call__(self, policy, reference, labels, tokens, row_mask, row_ids) -> ObjectiveOutput:
         if self.negatives is None:
             raise RuntimeError("DDOObjective.negatives is not set: give it a negative source")
-        row_mask = row_mask.to(labels.device)
+        kind = self.condition
+        row_mask = row_mask.to(tokens.device)
         cond = ~row_mask
+        kept = kind.take(labels, cond)
         with torch.no_grad():
-            fakes = self.negatives.draw(reference, labels[cond], row_ids[cond.cpu()])
-        real_labels = torch.where(row_mask, self.null_class, labels)
-        all_labels = torch.cat([real_labels, labels[cond]])
+            fakes = self.negatives.draw(reference, kept, row_ids[cond.cpu()])
+        real_labels = kind.where(row_mask, kind.null_like(labels), labels)
+        all_labels = kind.cat([real_labels, kept])
         all_tokens = torch.cat([tokens, fakes.to(tokens.device)])
-        batch = labels.shape[0]
-        policy_all = policy(all_labels, all_tokens).float()
+        batch = tokens.shape[0]
+        policy_all = precise(policy(all_labels, all_tokens))
         with torch.no_grad():
-            ref_all = reference(all_labels, all_tokens).float()
+            ref_all = precise(reference(all_labels, all_tokens))
         out = ddo_loss(
             policy_all[:batch],
             _spread(policy_all[batch:], cond),
@@ -153,13 +158,14 @@ def _spread(values: Tensor, rows: Tensor) -> Tensor:
 class MLEObjective(Objective):
     """Next-token negative log-likelihood per token, with class dropout to the null class."""
 
-    def __init__(self, *, null_class: int, class_dropout: float):
-        self.null_class = null_class
+    def __init__(self, *, condition: ConditionKind, class_dropout: float):
+        self.condition = condition
         self.row_mask_ratio = class_dropout
 
     def __call__(self, policy, reference, labels, tokens, row_mask) -> ObjectiveOutput:
-        labels = torch.where(row_mask.to(labels.device), self.null_class, labels)
-        nll = -policy(labels, tokens).float() / tokens.shape[1]
+        kind = self.condition
+        labels = kind.where(row_mask.to(tokens.device), kind.null_like(labels), labels)
+        nll = -precise(policy(labels, tokens)) / tokens.shape[1]
         loss = nll.mean()
         return ObjectiveOutput(loss, {"nll_per_token": loss.detach()})
 
@@ -177,15 +183,16 @@ class GFTObjective(Objective):
 
     row_draws = True
 
-    def __init__(self, *, null_class: int, class_dropout: float):
-        self.null_class = null_class
+    def __init__(self, *, condition: ConditionKind, class_dropout: float):
+        self.condition = condition
         self.row_mask_ratio = class_dropout
 
     def __call__(
         self, policy, reference, labels, tokens, row_mask, row_draws: Tensor
     ) -> ObjectiveOutput:
+        kind = self.condition
         beta = row_draws.float()
-        null = torch.full_like(labels, self.null_class)
+        null = kind.null_like(labels)
         was_training = policy.training
         policy.eval()
         try:
@@ -193,30 +200,13 @@ class GFTObjective(Objective):
                 uncond_hidden = policy(null, tokens, beta=1.0, hidden=True)
         finally:
             policy.train(was_training)
-        labels = torch.where(row_mask.to(labels.device), self.null_class, labels)
-        mix = LogitMix(weight=beta, other_hidden=uncond_hidden)
-        nll = -policy(labels, tokens, beta=beta, mix=mix).float() / tokens.shape[1]
+        labels = kind.where(row_mask.to(tokens.device), null, labels)
+        mix = LogitMix(weight=beta, other_hidden=uncond_hidden, combine=gft_token_logprobs)
+        nll = -precise(policy(labels, tokens, beta=beta, mix=mix)) / tokens.shape[1]
         loss = nll.mean()
         return ObjectiveOutput(loss, {"nll_per_token": loss.detach(), "beta": beta.mean()})
 
 
-def make_objective(method, *, null_class: int) -> Objective:
-    """The objective a ``MethodSection`` describes."""
-    if method.name == "mle":
-        return MLEObjective(null_class=null_class, class_dropout=method.class_dropout)
-    if method.name == "gft":
-        return GFTObjective(null_class=null_class, class_dropout=method.class_dropout)
-    if method.name == "ddo":
-        return DDOObjective(
-            null_class=null_class,
-            beta=method.beta,
-            alpha=method.alpha,
-            uncond_ratio=method.uncond_ratio,
-        )
-    return AlignmentObjective(
-        method.name,
-        null_class=null_class,
-        beta=method.beta,
-        lam=method.lam,
-        uncond_ratio=method.uncond_ratio,
-    )
+def precise(values: Tensor) -> Tensor:
+    """Log-likelihoods in float32 at least (float64 ones stay float64: an fp64 run's)."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))

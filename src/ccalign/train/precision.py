@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 ROUNDINGS = ("compensated", "stochastic", "nearest")
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:

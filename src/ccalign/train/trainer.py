@@ -44,10 +44,11 @@ from torch.utils.data import DataLoader, Dataset
 from ccalign.errors import UserError
 from ccalign.io import atomic_write
 from ccalign.models import families
+from ccalign.models.family import keep_float64
 from ccalign.train import distributed as D
-from ccalign.train import lora, precision, sharded, sharding
+from ccalign.train import lora, methods, precision, sharded, sharding
 from ccalign.train.config import TrainConfig, config_changes, resumable_change
-from ccalign.train.objectives import Objective, make_objective
+from ccalign.train.objectives import Objective
 from ccalign.train.optim import EMA, make_optimizer, make_schedule
 from ccalign.train.state import (
     capture_rng,
@@ -61,8 +62,6 @@ from ccalign.train.state import (
     tensor_fingerprint,
 )
 
-#: file suffix of each family's official layout (LlamaGen's {"model": sd} .pt, VAR's raw .pth)
-OFFICIAL_SUFFIX = {"llamagen": ".pt", "var": ".pth"}
 MicroBatch = tuple[Tensor, Tensor]  # (tokens (M, N) int64, labels (M,) int64)
 Callback = Callable[["Trainer", dict], None]
 
@@ -88,7 +87,10 @@ class Trainer:
         wanted = train.device if train.device != "auto" else _auto_device_type()
         self.dist = D.init_from_env(torch.device(wanted).type)
         self.device = D.resolve_device(train.device, self.dist)
-        self.objective = objective or make_objective(config.method, null_class=model.null_class)
+        self.family = families.of(model)
+        self.condition = self.family.condition(model)
+        method = methods.get(config.method.name)
+        self.objective = objective or method.objective(config.method, self.condition)
         self.seq_len = model.seq_len
         self.fsdp = self.dist.distributed and train.parallel == "fsdp"
         self.sharded_saves = sharded.use_sharded(config.checkpoint.format, self.fsdp)
@@ -223,7 +225,7 @@ class Trainer:
                     f"cannot resume from {path}: it was trained with {key} {saved[key]}, this run "
                     f"has {value}; resume with the same data and batch or start a new --out"
                 )
-        changes = config_changes(state["config"], self.config.to_dict())
+        changes = config_changes(self._effective(state["config"]), self._effective(self.config))
         method = self.config.method.name
         refused = {k: v for k, v in changes.items() if not resumable_change(k, method)}
         if refused:
@@ -240,6 +242,17 @@ class Trainer:
                     "the run started from; pass the same --init checkpoint"
                 )
         return changes
+
+    def _effective(self, config: TrainConfig | dict) -> dict:
+        """A config as a dict with LoRA's default targets spelled out (the family's), so a run
+        recorded either way compares equal."""
+        record = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+        lora_section = record.get("method", {}).get("lora")
+        if lora_section is not None and not lora_section.get("target_modules"):
+            method = {**record["method"], "lora": {**lora_section,
+                      "target_modules": list(self.family.lora_targets)}}
+            record = {**record, "method": method}
+        return record
 
     # ---- the loop ----
     def fit(self) -> nn.Module:
@@ -316,7 +329,7 @@ class Trainer:
                     out = self.objective(
                         self.policy,
                         self.reference,
-                        labels.to(self.device, non_blocking=True),
+                        self.condition.to(labels, self.device),
                         tokens.to(self.device, non_blocking=True),
                         masks[rows].to(self.device),
                         **extra,
@@ -531,15 +544,16 @@ class Trainer:
         )
         for name, state in outputs.items():
             model = self._plain_copy(state)
-            families.save(model, self.out / f"{name}.safetensors")
+            self.family.save(model, self.out / f"{name}.safetensors")
             if self.config.model.save_official:
-                suffix = OFFICIAL_SUFFIX[families.family_of(model)]
-                families.save(model, self.out / f"{name}{suffix}", official=True)
+                suffix = self.family.official_suffix
+                self.family.save(model, self.out / f"{name}{suffix}", official=True)
         if self.lora is not None:
             lora.save_adapters(self.lora, self.out / "final_lora.safetensors")
 
     def _plain_copy(self, state: dict[str, Tensor]) -> nn.Module:
-        """An unsharded CPU model holding ``state`` (cast to its dtypes), for saving only.
+        """An unsharded CPU model holding ``state`` (cast to its float32 parameters; float64
+        weights stay float64), for saving only.
 
         Built on the meta device and materialised empty: its non-persistent buffers (the rotary
         table) are not initialised, which no saved file contains.
@@ -547,7 +561,7 @@ class Trainer:
         with torch.device("meta"):
             model = self.model_class(self.model.config)
         model.to_empty(device="cpu")
-        model.load_state_dict(state)
+        keep_float64(model, state).load_state_dict(state)
         return model
 
     def _write_run_config(self) -> None:

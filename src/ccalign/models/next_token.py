@@ -1,23 +1,25 @@
-"""The sampling engine: static KV cache, class-token prefill, one token per step.
+"""Sampling any next-token model with a static KV cache: prefill the condition, one token a step.
 
-On CPU the decode step runs eagerly. On CUDA the weights are bf16 and each decode step (one per
-row count) is captured once in a CUDA graph, optionally after ``torch.compile`` fuses it; the
-capture (and compile) time is recorded in ``Sampler.setup_seconds``.
+The model offers ``setup_kv_cache(batch, dtype, device)``, ``clear_kv_cache()``,
+``prefill(conditions) -> logits`` (B, V) of the first token and ``decode(tokens, position) ->
+logits`` of the next (LlamaGen does; so can a family of your own). On CPU the decode step runs
+eagerly. On CUDA the weights are bf16 and each decode step (one per row count) is captured once
+in a CUDA graph, optionally after ``torch.compile`` fuses it; the capture (and compile) time is
+recorded in ``Sampler.setup_seconds``. Guidance-free sampling runs only the B conditional rows.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ccalign.models.llamagen import LlamaGen
-from ccalign.sample.filtering import check_sampling_args, filter_logits, sample_categorical
-from ccalign.sample.guidance import (
+from ccalign.models.filtering import check_sampling_args, filter_logits, sample_categorical
+from ccalign.models.generation import check_generator, eval_mode, resolve_device
+from ccalign.models.guidance import (
     GuidanceScale,
     guidance_scales,
     last_guided_token,
@@ -80,32 +82,36 @@ class _DecodeStep:
 
 
 class Sampler:
-    """Draws token grids from a LlamaGen model; reuse one Sampler for many batches.
+    """Draws token sequences from a next-token model; reuse one Sampler for many batches.
 
     ``device`` defaults to the model's; ``dtype`` to bf16 on CUDA and the model's dtype elsewhere.
     When the model is not already on that device in that dtype, the Sampler keeps a converted
-    copy (``inplace=True`` converts the model itself, saving the memory; the rotary table stays
-    float32). ``cuda_graph`` (default: on for CUDA) captures each decode step; ``compile`` runs it
-    through ``torch.compile`` first (slower start, fused kernels).
+    copy (``inplace=True`` converts the model itself, saving the memory; floating buffers such
+    as the rotary table stay float32). ``cuda_graph`` (default: on for CUDA) captures each
+    decode step; ``compile`` runs it through ``torch.compile`` first (slower start, fused
+    kernels); ``eager=True`` turns both off (one-off calls, batches of changing size).
     """
 
     def __init__(
         self,
-        model: LlamaGen,
+        model: nn.Module,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         cuda_graph: bool | None = None,
         compile: bool = False,
         inplace: bool = False,
+        eager: bool = False,
     ):
         ref = next(model.parameters())
-        self.device = _resolve_device(device or ref.device)
+        self.device = resolve_device(device or ref.device)
         on_cuda = self.device.type == "cuda"
         self.dtype = dtype or (torch.bfloat16 if on_cuda else ref.dtype)
         if cuda_graph and not on_cuda:
             raise ValueError("cuda_graph=True needs a CUDA device; use cuda_graph=None on CPU")
-        self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        if eager and (cuda_graph or compile):
+            raise ValueError("eager=True runs the decode step as it is: drop cuda_graph/compile")
+        self.cuda_graph = (on_cuda and not eager) if cuda_graph is None else cuda_graph
         self.compile = compile
         self.model = _model_for_sampling(model, self.device, self.dtype, inplace)
         self.setup_seconds = 0.0
@@ -145,7 +151,7 @@ class Sampler:
         check_sampling_args(temperature, top_k, top_p)
         check_gft_beta(gft_beta, self.model)
         labels = self._check_labels(labels)
-        _check_generator(generator, self.device)
+        check_generator(generator, self.device)
         scales = guidance_scales(cfg_scale, self.seq_len, cfg_interval)
         with torch.inference_mode():  # the leanest per-op path; the cache stays inside it
             tokens = self._sample(labels, scales, temperature, top_k, top_p, generator, gft_beta)
@@ -163,7 +169,7 @@ class Sampler:
                 cond = mix_guidance(cond, logits[batch : 2 * batch], scales[t])
             return sample_categorical(filter_logits(cond, temperature, top_k, top_p), generator)
 
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             prefill_labels = self._prefill_labels(labels, last_guided >= 0)
             if gft_beta is None:  # models without GFT take the labels alone
                 logits = self.model.prefill(prefill_labels)
@@ -218,7 +224,7 @@ class Sampler:
         forward = self.model.decode
         if self.compile:
             forward = torch.compile(forward, dynamic=False)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             step = _DecodeStep(forward, rows, self.seq_len, self.device, self.cuda_graph)
             if self.compile and not self.cuda_graph:
                 step.warm_up()  # so the compile time is counted in setup_seconds
@@ -227,42 +233,8 @@ class Sampler:
         return step
 
 
-def generate(
-    model: LlamaGen,
-    labels: Tensor | Sequence[int],
-    *,
-    cfg_scale: GuidanceScale = 1.0,
-    cfg_interval: int = -1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    gft_beta: float | None = None,
-) -> Tensor:
-    """One-off sampling: (B, N) tokens for ``labels``; see ``Sampler.generate``.
-
-    Runs on the model's device and dtype, eagerly. For repeated GPU sampling build a ``Sampler``
-    once: it keeps bf16 weights, the KV cache and the captured decode graphs between calls.
-    """
-    ref = next(model.parameters())
-    sampler = Sampler(model, device=ref.device, dtype=ref.dtype, cuda_graph=False)
-    try:
-        return sampler.generate(
-            labels,
-            cfg_scale=cfg_scale,
-            cfg_interval=cfg_interval,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-            gft_beta=gft_beta,
-        )
-    finally:
-        sampler.release()
-
-
-def check_gft_beta(beta: float | None, model: LlamaGen | None = None) -> None:
-    """A GFT beta must lie in (0, 1] and needs a model with the beta embedding."""
+def check_gft_beta(beta: float | None, model: nn.Module | None = None) -> None:
+    """A GFT beta must lie in (0, 1] and needs a model that takes one (``accepts_beta``)."""
     if beta is None:
         return
     if not 0.0 < beta <= 1.0:
@@ -270,51 +242,30 @@ def check_gft_beta(beta: float | None, model: LlamaGen | None = None) -> None:
             f"GFT beta {beta}: must lie in (0, 1]; it is 1 / s for a CFG-like scale s >= 1 "
             "(e.g. 0.66 for s = 1.5), and 1.0 samples the plain conditional model"
         )
-    if model is not None and model.t_embedder is None:
+    if model is not None and not getattr(model, "accepts_beta", False):
         raise ValueError(
             "a GFT beta was given but the model has no beta embedding (not trained with GFT): "
             "leave the beta out, or use a GFT checkpoint (one with t_embedder weights)"
         )
 
 
-def _resolve_device(device: torch.device | str) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("sampling on CUDA was asked for but no GPU is visible; use device='cpu'")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _model_for_sampling(
-    model: LlamaGen, device: torch.device, dtype: torch.dtype, inplace: bool
-) -> LlamaGen:
-    """The model itself when it already sits on ``device`` in ``dtype``, else a converted one."""
+    model: nn.Module, device: torch.device, dtype: torch.dtype, inplace: bool
+) -> nn.Module:
+    """The model itself when it already sits on ``device`` in ``dtype``, else a converted one
+    whose floating buffers (the rotary table) stay float32."""
     params = list(model.parameters())
     if all(p.device == device and p.dtype == dtype for p in params):
         return model
-    rope = model.rope.to(device=device, dtype=torch.float32)
     model.clear_kv_cache()
+    kept = {
+        name: buffer.to(device=device, dtype=torch.float32)
+        for name, buffer in model.named_buffers()
+        if buffer.is_floating_point()
+    }
     converted = model if inplace else copy.deepcopy(model)
     converted.to(device=device, dtype=dtype)
-    converted.rope = rope
+    for name, buffer in kept.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(converted.get_submodule(owner), attr, buffer)
     return converted.requires_grad_(False)
-
-
-def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(
-            f"the generator lives on {generator.device} but sampling runs on {device}; "
-            f"create it with torch.Generator(device={str(device)!r})"
-        )
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while sampling; the caller's train/eval flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ccalign.models.var import VAR
-from ccalign.sample.engine import _check_generator, _eval_mode, _resolve_device
-from ccalign.sample.guidance import GuidanceScale, check_scale, guidance_scales
-from ccalign.tokenizers.multiscale import MultiScaleQuantizer
+from ccalign.models.generation import check_generator, eval_mode, resolve_device
+from ccalign.models.guidance import GuidanceScale, check_scale, guidance_scales
+from ccalign.models.var.model import VAR
+from ccalign.multiscale import MultiScaleQuantizer
+from ccalign.tokenizers.var_vq import VarVQ
 
 
 def official_cfg_scales(cfg: float, num_scales: int) -> list[float]:
@@ -138,7 +139,7 @@ def generate(
     """
     cfg = model.config
     labels = _check_labels(model, labels)
-    _check_generator(generator, labels.device)
+    check_generator(generator, labels.device)
     check_filter_args(top_k, top_p)
     weights = guidance_weights(cfg_scale, official_cfg, len(cfg.patch_nums))
     guided = double_batch or any(t != 0.0 for t in weights)
@@ -147,7 +148,7 @@ def generate(
     quantizer, last = model.quantizer, len(cfg.patch_nums) - 1
     model.setup_kv_cache(rows.shape[0], device=labels.device)
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             cond = model.class_emb(rows)
             x = model.first_scale_input(cond)
             f_hat = torch.zeros(batch, cfg.vae_dim, quantizer.side, quantizer.side,
@@ -187,9 +188,12 @@ def _check_labels(model: VAR, labels: Tensor | Sequence[int]) -> Tensor:
 
 
 class VarSampler:
-    """``generate(labels, generator=..., **settings)`` for sharded runs (``run_sampling``), as
-    ``Sampler`` offers for LlamaGen: the model on ``device`` in ``dtype`` (default bf16 on CUDA),
-    its quantiser kept in float32. ``inplace=True`` converts the model itself (saves memory)."""
+    """``generate(labels, generator=..., **settings)`` for sharded runs and DDO's negatives, as
+    ``Sampler`` offers for next-token models: the model on ``device`` in ``dtype`` (default
+    bf16 on CUDA), its quantiser kept in float32. ``inplace=True`` converts the model itself
+    (saves memory). VAR's sampler is always eager (``eager`` is accepted for the common
+    interface). With ``retokenize`` (a VQVAE), each sample is decoded to 8-bit pixels and
+    re-encoded (:func:`retokenize`), as NVlabs/DDO's VAR code trains on images it saved."""
 
     def __init__(
         self,
@@ -198,9 +202,11 @@ class VarSampler:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         inplace: bool = False,
+        eager: bool = False,
+        retokenize: VarVQ | None = None,
     ):
         ref = model.head.weight
-        self.device = _resolve_device(device or ref.device)
+        self.device = resolve_device(device or ref.device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else ref.dtype)
         if ref.device != self.device or ref.dtype != self.dtype:
             model = model if inplace else copy.deepcopy(model)
@@ -208,14 +214,52 @@ class VarSampler:
             model.to(device=self.device, dtype=self.dtype)
             model.quantizer.float().load_state_dict(quantizer)
         self.model = model.requires_grad_(False)
+        self.vae = None if retokenize is None else retokenize.to(self.device, torch.float32)
 
     @property
     def seq_len(self) -> int:
         return self.model.seq_len
 
-    def generate(self, labels: Tensor | Sequence[int], **settings) -> Tensor:
-        """(B, L) codes; ``settings`` as :func:`generate` takes them."""
-        return generate(self.model, torch.as_tensor(labels).to(self.device), **settings)
+    def generate(
+        self, labels: Tensor | Sequence[int], *, temperature: float = 1.0, **settings
+    ) -> Tensor:
+        """(B, L) codes; ``settings`` as :func:`generate` takes them (VAR has no temperature).
+
+        Runs outside any autocast (a trainer's, for DDO's online negatives): the quantiser
+        steps stay float32.
+        """
+        if temperature != 1.0:
+            raise ValueError(
+                f"temperature {temperature}: VAR's sampler has no temperature (top-k and top-p "
+                "only): leave it at 1 (method.negatives_temperature for DDO's negatives)"
+            )
+        labels = torch.as_tensor(labels).to(self.device)
+        with torch.autocast(self.device.type, enabled=False):
+            if self.vae is None:
+                return generate(self.model, labels, **settings)
+            _, f_hat = generate(self.model, labels, return_fhat=True, **settings)
+            return retokenize(self.vae, f_hat)
 
     def release(self) -> None:
         """Nothing to free: ``generate`` drops its KV cache after every batch."""
+
+
+#: images decoded and re-encoded at once by :func:`retokenize` (a constant: part of the result)
+RETOKENIZE_ROWS = 32
+
+
+@torch.no_grad()
+def retokenize(vae: VarVQ, f_hat: Tensor) -> Tensor:
+    """Codes (B, L) of the 8-bit images that ``f_hat`` decodes to.
+
+    As DDO's VAR_sample.py saves its samples: decode, (x + 1) / 2 * 255 cast to uint8 (which
+    truncates, as numpy's astype does); read back as VAR's data pipeline reads images
+    (2 p / 255 - 1, no resize: they already have the VQVAE's size); then encode. Runs in
+    fixed chunks of ``RETOKENIZE_ROWS`` rows (256 px images at full batch would need tens of GiB).
+    """
+    codes = []
+    for part in f_hat.split(RETOKENIZE_ROWS):
+        images = vae.decode_fhat(part.to(vae.device, torch.float32))
+        pixels = images.add(1).mul(0.5).mul(255).to(torch.uint8)
+        codes.append(vae.encode(pixels.float().div(255).mul(2).sub(1)))
+    return torch.cat(codes)

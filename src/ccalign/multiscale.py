@@ -1,4 +1,6 @@
-"""VAR's multi-scale residual quantiser: latents <-> codes of every scale, and the VAR inputs.
+"""VAR's multi-scale residual quantiser, shared by the codec (``tokenizers.var_vq``) and the model.
+
+Latents <-> codes of every scale, and VAR's teacher-forcing inputs.
 
 One codebook serves all scales. Encoding quantises the residual scale by scale from the coarsest:
 area-downsample the residual to pn x pn (the last scale as is), nearest code by squared

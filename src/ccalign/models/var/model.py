@@ -26,7 +26,6 @@ label dropout is the trainer's business (it passes ``null_class`` in ``labels``)
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -35,12 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ccalign.models.checkpoint import (
-    CheckpointMismatchError,
-    check_state_dict,
-    extract_state_dict,
-)
-from ccalign.tokenizers.multiscale import MultiScaleQuantizer
+from ccalign.models.family import at_least_float32
+from ccalign.multiscale import MultiScaleQuantizer
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -144,7 +139,7 @@ def build(name: str = "VAR-d16", *, vae=None, **overrides) -> VAR:
         raise ValueError(f"a custom VAR model needs {sorted(missing)}")
     model = VAR(VARConfig(**fields))
     if vae is not None:
-        model.set_quantizer(_vae_quantizer(vae, model.config.patch_nums))
+        model.set_quantizer(quantizer_of(vae))
     return model
 
 
@@ -292,8 +287,6 @@ class VAR(nn.Module):
     #: parameters that stay float32 when the trainer casts the weights to bf16: the frozen
     #: quantiser, so the teacher-forcing input is the VQVAE's exactly
     float32_parameters = ("quantizer.",)
-    #: linear layers whose weight the forward applies itself (F.linear), which LoRA cannot wrap
-    lora_not_adaptable = ("head", "mat_qkv")
 
     def __init__(self, config: VARConfig):
         super().__init__()
@@ -340,7 +333,7 @@ class VAR(nn.Module):
 
     def num_parameters(self) -> int:
         """Parameters of the transformer (the frozen quantiser copy excluded), as VAR counts."""
-        return sum(p.numel() for k, p in self.named_parameters() if _is_official_key(k))
+        return sum(p.numel() for k, p in self.named_parameters() if is_official_key(k))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -423,7 +416,7 @@ class VAR(nn.Module):
         mask = block_causal_mask(self._levels(x.device), dtype)
         for block in self.blocks:
             x = block(x, block_cond, mask)
-        return self.head_nm(x.float(), cond)
+        return self.head_nm(x.to(at_least_float32(x.dtype)), cond)
 
     def logits(self, labels: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced float32 logits (B, L, V); position t predicts ``tokens[:, t]``."""
@@ -459,7 +452,8 @@ class VAR(nn.Module):
 
     def _head(self, hidden: Tensor) -> Tensor:
         """float32 logits from the float32 head-normalised states (a bf16 model: in bf16)."""
-        return self.head(hidden.to(self.head.weight.dtype)).float()
+        logits = self.head(hidden.to(self.head.weight.dtype))
+        return logits.to(at_least_float32(logits.dtype))
 
     def _check_inputs(self, labels: Tensor, tokens: Tensor) -> None:
         if tokens.dim() != 2 or labels.dim() != 1 or labels.shape[0] != tokens.shape[0]:
@@ -525,7 +519,7 @@ class VAR(nn.Module):
         block_cond = self._block_cond(cond)
         for block in self.blocks:
             x = block(x, block_cond, None, start)
-        return self._head(self.head_nm(x.float(), cond))
+        return self._head(self.head_nm(x.to(at_least_float32(x.dtype)), cond))
 
 
 def scale_levels(patch_nums: tuple[int, ...]) -> Tensor:
@@ -546,7 +540,7 @@ def block_causal_mask(levels: Tensor, dtype: torch.dtype = torch.float32) -> Ten
     return mask.masked_fill(~visible, float("-inf"))[None, None]
 
 
-def _is_official_key(key: str) -> bool:
+def is_official_key(key: str) -> bool:
     """True for keys of VAR's released layout (everything but the quantiser copy)."""
     return not key.startswith("quantizer.")
 
@@ -559,132 +553,19 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _chunk_logprob(h: Tensor, targets: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    logits = F.linear(h.to(weight.dtype), weight, bias).float()
+    logits = F.linear(h.to(weight.dtype), weight, bias)
+    logits = logits.to(at_least_float32(logits.dtype))
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
-def _vae_quantizer(vae, patch_nums: tuple[int, ...]) -> MultiScaleQuantizer:
-    """The quantiser of a ``VarVQ``, or of the VQVAE file at a path (read with these scales)."""
+def quantizer_of(vae: nn.Module) -> MultiScaleQuantizer:
+    """The quantiser of a VQVAE (``VarVQ``), or the quantiser itself."""
     if isinstance(vae, MultiScaleQuantizer):
         return vae
-    if isinstance(vae, nn.Module) and isinstance(getattr(vae, "quantize", None), nn.Module):
-        return vae.quantize
-    from ccalign.tokenizers import var_vq
-
-    return var_vq.load(vae, patch_nums=patch_nums).quantize
-
-
-# ---- files ----
-CONFIG_METADATA_KEY = "ccalign.var.config"
-
-
-def derived_official_state(patch_nums: tuple[int, ...]) -> dict[str, Tensor]:
-    """VAR's two official keys computed from the scales: lvl_1L and attn_bias_for_masking."""
-    levels = scale_levels(patch_nums)
-    return {"lvl_1L": levels, "attn_bias_for_masking": block_causal_mask(levels)}
-
-
-def official_state_dict(model: VAR) -> dict[str, Tensor]:
-    """The released raw state_dict layout (no quantiser copy, with the derived keys), CPU."""
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if _is_official_key(k)}
-    return {**sd, **derived_official_state(model.config.patch_nums)}
-
-
-def _take_derived(sd: dict[str, Tensor], config: VARConfig, path, required: bool) -> dict:
-    """``sd`` without VAR's derived keys, after checking them against the model's scales."""
-    expected = derived_official_state(config.patch_nums)
-    missing = [k for k in expected if k not in sd]
-    if missing and required:
-        raise CheckpointMismatchError(
-            f"{path}: checkpoint does not fit VAR: missing key(s) {', '.join(missing)}, which "
-            "every official VAR file holds; is this a VAR checkpoint?"
+    quantizer = getattr(vae, "quantize", None)
+    if not isinstance(quantizer, MultiScaleQuantizer):
+        raise TypeError(
+            f"vae must be VAR's VQVAE (ccalign.tokenizers.var_vq.VarVQ) or its quantiser, not "
+            f"{type(vae).__name__}; load a VQVAE file with ccalign.tokenizers.var_vq.load"
         )
-    for key, value in expected.items():
-        found = sd.get(key)
-        if found is not None and not (
-            found.shape == value.shape and torch.equal(found, value.to(found.dtype))
-        ):
-            raise CheckpointMismatchError(
-                f"{path}: {key} (shape {tuple(sd[key].shape)}) is not VAR's for scales "
-                f"{config.patch_nums} (shape {tuple(value.shape)}); build the model the file was "
-                "trained with (VAR-d36 is the 512 px model)"
-            )
-    return {k: v for k, v in sd.items() if k not in expected}
-
-
-def save(model: VAR, path, *, official: bool = False) -> None:
-    """Write weights atomically: safetensors with the config as metadata, or the official layout.
-
-    The safetensors file holds the quantiser copy too, so it scores and samples on its own;
-    ``official=True`` writes VAR's raw state_dict (torch file, no quantiser) as released.
-    """
-    from ccalign.io import atomic_save_safetensors, atomic_torch_save
-
-    if official:
-        atomic_torch_save(official_state_dict(model), path)
-    else:
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
-        atomic_save_safetensors(sd, path, metadata=meta)
-
-
-def config_from_file(path) -> VARConfig | None:
-    """The config a ccalign VAR safetensors file carries, or None for other files."""
-    if str(path).endswith(".safetensors"):
-        from ccalign.io import open_safetensors
-
-        with open_safetensors(path) as f:
-            meta = f.metadata() or {}
-        if CONFIG_METADATA_KEY in meta:
-            return VARConfig(**json.loads(meta[CONFIG_METADATA_KEY]))
-    return None
-
-
-def load(path, name: str | None = None, *, vae=None, **overrides) -> VAR:
-    """Build the VAR a checkpoint file describes and load it strictly, with its quantiser.
-
-    ccalign safetensors files carry their config and the quantiser copy (``vae``, if given, must
-    hold the same quantiser). Official files (VAR's raw state_dict, e.g. var_d16.pth) need the
-    preset ``name`` ("VAR-d16") and ``vae``: the VQVAE (``VarVQ`` or path to
-    vae_ch160v4096z32.pth) whose quantiser builds the teacher-forcing input. Files are read
-    weights-only; any key or shape mismatch is reported key by key.
-    """
-    from ccalign.io import read_tensor_file
-
-    config = config_from_file(path)
-    sd = extract_state_dict(read_tensor_file(path))
-    if config is not None:
-        model = VAR(VARConfig(**{**config.to_dict(), **overrides}))
-    else:
-        if name is None or vae is None:
-            raise ValueError(
-                f"{path} does not record its architecture: pass the preset name (e.g. 'VAR-d16' "
-                "for var_d16.pth) and vae= the VQVAE it was trained with (vae_ch160v4096z32.pth)"
-            )
-        model = build(name, **overrides)
-        quantizer = {f"quantizer.{k}": v for k, v in model.quantizer.state_dict().items()}
-        sd = {**sd, **{k: v for k, v in quantizer.items() if k not in sd}}
-    sd = _take_derived(sd, model.config, path, required=config is None)
-    try:
-        sd = check_state_dict(model, sd)
-    except CheckpointMismatchError as exc:
-        raise CheckpointMismatchError(
-            f"{path}: {exc}\n  For VAR, build the depth the file was trained with "
-            "(var_d16.pth -> 'VAR-d16', ...; VAR-d36 is the 512 px model)."
-        ) from None
-    model.load_state_dict(sd, strict=True)
-    if vae is not None:
-        quantizer = _vae_quantizer(vae, model.config.patch_nums)
-        if config is not None and not _same_quantizer(model.quantizer, quantizer):
-            raise ValueError(
-                f"{path} carries a different quantiser than the given vae: a fine-tuned VAR "
-                "must be scored with the VQVAE it was trained with; drop vae= to use the file's"
-            )
-        model.set_quantizer(quantizer)
-    return model
-
-
-def _same_quantizer(a: MultiScaleQuantizer, b: MultiScaleQuantizer) -> bool:
-    sb = b.state_dict()
-    return all(k in sb and torch.equal(v.cpu(), sb[k].cpu().to(v.dtype)) for k, v in
-               a.state_dict().items())
+    return quantizer

@@ -11,7 +11,6 @@ get beta 1. ``beta=None`` adds nothing, as the released GFT model does.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ccalign.align.gft import gft_token_logprobs
+from ccalign.models.family import LogitMix, at_least_float32
 
 
 @dataclass(frozen=True)
@@ -105,29 +104,6 @@ def build(
 Beta = float | Tensor | None
 
 
-@dataclass
-class LogitMix:
-    """GFT's training logits: ``weight * l + (1 - weight) * stopgrad(output(other_hidden))``.
-
-    ``weight`` (B,) per row; ``other_hidden`` (B, N, D) the final hidden states of a second pass
-    (GFT: the unconditional one), projected chunk by chunk with the detached output head so
-    that no full (B, N, V) tensor of its logits is ever held.
-    """
-
-    weight: Tensor
-    other_hidden: Tensor
-
-    def flat(self, batch: int, n: int) -> tuple[Tensor, Tensor]:
-        """(B * N,) weights and (B * N, D) hidden states, row-major like the flattened tokens."""
-        if self.weight.shape != (batch,) or self.other_hidden.shape[:2] != (batch, n):
-            raise ValueError(
-                f"LogitMix needs weight ({batch},) and other_hidden ({batch}, {n}, D); got "
-                f"{tuple(self.weight.shape)} and {tuple(self.other_hidden.shape)}"
-            )
-        weight = self.weight.float().repeat_interleave(n)
-        return weight, self.other_hidden.detach().reshape(batch * n, -1)
-
-
 def _beta_rows(beta: float | Tensor, labels: Tensor, null_class: int) -> Tensor:
     """Beta per row as float32 (B,), 1 on rows with the null class (as GFT trains them)."""
     beta = torch.as_tensor(beta, dtype=torch.float32, device=labels.device)
@@ -142,7 +118,8 @@ def _beta_rows(beta: float | Tensor, labels: Tensor, null_class: int) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) computed in float32, cast back, times a learned weight."""
+    """x * rsqrt(mean(x^2) + eps) computed in float32 (float64 for a float64 model), cast back,
+    times a learned weight."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -150,7 +127,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = x.to(at_least_float32(x.dtype))
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
@@ -174,7 +151,7 @@ def rope_2d_table(grid: int, head_dim: int, base: float, cls_positions: int = 1)
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """Rotate pairs (x[2m], x[2m+1]) of x (B, S, H, hd) by the table rows (S, hd/2, 2)."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    xf = x.to(at_least_float32(x.dtype)).reshape(*x.shape[:-1], -1, 2)
     cos = table[None, :, None, :, 0]
     sin = table[None, :, None, :, 1]
     x0, x1 = xf[..., 0], xf[..., 1]
@@ -232,7 +209,7 @@ class Attention(nn.Module):
         """
         b, s, d = x.shape
         qkv = self.wqkv(x).view(b, s, 3, self.n_head, self.head_dim)
-        qk = qkv[:, :, :2].float()
+        qk = qkv[:, :, :2].to(at_least_float32(x.dtype))
         swapped = qk.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         cos, sin = rope[:, :, None, None, :]
         q, k = (qk * cos + swapped * sin).to(x.dtype).transpose(1, 3).unbind(2)
@@ -366,6 +343,11 @@ class LlamaGen(nn.Module):
     def null_class(self) -> int:
         return self.config.null_class
 
+    @property
+    def accepts_beta(self) -> bool:
+        """Whether the model takes GFT's beta input (it has the beta embedding)."""
+        return self.t_embedder is not None
+
     def reset_parameters(self) -> None:
         """LlamaGen's init: N(0, 0.02) for linear and embedding weights, zero output head."""
         for module in self.modules():
@@ -407,8 +389,10 @@ class LlamaGen(nn.Module):
         return self.norm(h)
 
     def logits(self, labels: Tensor, tokens: Tensor, beta: Beta = None) -> Tensor:
-        """Teacher-forced float32 logits (B, N, V); position t predicts ``tokens[:, t]``."""
-        return self.output(self.hidden_states(labels, tokens, beta)).float()
+        """Teacher-forced float32 logits (B, N, V) (float64 for a float64 model); position t
+        predicts ``tokens[:, t]``."""
+        logits = self.output(self.hidden_states(labels, tokens, beta))
+        return logits.to(at_least_float32(logits.dtype))
 
     def forward(
         self,
@@ -448,10 +432,12 @@ class LlamaGen(nn.Module):
         b, n, d = hidden.shape
         flat_h, flat_t = hidden.reshape(b * n, d), tokens.reshape(b * n)
         extra = () if mix is None else mix.flat(b, n)
+        combine = () if mix is None else (mix.combine,)
         pieces = []
         for start in range(0, b * n, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            args = (flat_h[rows], flat_t[rows], self.output.weight, *(x[rows] for x in extra))
+            args = (flat_h[rows], flat_t[rows], self.output.weight, *(x[rows] for x in extra),
+                    *combine)
             if torch.is_grad_enabled() and args[0].requires_grad:
                 pieces.append(checkpoint(_chunk_logprob, *args, use_reentrant=False))
             else:
@@ -550,78 +536,11 @@ def _chunk_logprob(
     weight: Tensor,
     mix_weight: Tensor | None = None,
     other_hidden: Tensor | None = None,
+    combine=None,
 ) -> Tensor:
-    logits = F.linear(h, weight).float()
+    precise = at_least_float32(h.dtype)
+    logits = F.linear(h, weight).to(precise)
     if other_hidden is not None:
-        other = F.linear(other_hidden.to(h.dtype), weight.detach()).float()
-        return gft_token_logprobs(logits, other, targets, mix_weight)
+        other = F.linear(other_hidden.to(h.dtype), weight.detach()).to(precise)
+        return combine(logits, other, targets, mix_weight)
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-# ---- files ----
-CONFIG_METADATA_KEY = "ccalign.llamagen.config"
-IGNORED_KEYS = ("freqs_cis",)
-
-
-def save(model: LlamaGen, path, *, official: bool = False) -> None:
-    """Write weights atomically: safetensors with the config as metadata, or the official layout.
-
-    ``official=True`` writes a torch file ``{"model": state_dict}`` as LlamaGen's trainer does.
-    """
-    from ccalign.io import atomic_save_safetensors, atomic_torch_save
-
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if official:
-        atomic_torch_save({"model": sd}, path)
-    else:
-        meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
-        atomic_save_safetensors(sd, path, metadata=meta)
-
-
-def config_from_file(path) -> LlamaGenConfig | None:
-    """The config a ccalign safetensors file carries, or None for other files.
-
-    A damaged ``.safetensors`` file raises ValueError naming it.
-    """
-    if str(path).endswith(".safetensors"):
-        from ccalign.io import open_safetensors
-
-        with open_safetensors(path) as f:
-            meta = f.metadata() or {}
-        if CONFIG_METADATA_KEY in meta:
-            return LlamaGenConfig(**json.loads(meta[CONFIG_METADATA_KEY]))
-    return None
-
-
-def load(path, name: str | None = None, *, grid: int | None = None, **overrides) -> LlamaGen:
-    """Build the model a checkpoint file describes and load it strictly.
-
-    ccalign safetensors files carry their config. Official files (dict with "model"/"ema", raw
-    state_dict, FSDP folder with consolidated.pth) need the preset ``name`` and the ``grid``
-    (16 for 256 px, 24 for 384 px) that the file was trained with. The file is read first,
-    weights-only: a damaged or unsafe one raises ValueError naming it before anything is built.
-    A file with ``t_embedder`` keys (GFT) gets the beta embedding; ``beta_embedding=True`` on a
-    file without them adds a fresh, zero-output one (to start GFT from a plain model).
-    """
-    from ccalign.io import read_tensor_file
-    from ccalign.models.checkpoint import extract_state_dict, load_weights
-
-    config = config_from_file(path)
-    weights = extract_state_dict(read_tensor_file(path))
-    in_file = any(key.startswith("t_embedder.") for key in weights)
-    if config is not None:
-        fields = {**config.to_dict(), **overrides}
-        if grid is not None:
-            fields["grid"] = grid
-        model = LlamaGen(LlamaGenConfig(**fields))
-    else:
-        if name is None or grid is None:
-            raise ValueError(
-                f"{path} does not record its architecture: pass the preset name (e.g. 'GPT-L') "
-                "and the grid (16 for 256 px, 24 for 384 px)"
-            )
-        model = build(name, grid=grid, **{"beta_embedding": in_file, **overrides})
-    if overrides.get("beta_embedding") is True and not in_file:  # asked for on a plain model
-        fresh = model.t_embedder.state_dict()
-        weights.update({f"t_embedder.{key}": value for key, value in fresh.items()})
-    return load_weights(model, weights, ignore=IGNORED_KEYS)

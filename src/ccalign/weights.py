@@ -1,4 +1,4 @@
-"""Strict loading of model weights from checkpoint files of any released layout."""
+"""Strict loading of weights from checkpoint files of any released layout (models and codecs)."""
 
 from __future__ import annotations
 

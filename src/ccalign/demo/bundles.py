@@ -1,0 +1,79 @@
+"""What the demo runs on: per bundle a model family's bundled tokenizer and base model (with the
+command that rebuilds it), the model section that reads it and the recipe settings tuned for
+it. ``ccalign demo --family NAME`` picks the bundle; the rest of the demo is the same for all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ccalign.models import families
+from ccalign.tokenizers.files import ASSETS
+
+
+@dataclass(frozen=True)
+class DemoBundle:
+    """One family's bundled artefacts and defaults."""
+
+    name: str  # what --family says
+    family: str  # the model family (ccalign.models.families)
+    title: str  # for reports
+    tokenizer: str  # bundled tokenizer alias
+    base_model: Path  # bundled base model
+    pretrain_config: str  # the config that rebuilds the base model (docs/assets.md)
+    default_out: Path  # where ``ccalign demo`` writes by default
+    model_section: dict = field(default_factory=dict)  # [model] keys besides init
+    settings: dict = field(default_factory=dict)  # DemoSettings fields tuned for the bundle
+
+    def load_model(self, path: Path) -> nn.Module:
+        """A model of the bundle's family in eval mode; a missing bundled file names its
+        rebuild, a model of another family is refused."""
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"base model missing: {path}; rebuild the bundled one with `ccalign pretrain "
+                f"--config {self.pretrain_config}` (the full commands are in docs/assets.md)"
+            )
+        model = families.load_file(path)
+        found = families.of(model).name
+        if found != self.family:
+            raise ValueError(
+                f"{path} holds a {found} model, but the {self.title} demo needs a {self.family} "
+                f"one (pass --family {found})"
+            )
+        return model.eval()
+
+
+BUNDLES: dict[str, DemoBundle] = {
+    "llamagen": DemoBundle(
+        name="llamagen",
+        family="llamagen",
+        title="LlamaGen",
+        tokenizer="fmnist-vq",
+        base_model=ASSETS / "fmnist_base.safetensors",
+        pretrain_config="configs/fmnist_pretrain.toml",
+        default_out=Path("runs/demo"),
+        model_section={"name": "custom", "grid": 7},
+    ),
+    "var": DemoBundle(
+        name="var",
+        family="var",
+        title="VAR",
+        tokenizer="fmnist-msvq",
+        base_model=ASSETS / "fmnist_var_base.safetensors",
+        pretrain_config="configs/fmnist_var_pretrain.toml",
+        default_out=Path("runs/demo_var"),
+        model_section={"name": "custom"},
+        # tuned on 2000 guidance-free samples per recipe (docs/results.md); 6000 samples per
+        # headline row keep the run under 10 minutes with the set-up
+        settings={"beta": 0.005, "lam": 10.0, "samples": 6000},
+    ),
+}
+
+
+def bundle(name: str) -> DemoBundle:
+    """The demo bundle ``name``; unknown names raise ValueError listing the known ones."""
+    if name not in BUNDLES:
+        raise ValueError(f"the demo runs on {sorted(BUNDLES)}, not {name!r}")
+    return BUNDLES[name]

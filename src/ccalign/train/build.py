@@ -1,0 +1,80 @@
+"""From a config's [model] and [data] sections to the model and its training data, checked.
+
+The model family comes from ``ccalign.models.families.identify`` (the registry entry, the
+file, the preset or ``model.family``); the family reads the section's words in its own way
+(LlamaGen's grid, VAR's VQVAE), and the method adds what it needs (GFT's beta embedding) after
+checking that the family has it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ccalign.data.codes import CodeDataset, open_codes, validate_codes
+from ccalign.models import families
+from ccalign.models.family import ModelSpec
+
+if TYPE_CHECKING:
+    from ccalign.train.config import ModelSection, TrainConfig
+    from ccalign.train.methods import Method
+
+
+def spec_from_section(section: ModelSection, method: Method | None = None) -> ModelSpec:
+    """The family-neutral spec of a [model] section, with the method's model options."""
+    arch = dict(section.arch) if method is None else {**method.model_options, **section.arch}
+    return ModelSpec(
+        init=section.init,
+        preset=section.name,
+        arch=arch,
+        options=section.family_options(),
+        family=section.family,
+    )
+
+
+def model_from_config(section: ModelSection, method: Method | None = None) -> nn.Module:
+    """Load ``section.init`` (ccalign safetensors, any official layout, a registry name or an
+    hf:// URI) or build a fresh model; ``arch`` overrides config fields either way.
+
+    With ``method`` the family must have what the method requires (GFT: a beta embedding).
+    """
+    spec = spec_from_section(section, method)
+    family = families.identify(spec)
+    if method is not None:
+        refusal = method.refusal(family)
+        if refusal is not None:
+            raise ValueError(refusal)
+    return families.create(spec)
+
+
+def open_training_data(config: TrainConfig, model: nn.Module) -> CodeDataset:
+    """The code data set (or images encoded by ``data.tokenizer``), checked against the model.
+
+    The check is skipped when ``data.validate`` is off.
+    """
+    data = config.data
+    if data.path is None:
+        what = "an image folder or fashion-mnist:train" if data.tokenizer else "codes"
+        raise ValueError(f"no training data: set data.path in the config or pass --data ({what})")
+    if data.tokenizer is not None:
+        from ccalign.data.encoded import EncodedImages
+
+        dataset = EncodedImages(
+            data.path,
+            data.tokenizer,
+            views=data.views,
+            seed=data.seed,
+            image_size=data.image_size,
+        )
+        dataset.require_seq_len(model.seq_len)
+    else:
+        dataset = open_codes(data.path, seed=data.seed)
+    if data.validate:
+        validate_codes(
+            dataset,
+            num_classes=model.num_classes,
+            vocab_size=model.vocab_size,
+            seq_len=model.seq_len,
+        )
+    return dataset
