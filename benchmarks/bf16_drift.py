@@ -22,8 +22,9 @@ import json
 
 import torch
 
+from ccalign.conditions import ClassLabels
 from ccalign.models import llamagen
-from ccalign.train.objectives import make_objective
+from ccalign.train import methods
 from ccalign.train.precision import CompensatedAdamW, cast_parameters
 
 RUNS = (
@@ -84,8 +85,8 @@ def train(model, args, rounding: str | None) -> tuple[list[torch.Tensor], float]
         weight_decay=0.05,
         rounding="nearest" if rounding in (None, "master") else rounding,
     )
-    objective = make_objective(
-        argparse.Namespace(name="cca", beta=0.02, lam=300.0, uncond_ratio=0.0), null_class=10
+    objective = methods.get("cca").objective(
+        argparse.Namespace(beta=0.02, lam=300.0, uncond_ratio=0.0), ClassLabels(10)
     )
     g = torch.Generator().manual_seed(1)
     data = [

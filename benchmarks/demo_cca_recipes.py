@@ -20,17 +20,18 @@ from pathlib import Path
 import torch
 
 from ccalign.data import fashion_mnist
-from ccalign.demo import families
-from ccalign.demo import methods as recipes
-from ccalign.demo.pipeline import DemoSettings, balanced_labels, decode_images, score
+from ccalign.demo import bundles, recipes
+from ccalign.demo.pipeline import balanced_labels, decode_images, score
+from ccalign.demo.settings import DemoSettings
 from ccalign.eval import load_classifier_extractor, manifold_radii
+from ccalign.models import families
 from ccalign.tokenizers import load as load_tokenizer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+", help="JSON objects of DemoSettings changes")
-    parser.add_argument("--family", default="var", choices=sorted(families.FAMILIES))
+    parser.add_argument("--family", default="var", choices=sorted(bundles.BUNDLES))
     parser.add_argument("--codes", type=Path, required=True, help="a demo run's cached codes")
     parser.add_argument("--out", type=Path, default=Path("runs/cca_recipes"))
     parser.add_argument("--samples", type=int, default=2000)
@@ -41,22 +42,21 @@ def main() -> None:
     test_images, _ = fashion_mnist.load("test")
     reference = extractor.extract(test_images)
     radii = manifold_radii(reference.features, k=3)
-    family = families.family(args.family)
-    tokenizer = load_tokenizer(family.tokenizer).eval()
+    bundle = bundles.bundle(args.family)
+    tokenizer = load_tokenizer(bundle.tokenizer).eval()
     for text in args.recipes:
         changes = json.loads(text)
         cfg_scale = float(changes.pop("cfg", 1.0))
         settings = DemoSettings.for_family(args.family, progress=False, **changes)
         started = time.perf_counter()
         if settings.steps == 0:
-            model = family.load_model(settings.base_model)
+            model = bundle.load_model(settings.base_model)
         else:
-            folder = recipes.run_folder(settings, args.out, settings.lam)
-            config = recipes.cca_config(settings, args.codes, folder, settings.lam)
-            recipes.train_timed(config, folder, print)
-            model = recipes.load_final(folder)
+            config = recipes.cca_config(settings, args.codes, args.out, settings.lam)
+            recipes.train_timed(config, print)
+            model = families.load_file(Path(config.checkpoint.out) / "final.safetensors").eval()
         seconds = time.perf_counter() - started
-        tokens = sample(families.sampler(model), args.samples, cfg_scale)
+        tokens = sample(families.of(model).sampler(model), args.samples, cfg_scale)
         labels = balanced_labels(args.samples)
         images = decode_images(tokenizer, tokens)
         metrics = score(images, labels, reference, radii, extractor, args.samples)

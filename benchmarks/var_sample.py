@@ -23,7 +23,7 @@ import time
 import torch
 
 from ccalign.models import var
-from ccalign.sample import var as var_sample
+from ccalign.models.var import sampler as var_sample
 
 SMALL = dict(depth=6, dim=384, n_head=6)
 SETTINGS = {
