@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from ccalign.sample import Sampler
-from test_sample import random_model
-from test_train import RandomCodes, make_config, tiny_model
+from support.tiny import RandomCodes, make_config, random_model, tiny_model
 
 pytestmark = [
     pytest.mark.cuda,

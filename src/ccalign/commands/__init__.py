@@ -1,0 +1,1 @@
+"""One module per `ccalign <command>` (see ``ccalign.cli``)."""

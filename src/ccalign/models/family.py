@@ -345,15 +345,15 @@ def official_keys(path: PathLike) -> set[str]:
 
 
 def keep_float64(model: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module:
-    """``model`` with float64 parameters when the file stores float64 weights (an fp64 run's),
-    so that loading them loses nothing; otherwise unchanged. Parameters the model keeps in
-    float32 (its ``float32_parameters`` prefixes: VAR's frozen quantiser) stay float32."""
+    """``model`` with float64 parameters when the file stores its parameters in float64 (an fp64
+    run's), so that loading them loses nothing; otherwise unchanged. Parameters the model keeps
+    in float32 (its ``float32_parameters`` prefixes: VAR's frozen quantiser) stay float32."""
     kept = tuple(getattr(model, "float32_parameters", ()))
-    floating = [t for k, t in weights.items()
-                if t.is_floating_point() and not (kept and k.startswith(kept))]
-    if floating and all(t.dtype == torch.float64 for t in floating):
+    names = [name for name, _ in model.named_parameters() if not (kept and name.startswith(kept))]
+    stored = [weights[name] for name in names if name in weights]
+    if stored and all(t.dtype == torch.float64 for t in stored):
         for name, param in model.named_parameters():
-            if not (kept and name.startswith(kept)):
+            if name in names:
                 param.data = param.data.double()
     return model
 

@@ -140,7 +140,8 @@ def make_schedule(optim, total_steps: int) -> LRSchedule:
 
 
 class EMA:
-    """Float32 exponential moving average of a model's floating-point state.
+    """Exponential moving average of a model's floating-point state, in float32 (float64 for a
+    float64 model's).
 
     Under FSDP the averages are sharded like the parameters; ``state_dict`` gathers them
     (a collective: every rank calls it) and ``load_state_dict`` takes whole tensors.
@@ -149,7 +150,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow = {
-            k: v.detach().float().clone()
+            k: v.detach().to(_precise(v.dtype)).clone()
             for k, v in model.state_dict().items()
             if v.is_floating_point()
         }
@@ -159,10 +160,10 @@ class EMA:
         """shadow = decay * shadow + (1 - decay) * current."""
         current = model.state_dict()
         for key, avg in self.shadow.items():
-            avg.lerp_(current[key].detach().float(), 1.0 - self.decay)
+            avg.lerp_(current[key].detach().to(avg.dtype), 1.0 - self.decay)
 
     def state_dict(self) -> dict:
-        """Decay and whole (gathered) float32 averages on the CPU."""
+        """Decay and whole (gathered) averages on the CPU."""
         shadow = {k: full_tensor(v).cpu() for k, v in self.shadow.items()}
         return {"decay": self.decay, "shadow": shadow}
 
@@ -170,3 +171,8 @@ class EMA:
         self.decay = state["decay"]
         for key, value in state["shadow"].items():
             copy_full_into(self.shadow[key], value)
+
+
+def _precise(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precisions and float32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)

@@ -12,48 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from _support import Killed, kill_after
 from ccalign.data.codes import open_codes, write_flat_codes
 from ccalign.models import families, var
 from ccalign.tokenizers import var_vq
 from ccalign.train import run_training
 from ccalign.train.config import load_config
 from ccalign.train.state import list_checkpoints
-from test_train import make_config
-
-TINY = dict(depth=2, dim=32, n_head=2, patch_nums=(1, 2, 3, 4), vocab_size=16, vae_dim=4,
-            num_classes=5, drop_path=0.1)
-VQ = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-          patch_nums=(1, 2, 3, 4))
-SEQ = sum(p * p for p in TINY["patch_nums"])  # 30
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def tiny_pair(seed: int = 0) -> tuple[var.VAR, var_vq.VarVQ]:
-    """A tiny VAR and the tiny VQVAE whose quantiser it carries."""
-    torch.manual_seed(seed)
-    vae = var_vq.VarVQ(var_vq.VarVQConfig(**VQ)).eval()
-    with torch.no_grad():
-        vae.quantize.embedding.weight.normal_(0, 0.5)
-    model = var.build("custom", vae=vae, **TINY)
-    return model, vae
-
-
-def write_var_files(folder: Path, n: int = 16) -> dict[str, str]:
-    """init (ccalign VAR file), the same as an official .pth, the VQVAE and a code file."""
-    model, vae = tiny_pair()
-    var.save(model, folder / "init.safetensors")
-    var.save(model, folder / "var_d16.pth", official=True)
-    var_vq.save(vae, folder / "vae.safetensors")
-    g = torch.Generator().manual_seed(3)
-    codes = torch.randint(0, 16, (n, SEQ), generator=g)
-    labels = torch.arange(n) % 5
-    write_flat_codes(folder / "codes.safetensors", codes, labels, vocab_size=16, grid=4,
-                     seq_len=SEQ)
-    return {k: str(folder / f) for k, f in (("init", "init.safetensors"),
-                                            ("official", "var_d16.pth"),
-                                            ("vae", "vae.safetensors"),
-                                            ("codes", "codes.safetensors"))}
+from support.numerics import assert_same_run
+from support.processes import Killed, kill_after, launch
+from support.tiny import make_config
+from support.tiny_var import CONFIGS, SEQ, TINY, tiny_pair, write_var_files
 
 
 def image_folder(root: Path, n: int = 8) -> Path:
@@ -321,11 +289,11 @@ def test_two_processes_match_one_accumulating(tmp_path, parallel):
     """gloo, 2 processes: DDP, and FSDP sharding VAR's blocks (and the root with the frozen
     quantiser), make the updates of one process accumulating two micro-batches; FSDP's sharded
     checkpoints resume bitwise."""
-    from test_ddp import launch
 
     files = write_var_files(tmp_path, n=24)
     sections = dict(method={"dropout": "none"}, optim={"grad_clip": 0.5, "ema_decay": 0.5},
-                    train={"global_batch": 8, "micro_batch": 4, "steps": 3},
+                    train={"global_batch": 8, "micro_batch": 4, "steps": 3,
+                           "weights_dtype": "fp64"},  # the comparison holds on any CPU
                     checkpoint={"every": 2})
     run_training(var_config(tmp_path / "single", files, **sections))
     two = {**sections, "train": {**sections["train"], "parallel": parallel}}
@@ -333,8 +301,7 @@ def test_two_processes_match_one_accumulating(tmp_path, parallel):
     for name in ("final.safetensors", "final_ema.safetensors"):
         single = var.load(tmp_path / "single" / name).state_dict()
         multi = var.load(tmp_path / "multi" / name).state_dict()
-        for key, value in single.items():
-            torch.testing.assert_close(multi[key], value, rtol=1e-5, atol=1e-6)
+        assert_same_run(single, multi)
     if parallel == "fsdp":  # sharded checkpoints: killed after step 3 (saved at 2), resumed
         broken = var_config(tmp_path / "broken", files, **two)
         launch(broken, kill=3)

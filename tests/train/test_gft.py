@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from _support import Killed, kill_after
 from ccalign.align import gft_token_logprobs
 from ccalign.cli import main
 from ccalign.conditions import ClassLabels
@@ -22,8 +21,9 @@ from ccalign.train import TrainConfig, load_config, run_training
 from ccalign.train.objectives import GFTObjective
 from ccalign.train.state import list_checkpoints
 from ccalign.weights import CheckpointMismatchError
-from test_ddp import launch
-from test_train import REPO
+from support import REPO
+from support.numerics import assert_same_run
+from support.processes import Killed, kill_after, launch
 
 TINY = dict(grid=3, dim=32, n_layer=2, n_head=4, vocab_size=40, num_classes=5)
 NULL = TINY["num_classes"]
@@ -419,10 +419,10 @@ def test_keyed_beta_draws_are_the_rows_own_whatever_the_micro_batch(tmp_path):
     finals = []
     for micro in (4, 1):
         out = tmp_path / f"micro{micro}"
-        run_training(gft_config(out, str(init), str(codes), 0.0, micro_batch=micro, steps=2))
+        run_training(gft_config(out, str(init), str(codes), 0.0, micro_batch=micro, steps=2,
+                                weights_dtype="fp64"))
         finals.append(llamagen.load(out / "final.safetensors").state_dict())
-    for key, value in finals[0].items():
-        torch.testing.assert_close(finals[1][key], value, rtol=1e-5, atol=1e-6)
+    assert_same_run(*finals)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -433,11 +433,10 @@ def test_two_processes_match_one_process(tmp_path, parallel):
     labels, tokens = batch(16, seed=2)
     codes = tmp_path / "codes.safetensors"
     write_flat_codes(codes, tokens, labels, vocab_size=TINY["vocab_size"], grid=TINY["grid"])
-    sizes = dict(global_batch=8, micro_batch=4, steps=3)
+    sizes = dict(global_batch=8, micro_batch=4, steps=3, weights_dtype="fp64")
     run_training(gft_config(tmp_path / "single", str(init), str(codes), 0.0, **sizes))
     launch(gft_config(tmp_path / "multi", str(init), str(codes), 0.0, parallel=parallel, **sizes))
     single = llamagen.load(tmp_path / "single" / "final.safetensors").state_dict()
     multi = llamagen.load(tmp_path / "multi" / "final.safetensors").state_dict()
     assert multi["t_embedder.mlp.2.weight"].any()
-    for key, value in single.items():
-        torch.testing.assert_close(multi[key], value, rtol=1e-5, atol=1e-6)
+    assert_same_run(single, multi)

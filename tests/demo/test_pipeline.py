@@ -94,9 +94,8 @@ def test_family_settings_and_methods(tmp_path):
 
 def test_bundled_files_fit_the_25_mb_budget():
     import subprocess
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    from support import REPO as root
     if not (root / ".git").exists():
         pytest.skip("not a git checkout")
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)

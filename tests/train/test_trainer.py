@@ -5,23 +5,17 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import Dataset
 
-from _support import Killed, kill_after
 from ccalign.cli import main
-from ccalign.data.codes import write_flat_codes
 from ccalign.models import llamagen
 from ccalign.train import (
     LRSchedule,
     NonFiniteLossError,
-    TrainConfig,
     Trainer,
     load_config,
     param_groups,
@@ -30,89 +24,19 @@ from ccalign.train import (
 from ccalign.train.distributed import BatchPlan, keyed_row_mask
 from ccalign.train.state import latest_checkpoint, list_checkpoints
 from ccalign.weights import load_weights
-
-GRID, VOCAB, CLASSES = 4, 32, 5
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(dropout: float = 0.0, seed: int = 0) -> llamagen.LlamaGen:
-    """A 2-layer model with a non-zero output head (the released init zeroes it)."""
-    torch.manual_seed(seed)
-    model = llamagen.build(
-        "custom",
-        grid=GRID,
-        dim=32,
-        n_layer=2,
-        n_head=4,
-        vocab_size=VOCAB,
-        num_classes=CLASSES,
-        token_dropout=dropout,
-        resid_dropout=dropout,
-        ffn_dropout=dropout,
-    )
-    nn.init.normal_(model.output.weight, std=0.2)
-    return model
-
-
-class RandomCodes(Dataset):
-    """In-memory (tokens, label) pairs."""
-
-    def __init__(self, n: int, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        self.tokens = torch.randint(0, VOCAB, (n, GRID * GRID), generator=g)
-        self.labels = torch.randint(0, CLASSES, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.tokens[i], self.labels[i]
-
-
-def make_config(out: Path, **sections) -> TrainConfig:
-    raw = {
-        "method": {"name": "cca", "beta": 0.5, "lam": 10.0},
-        "optim": {"lr": 1e-3},
-        "train": {
-            "global_batch": 8,
-            "micro_batch": 4,
-            "steps": 2,
-            "device": "cpu",
-            "precision": "fp32",
-            "progress": False,
-        },
-        "checkpoint": {"out": str(out), "every": 100},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return TrainConfig.from_dict(raw)
-
-
-def capture_grads(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
-    """Record every parameter's gradient right before each optimizer step."""
-    seen: list[dict[str, torch.Tensor]] = []
-
-    def hook(optimizer, args, kwargs):
-        seen.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
-
-    trainer.optimizer.register_step_pre_hook(hook)
-    return seen
-
-
-def write_files(folder: Path, n: int = 16, dropout: float = 0.0, labels=None) -> tuple[str, str]:
-    model = tiny_model(dropout)
-    init = folder / "init.safetensors"
-    llamagen.save(model, init)
-    data = RandomCodes(n)
-    codes = folder / "codes.safetensors"
-    write_flat_codes(
-        codes, data.tokens, data.labels if labels is None else labels, vocab_size=VOCAB, grid=GRID
-    )
-    return str(init), str(codes)
-
-
-def load_final(path: Path) -> dict[str, torch.Tensor]:
-    return llamagen.load(path).state_dict()
+from support import REPO
+from support.processes import Killed, kill_after
+from support.tiny import (
+    CLASSES,
+    GRID,
+    VOCAB,
+    RandomCodes,
+    capture_grads,
+    load_final,
+    make_config,
+    tiny_model,
+    write_files,
+)
 
 
 # ---- losses and gradients against independent transcriptions ----

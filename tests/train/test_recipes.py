@@ -14,7 +14,8 @@ from ccalign.demo.pipeline import BASE_MODEL
 from ccalign.models import llamagen
 from ccalign.tokenizers import load as load_tokenizer
 from ccalign.train import TrainConfig, Trainer, load_config
-from test_train import REPO, RandomCodes, make_config, tiny_model
+from support import REPO
+from support.tiny import RandomCodes, make_config, tiny_model
 
 
 def first_record(config: TrainConfig, model: nn.Module, data) -> dict:

@@ -15,7 +15,8 @@ from ccalign.models import llamagen
 from ccalign.train import NonFiniteLossError, run_training
 from ccalign.train.rundir import RunLock
 from ccalign.train.state import latest_checkpoint, list_checkpoints
-from test_train import REPO, load_final, make_config, tiny_model, write_files
+from support import REPO
+from support.tiny import load_final, make_config, tiny_model, write_files
 
 
 def finetune_args(init: str, codes: str, out: Path) -> list[str]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ccalign.multiscale import MultiScaleQuantizer
 from ccalign.tokenizers import ImageTokenizer, files, var_vq
 from ccalign.weights import CheckpointMismatchError
-from test_var_model import area_matrix, bicubic_matrix, resample
+from support.resampling import area_matrix, bicubic_matrix, resample
 
 TINY = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
             patch_nums=(1, 2, 3, 4))

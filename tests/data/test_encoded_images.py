@@ -14,8 +14,8 @@ from ccalign.data.codes import open_codes, validate_codes
 from ccalign.data.encoded import EncodedImages
 from ccalign.models import llamagen
 from ccalign.train.config import TrainConfig
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 VOCAB, GRID, SIDE = 64, 7, 28
 COUNTS = {"ant": 3, "bee": 3, "cat": 2}  # images per class folder; labels follow sorted names
 

@@ -10,7 +10,8 @@ import torch
 from ccalign.cli import main
 from ccalign.models import var
 from ccalign.tokenizers import var_vq
-from test_var_sample import TINY, tiny
+from support.tiny_var import SAMPLER_TINY as TINY
+from support.tiny_var import random_var as tiny
 
 VQ = dict(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
           patch_nums=(1, 2, 3, 4))

@@ -15,6 +15,7 @@ from ccalign.models import llamagen
 from ccalign.sample import RunConfig, Sampler, image_grid, plan_labels, run_sampling, sample_grid
 from ccalign.sample.runner import shard_seed, weights_fingerprint
 from ccalign.tokenizers.base import ImageTokenizer
+from support.tiny import random_model
 
 
 class CodebookTokenizer:
@@ -39,14 +40,7 @@ class CodebookTokenizer:
 
 
 def tiny_model(seed: int = 0) -> llamagen.LlamaGen:
-    torch.manual_seed(seed)
-    model = llamagen.build(
-        "custom", grid=4, dim=32, n_layer=1, n_head=2, vocab_size=64, num_classes=5
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    return random_model(seed, dim=32, n_layer=1, n_head=2, num_classes=5)
 
 
 def config(**changes) -> RunConfig:

@@ -8,23 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from _support import Killed, kill_after
 from ccalign.cli import main
 from ccalign.models import llamagen
-from ccalign.train import TrainConfig, Trainer, load_config, make_optimizer
+from ccalign.train import TrainConfig, Trainer, load_config, make_optimizer, run_training
 from ccalign.train import memory as M
 from ccalign.train.precision import CompensatedAdamW, cast_parameters, round_stochastic
 from ccalign.train.state import latest_checkpoint
 from ccalign.train.trainer import enable_activation_checkpointing
-from test_train import (
-    REPO,
-    RandomCodes,
-    load_final,
-    make_config,
-    run_training,
-    tiny_model,
-    write_files,
-)
+from support import REPO
+from support.processes import Killed, kill_after, launch
+from support.tiny import RandomCodes, load_final, make_config, run_config, tiny_model, write_files
 
 #: parameter counts of the released models (docs: reference-models.md)
 PRESET_PARAMETERS = {
@@ -384,7 +377,6 @@ def test_finetune_dry_run_prints_the_plan_without_files(capsys):
 def test_fsdp_with_bf16_weights_resumes_bitwise(tmp_path):
     """Two FSDP processes (gloo) with bf16 weights: the sharded float32 moments and remainders
     go through a gathered checkpoint and back, and the resumed run ends bitwise equal."""
-    from test_ddp import launch, run_config
 
     init, codes = write_files(tmp_path, n=24)
     two = {"parallel": "fsdp", "weights_dtype": "bf16"}

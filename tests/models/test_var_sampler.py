@@ -8,18 +8,7 @@ import torch
 
 from ccalign.models import var
 from ccalign.models.var import sampler as var_sample
-
-TINY = dict(depth=2, dim=32, n_head=2, patch_nums=(1, 2, 3, 4), vocab_size=16, vae_dim=4,
-            num_classes=5)
-
-
-def tiny(seed: int = 0) -> var.VAR:
-    torch.manual_seed(seed)
-    model = var.build("custom", **TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.7 if name.startswith("quantizer.") else 0.2))
-    return model.eval()
+from support.tiny_var import random_var as tiny
 
 
 def recording(model: var.VAR) -> list[torch.Tensor]:

@@ -9,14 +9,18 @@ import pytest
 from ccalign.cli import main
 from ccalign.models import llamagen
 from ccalign.sample import plan_labels
-from test_sample_run import tiny_model
+from support.tiny import random_model
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
     path = tmp_path / "model.safetensors"
-    llamagen.save(tiny_model(), path)  # grid 4, dim 32, 1 layer, 2 heads, 5 classes
+    llamagen.save(small_model(), path)  # grid 4, dim 32, 1 layer, 2 heads, 5 classes
     return path
+
+
+def small_model(seed: int = 0):
+    return random_model(seed, dim=32, n_layer=1, n_head=2, num_classes=5)
 
 
 def sample(checkpoint, out, *options) -> int:
@@ -74,7 +78,7 @@ def test_resume_after_the_checkpoint_file_was_replaced_is_refused(checkpoint, tm
     moved = tmp_path / "elsewhere" / "same.safetensors"
     moved.parent.mkdir()
     moved.write_bytes(checkpoint.read_bytes())
-    llamagen.save(tiny_model(seed=1), checkpoint)  # other weights at the same path
+    llamagen.save(small_model(seed=1), checkpoint)  # other weights at the same path
     capsys.readouterr()
     assert sample(checkpoint, out, "--per-class", "1", "--cfg-scale", "2") == 1
     err = one_line_error(capsys)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from _support import Killed, kill_after
 from ccalign.data.codes import open_codes
 from ccalign.models import var
 from ccalign.models.var import generate
@@ -21,10 +20,10 @@ from ccalign.train import TrainConfig, load_config, run_training
 from ccalign.train.ddo import FileNegatives, OnlineNegatives, negative_seed, step_rows
 from ccalign.train.distributed import BatchPlan
 from ccalign.train.state import list_checkpoints
-from test_ddo import write_files as write_llamagen_files
-from test_var_train import SEQ, tiny_pair, write_var_files
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
+from support.processes import Killed, kill_after
+from support.tiny import write_files as write_llamagen_files
+from support.tiny_var import SEQ, tiny_pair, write_var_files
 
 
 def ddo_var_config(out: Path, files: dict, *, vae: bool = False, **method) -> TrainConfig:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from scipy import stats
 
-from ccalign.models import llamagen
 from ccalign.sample import (
     Sampler,
     filter_logits,
@@ -18,19 +17,7 @@ from ccalign.sample import (
     guidance_scales,
     linear_ramp,
 )
-
-
-def random_model(seed: int = 0, std: float = 0.3, **sizes) -> llamagen.LlamaGen:
-    """A tiny LlamaGen with every weight random (the released init zeroes the output head)."""
-    torch.manual_seed(seed)
-    config = dict(grid=4, dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10)
-    config.update(sizes)
-    model = llamagen.build("custom", **config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model.eval()
-
+from support.tiny import random_model
 
 # ---- KV cache vs teacher forcing ----
 

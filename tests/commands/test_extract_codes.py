@@ -20,6 +20,7 @@ from ccalign.data.images import (
     views,
 )
 from ccalign.tokenizers import VQConfig, VQModel, load, save
+from support.fashion import write_fake_fashion_mnist
 
 SIZE = 16  # crops of 16 px, tokenizer downsampling 4 -> 4x4 = 16 codes per view
 
@@ -239,7 +240,6 @@ def test_refuses_to_resume_with_other_settings(tmp_path):
 
 
 def test_fashion_mnist_source_writes_flat_codes(tmp_path, monkeypatch):
-    from test_fashion_mnist import write_fake_fashion_mnist
 
     images, labels = write_fake_fashion_mnist(tmp_path / "fm", train=6, test=3)
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ from ccalign.tokenizers import FMNIST_VQ_PATH, ImageTokenizer, build, load, save
 from ccalign.tokenizers.llamagen_vq import VQConfig, VQModel, config_from_state_dict, preset_name
 from ccalign.tokenizers.small_vq import TrainSettings, evaluate, restart_dead_codes, train
 from ccalign.weights import CheckpointMismatchError
+from support.fashion import write_fake_fashion_mnist
 
 TINY = dict(codebook_size=64, codebook_embed_dim=4, ch=16, ch_mult=(1, 2), num_res_blocks=1,
             z_channels=16, norm_groups=4, usage_window=32, image_size=8)
@@ -330,7 +331,6 @@ def test_train_tokenizer_command_writes_model_metrics_and_figure(tmp_path, capsy
     from PIL import Image
 
     from ccalign.cli import main
-    from test_fashion_mnist import write_fake_fashion_mnist
 
     _, labels = write_fake_fashion_mnist(tmp_path / "fm", train=32, test=20)
     out = tmp_path / "vq.safetensors"
@@ -352,7 +352,6 @@ def test_train_tokenizer_command_writes_model_metrics_and_figure(tmp_path, capsy
 def test_train_tokenizer_command_trains_the_multiscale_kind(tmp_path, capsys):
     from ccalign.cli import main
     from ccalign.tokenizers.var_vq import VarVQ
-    from test_fashion_mnist import write_fake_fashion_mnist
 
     write_fake_fashion_mnist(tmp_path / "fm", train=32, test=20)
     out = tmp_path / "msvq.safetensors"

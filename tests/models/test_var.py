@@ -14,6 +14,8 @@ from ccalign.tokenizers import var_vq
 from ccalign.train.optim import param_groups
 from ccalign.train.trainer import enable_activation_checkpointing
 from ccalign.weights import CheckpointMismatchError
+from support.resampling import area_matrix, bicubic_matrix, resample
+from support.tiny import make_config
 
 #: key count and parameter count of the released files (VAR's README / build_vae_var)
 OFFICIAL = {
@@ -98,37 +100,6 @@ def test_init_follows_vars_init_weights():
 
 
 # ---- an independent float64 re-derivation of VAR's teacher-forced logits ----
-def bicubic_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """(out, in) float64 weights of bicubic resampling (Keys, a = -0.75, half-pixel centres,
-    edge taps clamped): resample a map x as M_h x M_w^T."""
-
-    def cubic(d: float) -> float:
-        d, a = abs(d), -0.75
-        if d <= 1:
-            return (a + 2) * d**3 - (a + 3) * d**2 + 1
-        return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a if d < 2 else 0.0
-
-    m = torch.zeros(size_out, size_in, dtype=torch.float64)
-    for o in range(size_out):
-        src = (o + 0.5) * size_in / size_out - 0.5
-        base = math.floor(src)
-        for tap in range(-1, 3):
-            m[o, min(max(base + tap, 0), size_in - 1)] += cubic(src - (base + tap))
-    return m
-
-
-def area_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """(out, in) float64 weights of area downsampling: the mean over cells
-    [floor(o in / out), ceil((o + 1) in / out))."""
-    m = torch.zeros(size_out, size_in, dtype=torch.float64)
-    for o in range(size_out):
-        lo, hi = (o * size_in) // size_out, -(-(o + 1) * size_in // size_out)
-        m[o, lo:hi] = 1 / (hi - lo)
-    return m
-
-
-def resample(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return m @ x @ m.T
 
 
 def reference_inputs(model: var.VAR, tokens: torch.Tensor) -> torch.Tensor:
@@ -404,7 +375,6 @@ def test_trainer_fine_tunes_a_var_model_like_llamagen(tmp_path):
     """CCA steps with activation checkpointing and an EMA: the transformer moves, the frozen
     quantiser does not, and every saved float stays finite."""
     from ccalign.train.trainer import Trainer
-    from test_train import make_config
 
     model = tiny().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
