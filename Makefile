@@ -3,8 +3,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# the portable kernels: float comparisons between code paths must hold on any CPU
+PORTABLE := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1
 
-.PHONY: setup demo demo-var compare test lint
+.PHONY: setup demo demo-var compare test test-fast test-numerics lint example
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -20,8 +22,20 @@ demo-var: setup
 compare: setup
 	$(BIN)/ccalign demo --methods cca,gft,ddo --out runs/compare
 
+example: setup
+	$(BIN)/python examples/own_family.py
+
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the edit loop: everything but the tests marked slow (worker processes, end-to-end demos)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# the tests that compare floats of two code paths, again on the portable kernels (CI runs it)
+test-numerics: setup
+	$(PORTABLE) $(BIN)/python -m pytest -q -m numerics
+
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/lint-imports

@@ -218,6 +218,7 @@ def sampled(problem, objective):
         return model.distributions().double()
 
 
+@pytest.mark.slow
 def test_sampled_cca_training_reaches_the_exact_optimum(problem, exact_optimum):
     reached = sampled(problem, cca_loss)
     assert theory.total_variation(reached, exact_optimum).max().item() < TOLERANCE
@@ -234,6 +235,7 @@ def flipped_sign_cca(policy_pos, policy_neg, ref_pos, ref_neg, neg_is_positive, 
     return cca_loss(policy_pos, policy_neg, ref_pos, ref_neg, ~neg_is_positive, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", [dpo_loss, flipped_sign_cca], ids=["dpo", "flipped"])
 def test_a_wrong_loss_misses_the_optimum(problem, exact_optimum, objective):
     reached = sampled(problem, objective)

@@ -84,6 +84,7 @@ def test_cfg_curve_interpolation():
     assert cfg_fid_at(0.95, curve) is None and cfg_fid_at(0.7, curve) is None
 
 
+@pytest.mark.slow
 def test_quick_comparison_runs_end_to_end(tmp_path):
     fashion_mnist.find_folder()  # the embedded data set must be installed (scripts/setup.sh)
     out = tmp_path / "demo"

@@ -27,6 +27,7 @@ def test_plan_covers_base_cfg_cca_and_sweeps():
     assert len([r for r in swept if r["family"] == "base + CFG scale"]) == 7
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path):
     fashion_mnist.find_folder()  # the embedded data set must be installed (scripts/setup.sh)
     out = tmp_path / "demo"
@@ -49,6 +50,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
 
 
+@pytest.mark.slow
 def test_quick_var_demo_runs_end_to_end(tmp_path):
     from ccalign.demo.bundles import BUNDLES
     from ccalign.models import var

@@ -205,6 +205,7 @@ def test_train_classifier_reports_missing_data(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not (fashion_mnist.SYSTEM_FOLDER / "t10k-images-idx3-ubyte.gz").exists(),
                     reason="Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
+@pytest.mark.slow
 def test_bundled_classifier_reaches_its_recorded_test_accuracy():
     from ccalign.eval.classifier import classifier_metadata
 

@@ -171,6 +171,7 @@ def test_class_token_query_and_key_are_zero():
     assert torch.all(q[:, 0] == 0) and q[:, 1:].abs().sum() > 0
 
 
+@pytest.mark.numerics
 def test_sequence_logprob_equals_naive_values_and_gradients():
     model = tiny(grid=4).train()
     for m in model.modules():  # deterministic: no dropout randomness between the two passes
@@ -285,6 +286,7 @@ def test_save_load_round_trip_and_no_cache_in_files(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporaries
 
 
+@pytest.mark.numerics
 def test_cached_decode_matches_teacher_forcing():
     model = tiny()
     labels, tokens = torch.tensor([2, 5]), torch.randint(0, 40, (2, 9))

@@ -22,6 +22,7 @@ from support.tiny import random_model
 # ---- KV cache vs teacher forcing ----
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("cache_rows", [3, 8])
 def test_cached_decode_matches_teacher_forced_logits(cache_rows):
     model = random_model()
@@ -203,6 +204,7 @@ def exact_distribution(model, label: int, scale: float, top_k: int = 0) -> dict[
 
 
 # 0.0 = the unconditional model, 0.5 interpolates (LlamaGen would sample both guidance-free)
+@pytest.mark.slow
 @pytest.mark.parametrize("scale,top_k", [(1.0, 0), (2.5, 0), (3.0, 2), (0.5, 0), (0.0, 0)])
 def test_sample_distribution_is_exact(scale, top_k):
     model = random_model(seed=3, std=0.5, grid=2, dim=16, n_head=2, vocab_size=3, num_classes=2)

@@ -29,6 +29,7 @@ def per_scale(model: var.VAR, logits: torch.Tensor) -> list[torch.Tensor]:
     return [logits[:, a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
+@pytest.mark.numerics
 def test_cached_generation_reproduces_teacher_forced_logits():
     model = tiny()
     seen = recording(model)

@@ -380,6 +380,8 @@ def ddo_worker(rank: int, world: int, port: int, config: TrainConfig) -> None:
     run_training(config)
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 @pytest.mark.parametrize(("parallel", "source"), [("ddp", "online"), ("fsdp", "file")])
 def test_two_processes_draw_the_same_negatives_and_updates(tmp_path, parallel, source):
     """1 process x 2 micro-batches vs 2 processes x 1: the same negatives, the same model."""

@@ -93,6 +93,7 @@ def test_killed_and_resumed_var_round_is_bitwise_identical(tmp_path, source):
     assert logs[0] == logs[1] and len(logs[0]) == 4 and all(np.isfinite(logs[0]))
 
 
+@pytest.mark.slow
 def test_var_rounds_chain_with_the_vqvae_and_retokenized_negatives(tmp_path):
     """Round 2 samples from round 1's VAR, which carries the quantiser of model.vae."""
     files = write_var_files(tmp_path)
@@ -142,6 +143,7 @@ def test_retokenize_encodes_the_decoded_8bit_images(monkeypatch):
         sampler.generate(labels, temperature=0.5)
 
 
+@pytest.mark.slow
 def test_a_retokenized_round_records_its_vqvae_and_refuses_another_setting(tmp_path):
     files = write_var_files(tmp_path)
     config = ddo_var_config(tmp_path / "run", files, vae=True, negatives_retokenize=True)

@@ -16,6 +16,8 @@ from support.processes import launch
 from support.tiny import CLASSES, GRID, VOCAB, run_config, tiny_model
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_single_process_accumulation(tmp_path, parallel):
     model = tiny_model()  # seed 0, no dropout

@@ -409,6 +409,7 @@ def test_recipe_configs_state_the_released_fine_tuning_settings(name):
     assert config.train.global_batch == 256 and config.train.precision == "bf16"
 
 
+@pytest.mark.numerics
 def test_keyed_beta_draws_are_the_rows_own_whatever_the_micro_batch(tmp_path):
     """beta comes from (seed, step, global position): 4 micro-steps of 1 = 1 step of 4."""
     init = tmp_path / "init.safetensors"
@@ -425,6 +426,8 @@ def test_keyed_beta_draws_are_the_rows_own_whatever_the_micro_batch(tmp_path):
     assert_same_run(*finals)
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, parallel):
     """Both passes go through the wrapped forward: DDP and FSDP make one process's updates."""

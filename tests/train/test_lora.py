@@ -147,6 +147,7 @@ def test_policy_only_runs_the_reference_in_eval_mode_and_restores_the_policy(tmp
     assert trainable and all(trainable)
 
 
+@pytest.mark.numerics
 def test_activation_checkpointing_recomputes_with_the_adapters_on(tmp_path):
     """Blocks recomputed in backward (after the reference ran with adapters off) give the same
     gradients as stored activations, dropout masks included."""
@@ -290,6 +291,8 @@ def worker(rank: int, world: int, port: int, config: TrainConfig) -> None:
     run_training(config)
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_two_ddp_processes_match_one_accumulating_process(tmp_path):
     """The reference forward bypasses DDP; the adapters' updates match one process's."""
     init, codes = write_files(tmp_path, dropout=0.0)

@@ -374,6 +374,7 @@ def test_finetune_dry_run_prints_the_plan_without_files(capsys):
     assert f"{plan.total / M.GIB:.2f} GiB" in out
 
 
+@pytest.mark.slow
 def test_fsdp_with_bf16_weights_resumes_bitwise(tmp_path):
     """Two FSDP processes (gloo) with bf16 weights: the sharded float32 moments and remainders
     go through a gathered checkpoint and back, and the resumed run ends bitwise equal."""

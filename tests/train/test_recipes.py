@@ -36,6 +36,7 @@ def demo_codes() -> TensorDataset:
     return TensorDataset(codes.reshape(128, -1).long(), torch.from_numpy(labels[:128]).long())
 
 
+@pytest.mark.slow
 def test_d_at_step_one_is_unbiased_for_consistent_dropout_on_the_demo_model(tmp_path, demo_codes):
     """The bundled base model has dropout 0.1: its data log-likelihood is ~4 nats lower in train
     mode. A policy with dropout against a reference without starts at D ~ -4; both modes that
@@ -99,9 +100,10 @@ def test_micro_batch_of_one_is_refused_for_contrastive_objectives(method):
 def test_official_clip_on_the_summed_gradient_equals_ours_on_the_mean():
     """The official trainer sums 16 micro-batch losses and clips at 1.0; averaging and clipping
     at 1/16 gives the same AdamW update (the configs' grad_clip = 0.0625)."""
-    torch.manual_seed(0)
-    micro = [(torch.randn(2, 8), torch.randn(2, 4)) for _ in range(16)]
-    models = [nn.Linear(8, 4), nn.Linear(8, 4)]
+    torch.manual_seed(0)  # float64: the two scalings round differently in float32
+    micro = [(torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
+             for _ in range(16)]
+    models = [nn.Linear(8, 4).double(), nn.Linear(8, 4).double()]
     models[1].load_state_dict(models[0].state_dict())
     for model, scale, clip in ((models[0], 1.0, 1.0), (models[1], 1.0 / 16, 1.0 / 16)):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-12)
@@ -111,7 +113,8 @@ def test_official_clip_on_the_summed_gradient_equals_ours_on_the_mean():
         assert norm > clip  # the clip is active in both
         optimizer.step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        # the same update but for AdamW's eps against the rescaled moments: eps / |g| ~ 1e-8
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=0)
 
 
 def test_clipped_steps_and_step_one_are_logged(tmp_path):

@@ -26,6 +26,9 @@ from support.numerics import assert_same_run
 from support.processes import Killed, become_rank, free_port, kill_after
 from support.tiny import CLASSES, GRID, VOCAB, tiny_model
 
+#: every test here runs worker processes and compares runs across them
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> tuple[str, str]:
@@ -202,8 +205,7 @@ def test_one_process_checkpoint_resumes_on_two_processes(files, straight, tmp_pa
     last = tmp_path / "run" / "checkpoints" / "step_00000006"  # under DDP: each rank writes half
     assert {p.name for p in last.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     for a, b in zip(final_states(straight), final_states(tmp_path / "run"), strict=True):
-        for key, value in a.items():
-            torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6)
+        assert_same_run(a, b)
 
 
 def test_full_file_checkpoints_still_resume_and_rotate_with_folders(files, tmp_path):

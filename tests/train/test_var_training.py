@@ -284,6 +284,8 @@ def test_export_round_trips_give_identical_logits(tmp_path, capsys):
     assert "official VAR file: set model.name to its preset (--model" in capsys.readouterr().err
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_accumulating(tmp_path, parallel):
     """gloo, 2 processes: DDP, and FSDP sharding VAR's blocks (and the root with the frozen
