@@ -312,6 +312,35 @@ def test_export_safetensors_with_config_json_from_a_registry_name(cache, tiny_pr
     assert torch.equal(logits(exported), logits(model))
 
 
+def test_export_a_gft_release_by_name(cache, monkeypatch, tmp_path):
+    """A GFT release is a LlamaGen model with a beta embedding: export reads it by name (the
+    exporters were keyed by registry family, and "gft" had none: a KeyError)."""
+    monkeypatch.setitem(llamagen.PRESETS, "GPT-tiny", TINY)
+    entry = hub.REGISTRY["gft-llamagen-L-384"]
+    monkeypatch.setitem(
+        hub.REGISTRY, entry.name, dataclasses.replace(entry, preset="GPT-tiny", grid=4)
+    )
+    torch.manual_seed(0)
+    model = llamagen.build("GPT-tiny", grid=4, beta_embedding=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    put(cache, entry.repo, entry.file, official_bytes(model.state_dict(), tmp_path))
+    out = tmp_path / "export" / "gft.safetensors"
+    assert main(["export", "gft-llamagen-L-384", "--format", "safetensors", "--out", str(out)]) == 0
+    exported = llamagen.load(out).eval()
+    assert exported.config.beta_embedding and exported.accepts_beta
+    tokens = torch.randint(0, model.vocab_size, (2, model.seq_len))
+    labels = torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(exported.logits(labels, tokens, beta=0.7),
+                           model.eval().logits(labels, tokens, beta=0.7))
+    official = tmp_path / "export" / "gft.pt"
+    assert main(["export", "gft-llamagen-L-384", "--format", "official", "--out",
+                 str(official)]) == 0
+    assert "t_embedder.mlp.0.weight" in torch.load(official, weights_only=True)["model"]
+
+
 def test_eval_takes_its_feature_network_as_an_hf_uri(cache, tmp_path):
     from ccalign.eval.classifier import ClassifierConfig, FashionClassifier, save_classifier
 

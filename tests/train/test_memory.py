@@ -11,6 +11,7 @@ from torch import nn
 from ccalign.cli import main
 from ccalign.models import llamagen
 from ccalign.train import TrainConfig, Trainer, load_config, make_optimizer, run_training
+from ccalign.train import lora as L
 from ccalign.train import memory as M
 from ccalign.train.precision import CompensatedAdamW, cast_parameters, round_stochastic
 from ccalign.train.state import latest_checkpoint
@@ -372,6 +373,45 @@ def test_finetune_dry_run_prints_the_plan_without_files(capsys):
         80 * M.GIB,
     )
     assert f"{plan.total / M.GIB:.2f} GiB" in out
+
+
+def test_the_plan_follows_the_method_gft_holds_no_reference_and_one_row_per_image():
+    """GFT trains one conditional row per image and holds no reference copy (the plan charged
+    CCA's two rows and a reference); its beta embedding is counted."""
+    gft = M.plan_from_config(load_config(REPO / "configs" / "llamagen_3B_gft.toml"))
+    cca = M.plan_from_config(load_config(REPO / "configs" / "llamagen_3B.toml",
+                                         ["train.micro_batch=16"]))
+    assert (gft.rows, cca.rows) == (16, 32) and gft.micro_batch == cca.micro_batch == 16
+    assert gft.reference == 0 and cca.reference == cca.weights
+    beta_mlp = 256 * 3200 + 3200 + 3200 * 3200 + 3200  # t_embedder: two linear layers
+    assert gft.parameters == cca.parameters + beta_mlp
+    held = 16 * 576 * 3200 * 4  # the unconditional pass's hidden states, float32
+    plain = llamagen.FAMILY.activations(
+        meta_preset("GPT-3B").train(), 16, M.Dtypes(device_type="cpu"), False
+    )
+    assert gft.activations == plain.saved + held
+    ddo = M.plan_from_config(load_config(REPO / "configs" / "llamagen_L_ddo.toml"))
+    assert ddo.rows == round(ddo.micro_batch * (2 - 0.5)) and ddo.reference == ddo.weights
+
+
+def test_the_plan_counts_lora_adapters_only_as_trainable():
+    """With LoRA only the adapters have gradients and optimizer state, and the reference is the
+    same weights with the adapters off (the plan ignored LoRA)."""
+    config = load_config(REPO / "configs" / "llamagen_L.toml", ["method.lora.enabled=true"])
+    plan = M.plan_from_config(config)
+    with torch.device("meta"):
+        model = llamagen.build("GPT-L", grid=24)
+        base = model.num_parameters()
+        L.add_adapters(model, config.method.lora, seed=0)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if L.is_adapter_key(n))
+    assert plan.trainable == adapters and plan.parameters == base + adapters
+    assert plan.gradients == 4 * adapters and plan.reference == 0
+    assert plan.optimizer == M.optimizer_state_bytes(
+        [p for n, p in model.named_parameters() if L.is_adapter_key(n)], "adamw", torch.float32
+    )
+    assert plan.weights == 4 * (base + adapters)
+    full = M.plan_from_config(load_config(REPO / "configs" / "llamagen_L.toml"))
+    assert plan.activations > full.activations  # the adapters' rank-wide products
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ccalign.data.codes import open_codes, write_flat_codes
+from ccalign.io import read_safetensors
 from ccalign.models import families, var
 from ccalign.tokenizers import var_vq
 from ccalign.train import run_training
@@ -356,6 +357,20 @@ def test_lora_on_var_adapts_its_module_applied_layers_only(tmp_path):
     after = var.load(tmp_path / "b" / "final.safetensors").state_dict()
     assert not torch.equal(before["blocks.0.ffn.fc1.weight"], after["blocks.0.ffn.fc1.weight"])
     assert torch.equal(before["head.weight"], after["head.weight"])
+
+
+def test_lora_on_var_with_the_default_targets_adapts_vars_own_layers(tmp_path):
+    """No target_modules: the family's defaults (VAR's proj, fc1, fc2 and AdaLN projections),
+    not LlamaGen's layer names (which VAR refused: 'wqkv' matches no linear layer)."""
+    files = write_var_files(tmp_path)
+    run_training(var_config(tmp_path / "run", files, method={"lora": {"enabled": True}}))
+    adapters = read_safetensors(tmp_path / "run" / "final_lora.safetensors")
+    adapted = {key.split(".lora_")[0].removeprefix("base_model.model.") for key in adapters}
+    assert {"blocks.0.attn.proj", "blocks.1.ffn.fc1", "blocks.0.ffn.fc2",
+            "blocks.1.ada_lin.1", "head_nm.ada_lin.1"} <= adapted
+    assert not any(name.endswith(("mat_qkv", ".head")) for name in adapted)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["method"]["lora"]["target_modules"] == []  # the family's, resolved at run time
 
 
 def test_cli_finetune_official_var_file_from_images(tmp_path):
