@@ -236,11 +236,13 @@ COMMON_SAMPLING = ("cfg_scale", "top_k", "top_p")
 
 
 class BaseFamily:
-    """Shared parts of a family: the ccalign safetensors format, class labels, common options.
+    """Shared parts of a family: the ccalign safetensors format, specs read from presets or a
+    file's recorded config, class labels, the common sampling options.
 
-    A subclass sets the class attributes of :class:`ModelFamily` plus ``config_class`` and
-    implements ``config_for``, ``build``, ``sampler`` and ``activations``; ``load`` here reads
-    ccalign files (``load_official`` adds the official layout).
+    A subclass sets the class attributes of :class:`ModelFamily` plus ``config_class`` (a
+    dataclass with ``to_dict``) and implements ``sampler`` and ``activations``; the rest has
+    defaults here that a family overrides where its files or specs say more (an official layout,
+    a grid, a VQVAE).
     """
 
     config_class: type
@@ -273,6 +275,44 @@ class BaseFamily:
 
     def recognizes(self, path: PathLike) -> bool:
         return self.config_from_file(path) is not None
+
+    def config_for(self, spec: ModelSpec) -> Any:
+        """A ccalign file's recorded config, else the spec's preset; ``arch`` overrides."""
+        path = local_file(spec.init)
+        recorded = self.config_from_file(path) if path is not None else None
+        if recorded is not None:
+            return self.config_class(**{**recorded.to_dict(), **spec.arch})
+        if spec.preset not in self.presets and spec.preset != "custom":
+            raise ValueError(
+                f"{spec.preset!r} is not a {self.title} preset; choose one of "
+                f"{sorted(self.presets)} or 'custom' with model.arch"
+            )
+        return self.config_class(**{**self.presets.get(spec.preset, {}), **spec.arch})
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        """A fresh model of the spec's architecture (the model class's own init)."""
+        return self.model_class(self.config_for(spec))
+
+    def load(self, spec: ModelSpec, *, codec: Any = None) -> nn.Module:
+        """The model of a ccalign safetensors file, loaded strictly."""
+        from ccalign.io import read_safetensors
+        from ccalign.weights import load_weights
+
+        path = hub.resolve(spec.init, kind="model")
+        if self.config_from_file(path) is None:
+            raise ValueError(
+                f"{path} is not a ccalign {self.title} file (its metadata records no "
+                f"{self.metadata_key}); save models of this family with its save()"
+            )
+        model = self.build(ModelSpec(init=str(path), arch=spec.arch))
+        weights = read_safetensors(path)
+        return load_weights(keep_float64(model, weights), weights)
+
+    def load_tokenizer(self, source: PathLike, config: Any) -> Any:
+        """The image tokenizer file at ``source`` (``ccalign.tokenizers.load``)."""
+        from ccalign import tokenizers
+
+        return tokenizers.load(source)
 
     def save(self, model: nn.Module, path: PathLike, *, official: bool = False) -> None:
         if official:
