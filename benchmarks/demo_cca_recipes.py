@@ -1,4 +1,4 @@
-"""Score CCA recipes of the demo on guidance-free samples (the VAR demo's tuning, BENCHMARKS.md).
+"""Score CCA recipes of the demo on guidance-free samples (the VAR demo's tuning, docs/results.md).
 
 Each recipe is a JSON object of DemoSettings changes (``{"beta": 0.005, "lam": 10}``; ``"cfg"``
 samples with that CFG scale; ``"steps": 0`` scores the base model). Every recipe fine-tunes from

@@ -5,7 +5,6 @@ that take names, and `ccalign export` round trips."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,39 +22,10 @@ from ccalign.errors import UserError
 from ccalign.models import families, llamagen
 from ccalign.train.build import model_from_config
 from ccalign.train.config import ModelSection
+from support.hub import COMMIT_A, COMMIT_B, put
 
 LLAMAGEN = "FoundationVision/LlamaGen"
-COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 TINY = dict(n_layer=1, n_head=2, dim=32)
-
-
-def put(cache: Path, repo: str, file: str, data: bytes, commit: str = COMMIT_A,
-        refs: tuple[str, ...] = ("main",)) -> Path:
-    """Place ``data`` as ``file`` of ``repo`` at ``commit`` the way huggingface_hub caches it:
-    a blob named by its hash, a snapshot link to it, and refs naming the commit."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    blob.write_bytes(data)
-    link = folder / "snapshots" / commit / file
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(Path(*[".."] * (len(Path(file).parts) + 1), "blobs", blob.name))
-    for ref in refs:
-        (folder / "refs").mkdir(exist_ok=True)
-        (folder / "refs" / ref).write_text(commit)
-    return link
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face cache, offline: nothing may come from the network."""
-    root = tmp_path / "hf-cache"
-    root.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
-    return root
 
 
 @pytest.fixture

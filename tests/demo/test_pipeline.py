@@ -7,9 +7,12 @@ import torch
 
 from ccalign.cli import main
 from ccalign.data import fashion_mnist
-from ccalign.demo.pipeline import BASE_MODEL, plan_settings
+from ccalign.demo.bundles import BUNDLES
+from ccalign.demo.pipeline import plan_settings
 from ccalign.demo.settings import DemoSettings
 from ccalign.models import llamagen
+
+BASE_MODEL = BUNDLES["llamagen"].base_model  # the default demo's
 
 REQUIRED = {"name", "model", "cfg_scale", "fid", "accuracy", "precision", "recall", "images_per_s"}
 
@@ -52,7 +55,6 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_quick_var_demo_runs_end_to_end(tmp_path):
-    from ccalign.demo.bundles import BUNDLES
     from ccalign.models import var
 
     out = tmp_path / "demo_var"
@@ -73,7 +75,6 @@ def test_quick_var_demo_runs_end_to_end(tmp_path):
 
 
 def test_family_settings_and_methods(tmp_path):
-    from ccalign.demo.bundles import BUNDLES
 
     var_settings = DemoSettings.for_family("var")
     assert var_settings.base_model == BUNDLES["var"].base_model

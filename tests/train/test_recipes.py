@@ -10,12 +10,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ccalign.data import fashion_mnist
-from ccalign.demo.pipeline import BASE_MODEL
+from ccalign.demo.bundles import BUNDLES
 from ccalign.models import llamagen
 from ccalign.tokenizers import load as load_tokenizer
 from ccalign.train import TrainConfig, Trainer, load_config
 from support import REPO
 from support.tiny import RandomCodes, make_config, tiny_model
+
+BASE_MODEL = BUNDLES["llamagen"].base_model  # the default demo's
 
 
 def first_record(config: TrainConfig, model: nn.Module, data) -> dict:

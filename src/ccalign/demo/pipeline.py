@@ -30,7 +30,7 @@ import torch
 
 from ccalign.data import fashion_mnist
 from ccalign.data.codes import write_flat_codes
-from ccalign.demo import bundles, compare, recipes, report, single
+from ccalign.demo import compare, recipes, report, single
 from ccalign.demo.settings import DemoSettings
 from ccalign.eval import (
     conditional_accuracy,
@@ -43,8 +43,6 @@ from ccalign.eval import (
 )
 from ccalign.models import families
 from ccalign.tokenizers import load as load_tokenizer
-
-BASE_MODEL = bundles.BUNDLES["llamagen"].base_model
 
 
 def run_demo(settings: DemoSettings) -> dict:

@@ -21,7 +21,8 @@ class DemoSettings:
     """Everything the demo does; ``quick()`` shrinks it to a smoke run of about a minute.
 
     ``for_family`` applies a bundle's tuned settings (``ccalign.demo.bundles``) under the
-    caller's changes; ``base_model`` defaults to the bundle's base model.
+    caller's changes; ``base_model`` defaults to the bundle's base model. How each recipe
+    setting was chosen (and on which samples) is in docs/results.md.
     """
 
     out: Path = Path("runs/demo")
@@ -36,23 +37,19 @@ class DemoSettings:
     cfg_scales: tuple[float, ...] = (1.5, 2.0, 3.0)
     cca_cfg_scale: float = 1.5  # CCA + CFG
     beta: float = 0.5
-    lam: float = 30.0  # guidance-free accuracy of CFG 2 at a far lower FID (BENCHMARKS.md)
-    # Dropout off in policy and reference: exact D = 0 at step 1. On this model it beat keeping
-    # dropout in both (the official recipe) at matched accuracy: FID 29.5 vs 32.8 (BENCHMARKS).
-    dropout: str = "none"
+    lam: float = 30.0
+    dropout: str = "none"  # off in policy and reference: D = 0 exactly at step 1
     lr: float = 1e-4
     steps: int = 150
     pairs_per_step: int = 64
-    # --methods: which guidance-free fine-tunes to run and compare (methods.py: matched budget)
+    # --methods: which guidance-free fine-tunes to run and compare (recipes.py: matched budget)
     methods: tuple[str, ...] = ("cca",)
     gft_lr: float = 1e-4
-    # GFT's guidance-free row samples at beta = 1 / gft_scale: s = 1 had the lowest FID in a
-    # sweep over s = 1 / 1.25 / 1.5 / 2 / 3 at this budget, at the same accuracy (BENCHMARKS.md)
-    gft_scale: float = 1.0
+    gft_scale: float = 1.0  # GFT's guidance-free row samples at beta = 1 / gft_scale
     gft_curve_scales: tuple[float, ...] = (1.25, 1.5, 2.0)  # GFT's own curve (curve_samples)
     ddo_alpha: float = 50.0
     ddo_beta: float = 0.5
-    ddo_lr: float = 1e-5  # alpha 50: lr 1e-4 collapsed (FID 80); 1e-5 ties alpha 10 at 1e-4
+    ddo_lr: float = 1e-5
     ddo_rounds: int = 3  # the step budget split over the rounds
     ddo_uncond_ratio: float = 0.5
     sweep: bool = False

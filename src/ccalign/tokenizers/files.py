@@ -22,9 +22,9 @@ from ccalign.weights import check_state_dict, extract_state_dict
 
 METADATA_KEY = "ccalign.tokenizer"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-#: The small VQ trained on Fashion-MNIST that ships with the package (see BENCHMARKS.md).
+#: The small VQ trained on Fashion-MNIST that ships with the package (see docs/assets.md).
 FMNIST_VQ_PATH = ASSETS / "fmnist_vq.safetensors"
-#: The small multi-scale VQ of the VAR demo (scales 1, 2, 3, 5, 7; see BENCHMARKS.md).
+#: The small multi-scale VQ of the VAR demo (scales 1, 2, 3, 5, 7; see docs/assets.md).
 FMNIST_MSVQ_PATH = ASSETS / "fmnist_msvq.safetensors"
 ALIASES = {"fmnist-vq": FMNIST_VQ_PATH, "fmnist-msvq": FMNIST_MSVQ_PATH}
 #: Where LlamaGen's trainer keeps the weights of a VQ checkpoint, in order of preference. Its
@@ -87,7 +87,7 @@ def resolve_file(path: PathLike) -> Path:
         if not Path(path).exists():
             raise FileNotFoundError(
                 f"the bundled tokenizer {path} is missing; rebuild it with "
-                "`ccalign train-tokenizer` (the command is in BENCHMARKS.md)"
+                "`ccalign train-tokenizer` (the command is in docs/assets.md)"
             )
     path = resolve(path, kind="tokenizer")
     if not path.exists():
