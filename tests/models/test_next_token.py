@@ -291,3 +291,18 @@ def test_sampled_tokens_can_be_scored_with_gradients():
     tokens = Sampler(model).generate([1, 2], generator=torch.Generator().manual_seed(0))
     model(torch.tensor([1, 2]), tokens).sum().backward()  # e.g. training on own samples
     assert model.output.weight.grad is not None
+
+
+def test_non_finite_logits_are_refused_not_sampled():
+    """NaN weights, or a finite scale whose guided mix overflows, used to give tokens V - 1
+    everywhere and exit 0."""
+    model = random_model()
+    with pytest.raises(ValueError, match="logits that are not finite .* guidance \\(largest "
+                                         "scale 3e\\+38\\)"):
+        generate(model, [1, 2], cfg_scale=3e38)
+    broken = random_model()
+    with torch.no_grad():
+        broken.output.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weights may be damaged"):
+        generate(broken, [1, 2])
+    assert generate(model, [1, 2], cfg_scale=3.0).shape == (2, 16)  # large but finite: fine

@@ -136,3 +136,14 @@ def test_bf16_model_samples_and_scores_like_the_float32_one():
     torch.testing.assert_close(low, model.logits(labels, tokens), rtol=0, atol=0.1)
     torch.testing.assert_close(sampler.model(labels, tokens), model(labels, tokens),
                                rtol=0.02, atol=0.5)
+
+
+def test_non_finite_logits_are_refused_before_the_draw():
+    """VAR's draw raised torch's multinomial error on NaN; now one clear line."""
+    model = tiny()
+    with pytest.raises(ValueError, match="logits that are not finite .*\\(t 3e\\+38 at scale 0\\)"):
+        var_sample.generate(model, [0, 1], cfg_scale=3e38)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weights may be damaged"):
+        var_sample.generate(model, [0, 1])

@@ -27,6 +27,27 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
         )
 
 
+class FiniteCheck:
+    """Whether every logit a sampler drew from was finite, checked once at the end (one host
+    sync per batch, not per token): NaN weights, or a guidance scale whose mix overflows, would
+    otherwise draw the last token of the vocabulary everywhere without a word."""
+
+    def __init__(self, device: torch.device):
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def add(self, logits: torch.Tensor) -> FiniteCheck:
+        self.finite.logical_and_(torch.isfinite(logits).all())
+        return self
+
+    def check(self, scale: str) -> None:
+        if not bool(self.finite):
+            raise ValueError(
+                "the model gave logits that are not finite (NaN or inf): its weights may be "
+                f"damaged (load the file again, or check its training), or the guidance ({scale}) "
+                "overflows uncond + s (cond - uncond): use a smaller scale"
+            )
+
+
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off while sampling; the caller's train/eval flag is restored afterwards."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ccalign.models.filtering import check_sampling_args, filter_logits, sample_categorical
-from ccalign.models.generation import check_generator, eval_mode, resolve_device
+from ccalign.models.generation import FiniteCheck, check_generator, eval_mode, resolve_device
 from ccalign.models.guidance import (
     GuidanceScale,
     guidance_scales,
@@ -162,11 +162,13 @@ class Sampler:
         last_guided = last_guided_token(scales)
         self._ensure_cache(2 * batch if last_guided >= 0 else batch)
         out = torch.empty(batch, n, dtype=torch.long, device=self.device)
+        finite = FiniteCheck(self.device)
 
         def pick(logits: Tensor, t: int) -> Tensor:
             cond = logits[:batch]
             if scales[t] != 1.0:
                 cond = mix_guidance(cond, logits[batch : 2 * batch], scales[t])
+            finite.add(cond)
             return sample_categorical(filter_logits(cond, temperature, top_k, top_p), generator)
 
         with eval_mode(self.model):
@@ -180,6 +182,7 @@ class Sampler:
                 if t + 1 < n:
                     rows = 2 * batch if t + 1 <= last_guided else batch
                     logits = self._step(rows)(out[:, t], t + 1)
+        finite.check(f"largest scale {max(scales):g}")
         return out
 
     def release(self) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ccalign.models.generation import check_generator, eval_mode, resolve_device
+from ccalign.models.generation import FiniteCheck, check_generator, eval_mode, resolve_device
 from ccalign.models.guidance import GuidanceScale, check_scale, guidance_scales
 from ccalign.models.var.model import VAR
 from ccalign.multiscale import MultiScaleQuantizer
@@ -153,12 +153,13 @@ def generate(
             x = model.first_scale_input(cond)
             f_hat = torch.zeros(batch, cfg.vae_dim, quantizer.side, quantizer.side,
                                 device=labels.device)
-            codes = []
+            codes, finite = [], FiniteCheck(labels.device)
             for si, pn in enumerate(cfg.patch_nums):
                 logits = model.forward_scale(si, x, cond)
                 if guided:
                     t = weights[si]
                     logits = (1 + t) * logits[:batch] - t * logits[batch:]
+                finite.add(logits).check(f"t {weights[si]:g} at scale {si}")  # before the draw
                 logits = var_filter(logits, top_k, top_p)
                 idx, vectors = _draw_scale(logits, quantizer, si / last, more_smooth, generator)
                 codes.append(idx)
