@@ -49,11 +49,18 @@ def one_line_error(capsys) -> str:
         (["--per-class", "1", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
         (["--per-class", "1", "--top-p", "0"], "top_p must be in"),
         (["--labels", "random", "--per-class", "2"], "--labels random draws every label"),
+        # sizes are bounded before anything is built (these grew memory or a 988 MB line)
+        (["--num-samples", "99999999999999"], "more than one sampling run plans (10,000,000)"),
+        (["--classes", "0-99999999"], "lists more than 100,000 classes"),
+        (["--classes", "7-" + "9" * 5000], "--classes '7-99999999999999999999999999"),
+        (["--per-class", "1", "--classes", ",".join(map(str, range(5, 400)))],
+         "got 5, 6, 7, 8, 9 and 390 more"),
     ],
 )
 def test_unusable_options_end_in_one_clear_line(checkpoint, tmp_path, capsys, options, message):
     assert sample(checkpoint, tmp_path / "out", *options) == 1
-    assert message in one_line_error(capsys)
+    error = one_line_error(capsys)
+    assert message in error and len(error) < 300  # never an echo of unbounded input
     assert not (tmp_path / "out" / "tokens.npz").exists()
 
 

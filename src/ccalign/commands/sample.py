@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ccalign.errors import shorten
+
 HELP = "sample images from a checkpoint (tokens, PNGs, ADM .npz); resumable, multi-GPU via torchrun"
 
 
@@ -105,13 +107,26 @@ def check_family_options(family, args: argparse.Namespace) -> None:
                 )
 
 
+#: the most classes --classes may list (ImageNet has 1000); larger lists are typos
+MAX_CLASSES = 100_000
+
+
 def parse_classes(text: str) -> list[int]:
-    """'1,5,7-9' -> [1, 5, 7, 8, 9]; empty lists and reversed ranges ('3-1') are errors."""
+    """'1,5,7-9' -> [1, 5, 7, 8, 9]; empty lists, reversed ranges ('3-1') and lists of more than
+    ``MAX_CLASSES`` classes are errors (checked before anything is built)."""
     classes: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        classes.extend(_class_range(part, text))
+        span = _class_range(part, text)
+        if len(classes) + len(span) > MAX_CLASSES:
+            raise ValueError(
+                f"--classes {shorten(text)!r} lists more than {MAX_CLASSES:,} classes; give the "
+                "model's class indices (e.g. '0-999' for ImageNet)"
+            )
+        classes.extend(span)
     if not classes:
-        raise ValueError(f"--classes {text!r}: no class given; expected e.g. '1,5,207' or '0-9'")
+        raise ValueError(
+            f"--classes {shorten(text)!r}: no class given; expected e.g. '1,5,207' or '0-9'"
+        )
     return classes
 
 
@@ -121,10 +136,13 @@ def _class_range(part: str, text: str) -> range:
         low, _, high = part.partition("-") if "-" in part[1:] else (part, "", part)
         first, last = int(low), int(high)
     except ValueError:
-        raise ValueError(f"--classes {text!r}: expected indices like '1,5,207' or '0-9'") from None
+        raise ValueError(
+            f"--classes {shorten(text)!r}: expected indices like '1,5,207' or '0-9'"
+        ) from None
     if first > last:
         raise ValueError(
-            f"--classes {text!r}: the range {part!r} is empty; write low-high with low <= high"
+            f"--classes {shorten(text)!r}: the range {shorten(part)!r} is empty; write low-high "
+            "with low <= high"
         )
     return range(first, last + 1)
 

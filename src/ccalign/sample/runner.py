@@ -31,6 +31,9 @@ SAMPLES_FILE = "samples.npz"
 
 
 LABEL_MODES = ("balanced", "random")
+#: the most images one sampling run plans (50k is the usual FID protocol): a label list of this
+#: size is ~80 MB; larger runs are split over seeds
+MAX_SAMPLES = 10_000_000
 
 
 def plan_labels(
@@ -57,11 +60,18 @@ def plan_labels(
     chosen = list(range(num_classes)) if classes is None else [int(c) for c in classes]
     bad = [c for c in chosen if not 0 <= c < num_classes]
     if bad or not chosen:
-        raise ValueError(f"classes must be in [0, {num_classes - 1}]; got {bad or 'none'}")
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"classes must be in [0, {num_classes - 1}]; got {shown or 'none'}")
     if per_class is not None and per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {per_class}")
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    total = num_samples if num_samples is not None else (per_class or 1) * len(chosen)
+    if total > MAX_SAMPLES:
+        raise ValueError(
+            f"{total:,} images is more than one sampling run plans ({MAX_SAMPLES:,}); split the "
+            "work into runs with different --seed"
+        )
     if mode == "random":
         return _random_labels(chosen, per_class, num_samples, seed)
     if per_class is not None:
