@@ -335,6 +335,39 @@ def test_rounds_chain_and_resume_skips_finished_rounds(tmp_path):
     assert same_weights(second, tmp_path / "by_hand" / "final.safetensors")
 
 
+def test_a_killed_multi_round_run_is_resumed_only_with_its_own_init_and_recipe(tmp_path):
+    """The folder holds the run from its start: a rerun without --resume is refused (it reused
+    round 1 of another init and exited 0), a resume with another init or recipe is refused (round
+    1 kept the old recipe, round 2 took the new one), and --restart moves the run aside."""
+    init, codes = write_files(tmp_path)
+    out = tmp_path / "rounds"
+    config = ddo_config(out, init, codes, rounds=2)
+
+    def kill_in_round_2(trainer, record):
+        if trainer.config.method.round == 2 and record["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_training(config, callbacks=[kill_in_round_2])
+    other_init = tmp_path / "other.safetensors"
+    llamagen.save(tiny_model(seed=5), other_init)
+    again = ddo_config(out, str(other_init), codes, rounds=2)
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        run_training(again)
+    with pytest.raises(ValueError, match="the init weights .* differ from those its first round"):
+        run_training(again, resume=True)
+    changed = ddo_config(out, init, codes, rounds=2, beta=0.05)
+    changed.optim.lr = 1e-3
+    with pytest.raises(ValueError, match=r"different recipe \(method.beta: 0.5 -> 0.05; "
+                                         r"optim.lr: 0.01 -> 0.001\)"):
+        run_training(changed, resume=True)
+    assert json.loads((out / "config.json").read_text())["method"]["beta"] == 0.5
+    run_training(again, restart=True)  # moved aside, started over from the other init
+    assert json.loads((out / "config.json").read_text())["model"]["init"] == str(other_init)
+    (aside,) = tmp_path.glob("rounds.old-*")
+    assert (aside / "round_1" / "final.safetensors").exists()
+
+
 def test_step_one_gap_is_zero_without_dropout(tmp_path):
     init, codes = write_files(tmp_path)
     run_training(ddo_config(tmp_path / "run", init, codes, negatives="online"))

@@ -160,15 +160,20 @@ def test_a_retokenized_round_records_its_vqvae_and_refuses_another_setting(tmp_p
     # online with the same setting trains too
     run_training(ddo_var_config(tmp_path / "online", files, vae=True, negatives="online",
                                 negatives_retokenize=True))
-    # a resume with the other setting: refused by the checkpoint's recipe, and before any
-    # checkpoint by the negatives' manifest
+    # a resume with the other setting: refused by the run's record (written at its start), and
+    # where that is gone, before any checkpoint, by the negatives' manifest
     plain = ddo_var_config(tmp_path / "plain", files, vae=True)
     with pytest.raises(Killed):
         run_training(plain, callbacks=[kill_after(1)])
     assert not list_checkpoints(tmp_path / "plain")
     other = ddo_var_config(tmp_path / "plain", files, vae=True, negatives_retokenize=True)
+    with pytest.raises(ValueError, match="negatives_retokenize: False -> True"):
+        run_training(other, resume=True)
+    record = (tmp_path / "plain" / "config.json").read_bytes()
+    (tmp_path / "plain" / "config.json").unlink()
     with pytest.raises(ValueError, match="negatives sampled with other settings"):
         run_training(other, resume=True)
+    (tmp_path / "plain" / "config.json").write_bytes(record)
     run_training(plain, resume=True)
     with pytest.raises(ValueError, match="negatives_retokenize: False -> True"):
         run_training(other, resume=True)

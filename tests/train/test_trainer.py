@@ -351,6 +351,38 @@ def test_cli_finetune_rejects_data_that_does_not_fit_the_model(tmp_path, capsys)
     assert "labels span [0, 6]" in capsys.readouterr().err
 
 
+def _finetune(tmp_path, init, codes, *options) -> int:
+    return main(["finetune", "--config", str(REPO / "configs" / "tiny_cpu.toml"), "--init", init,
+                 "--data", codes, "--out", str(tmp_path / "run"), *options])
+
+
+@pytest.mark.parametrize("method", ["cca", "dpo", "unlearning"])
+def test_contrastive_methods_refuse_data_of_one_class(tmp_path, capsys, method):
+    """CCA on one-class codes trained with no negative on any step (neg_is_positive 1.0), rc 0."""
+    init, codes = write_files(tmp_path, labels=torch.full((16,), 3))
+    assert _finetune(tmp_path, init, codes, "--set", f"method.name={method}") == 1
+    err = capsys.readouterr().err
+    assert "every item of the training data has label 3" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("method", ["cca", "ddo"])
+def test_an_all_null_class_ratio_is_refused(tmp_path, capsys, method):
+    init, codes = write_files(tmp_path)
+    assert _finetune(tmp_path, init, codes, "--set", f"method.name={method}",
+                     "--set", "method.uncond_ratio=1.0") == 1
+    assert "leaves " + method + " no conditional row to train" in capsys.readouterr().err
+
+
+def test_gft_with_lora_is_refused(tmp_path, capsys):
+    """Under LoRA the new beta embedding stayed frozen at zero: --gft-beta 0.3 and 1.0 sampled
+    the same tokens."""
+    init, codes = write_files(tmp_path)
+    assert _finetune(tmp_path, init, codes, "--set", "method.name=gft",
+                     "--set", "method.lora.enabled=true") == 1
+    assert "method gft with method.lora" in capsys.readouterr().err
+
+
 def test_cli_pretrain_builds_a_fresh_model(tmp_path):
     _, codes = write_files(tmp_path)
     arch = f"{{dim=32, n_layer=1, n_head=4, vocab_size={VOCAB}, num_classes={CLASSES}}}"

@@ -281,7 +281,8 @@ def test_export_round_trips_give_identical_logits(tmp_path, capsys):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["family"] == "var" and config["depth"] == TINY["depth"]
     # an official VAR file is recognised by its keys and asks for its preset and VQVAE
-    assert main(["export", str(pth), "--format", "safetensors", "--out", str(st)]) == 1
+    assert main(["export", str(pth), "--format", "safetensors", "--out", str(st),
+                 "--overwrite"]) == 1
     assert "official VAR file: set model.name to its preset (--model" in capsys.readouterr().err
 
 

@@ -425,6 +425,21 @@ def resumable_change(key: str, method: str) -> bool:
     return key in RESUMABLE_CHANGES
 
 
+def check_same_recipe(where: Any, saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """Refuse a resume that would change what the run computes (naming each changed key);
+    returns the harmless changes (paths, logging, length), which a resume records."""
+    changes = config_changes(saved, current)
+    method = current["method"]["name"]
+    refused = {k: v for k, v in changes.items() if not resumable_change(k, method)}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ValueError(
+            f"cannot resume from {where} with a different recipe ({listed}); resume with the "
+            "run's own settings (its config.json), or start over with --restart or a new --out"
+        )
+    return changes
+
+
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (saved value, current value)}`` for every key that differs.
 

@@ -350,6 +350,7 @@ def run_rounds(
         train_once(config, resume=resume, callbacks=callbacks)
         return
     out, init = Path(config.checkpoint.out), config.model.init
+    claim_rounds(out, config)
     first = config.method.round
     # one process group for all rounds: re-creating it per round races the next rendezvous
     # against the teardown of the last one
@@ -358,16 +359,41 @@ def run_rounds(
         for index in range(first, first + config.method.rounds):
             folder = out / f"round_{index}"
             if not (folder / "final.safetensors").exists():
-                check_output_folder(folder, resume=resume, restart=False)
+                if D.launched_as_main():  # the others could see what the main one writes
+                    check_output_folder(folder, resume=resume, restart=False)
                 one = round_config(config, index, init, folder)
                 train_once(one, resume=resume, callbacks=callbacks)
             init = str(folder / "final.safetensors")
     finally:
         D.shutdown(dist)
-    if D.launched_as_main():  # at the end: every process has checked the folder long before
-        text = json.dumps(config.to_dict(), indent=2)
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    if D.launched_as_main():  # config.json was recorded at the start (run_training)
         atomic_write(out / "final.safetensors", lambda tmp: shutil.copyfile(init, tmp))
+
+
+#: what a multi-round run records at its start: the fingerprint of its init weights
+ROUNDS_RECORD = "rounds.json"
+
+
+def claim_rounds(out: Path, config: TrainConfig) -> None:
+    """Record the init weights' fingerprint of a multi-round run before its first round, or
+    check a resumed run's init against it: finished rounds are reused as they are, so another
+    init must not slip in. (The recipe is checked by ``run_training``, which records the run's
+    config.json at its start.)"""
+    rounds = out / ROUNDS_RECORD
+
+    def fingerprint() -> str:  # loads the init: only where a check or the record needs it
+        return f"{tensor_fingerprint(model_from_config(config.model)):.12g}"
+
+    if rounds.exists():
+        if json.loads(rounds.read_text())["init_fingerprint"] != fingerprint():
+            raise ValueError(
+                f"cannot resume {out}: the init weights ({config.model.init}) differ from those "
+                "its first round started from; pass the run's own --init, or start over with "
+                "--restart or a new --out"
+            )
+    elif D.launched_as_main():
+        entry = json.dumps({"init_fingerprint": fingerprint()})
+        atomic_write(rounds, lambda tmp: Path(tmp).write_text(entry))
 
 
 def _device_type(name: str) -> str:

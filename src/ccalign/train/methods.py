@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ccalign.conditions import ConditionKind
 from ccalign.train import ddo
 from ccalign.train.objectives import (
@@ -60,6 +62,7 @@ class Method:
     requires: frozenset[str] = frozenset()  # family capabilities ("beta_embedding")
     model_options: Mapping[str, Any] = field(default_factory=dict)  # config fields it adds
     validate: Callable[[TrainConfig], None] = lambda config: None
+    check_data: Callable[[Any], None] = lambda dataset: None  # refuses data it cannot use
     run: Runner = run_once
     prepare: Callable[[Trainer], None] | None = None  # before fitting (DDO: its negatives)
 
@@ -85,7 +88,8 @@ def _alignment(name: str, title: str, summary: str) -> Method:
             uncond_ratio=method.uncond_ratio,
         )
 
-    return Method(name, title, summary, objective, pairs=True, validate=_validate_pairs(name))
+    return Method(name, title, summary, objective, pairs=True, validate=_validate_pairs(name),
+                  check_data=_two_classes(name))
 
 
 def _validate_pairs(name: str) -> Callable[[TrainConfig], None]:
@@ -96,8 +100,33 @@ def _validate_pairs(name: str) -> Callable[[TrainConfig], None]:
                 "negatives: a row's negative label is the next row's in its micro-batch, and a "
                 "batch of one rolls onto itself; use micro_batch >= 2 (the official recipe: 2)"
             )
+        _some_conditional_rows(name, config)
 
     return validate
+
+
+def _some_conditional_rows(name: str, config: TrainConfig) -> None:
+    if config.method.uncond_ratio >= 1.0:
+        raise ValueError(
+            f"method.uncond_ratio = {config.method.uncond_ratio} gives every row the null class, "
+            f"which leaves {name} no conditional row to train; use a ratio below 1 (0.1 is the "
+            "paper's)"
+        )
+
+
+def _two_classes(name: str) -> Callable[[Any], None]:
+    """Contrastive pairs need another class in the data: a row's negative is another row's."""
+
+    def check(dataset) -> None:
+        classes = np.unique(dataset.all_labels())
+        if len(classes) < 2:
+            raise ValueError(
+                f"every item of the training data has label {int(classes[0])}: {name}'s negative "
+                "for a row is the next row's label, so data of one class gives no negative; "
+                "train on data with at least two classes"
+            )
+
+    return check
 
 
 def _ddo_objective(method: MethodSection, condition: ConditionKind) -> Objective:
@@ -112,6 +141,17 @@ def _validate_gft(config: TrainConfig) -> None:
             "method gft trains the beta embedding: remove model.arch.beta_embedding = false "
             "(gft adds it to a plain model)"
         )
+    if config.method.lora.enabled:
+        raise ValueError(
+            "method gft with method.lora: LoRA freezes every weight of the base model, GFT's "
+            "new beta embedding included, so beta would stay without effect; fine-tune GFT in "
+            "full (bf16 weights and activation checkpointing fit GPT-3B: see --dry-run)"
+        )
+
+
+def _validate_ddo(config: TrainConfig) -> None:
+    ddo.validate(config)
+    _some_conditional_rows("ddo", config)
 
 
 def _ddo_rows(method: MethodSection) -> float:
@@ -160,7 +200,7 @@ register(
         _ddo_objective,
         policy_rows=_ddo_rows,
         nograd_rows=_ddo_rows,
-        validate=ddo.validate,
+        validate=_validate_ddo,
         run=ddo.run_rounds,
         prepare=ddo.attach_negatives,
     )

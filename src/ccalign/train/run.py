@@ -7,14 +7,16 @@ runner calls ``train_once`` once (DDO: once per round). Building the model and t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ccalign.io import atomic_write
 from ccalign.train import methods
 from ccalign.train.build import model_from_config, open_training_data
-from ccalign.train.config import TrainConfig
+from ccalign.train.config import TrainConfig, check_same_recipe
 from ccalign.train.distributed import launched_as_main
 from ccalign.train.rundir import check_output_folder, claim_output_folder
 from ccalign.train.trainer import Callback, Trainer
@@ -41,16 +43,41 @@ def run_training(
             f"{method.name} fine-tunes a pretrained model: set model.init or pass --init"
         )
     out = Path(config.checkpoint.out)
-    check_output_folder(out, resume=resume, restart=restart)
+    if launched_as_main():  # the others would see the record the main process writes below
+        check_output_folder(out, resume=resume, restart=restart)
+    record = out / RUN_RECORD
+    if resume and record.exists():  # before any work: the same recipe, or a clear refusal
+        check_same_recipe(record, read_run_record(record), config.to_dict())
     # claimed first (a conflict fails before any model work) and by the main process only:
     # the others never write into the folder
     lock = claim_output_folder(out, restart=restart) if launched_as_main() else None
+    if lock is not None:  # the folder holds this run from its start (a DDO run's many rounds)
+        text = json.dumps(config.to_dict(), indent=2)
+        atomic_write(record, lambda tmp: Path(tmp).write_text(text))
     try:
         method.run(config, resume=resume, callbacks=callbacks, train_once=train_once)
     finally:
         if lock is not None:
             lock.release()
     return out
+
+
+#: the run's config, written when the run starts (and again by the trainer)
+RUN_RECORD = "config.json"
+
+
+def read_run_record(path: Path) -> dict:
+    """A run's recorded config; a damaged record is named with the fix."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or "method" not in record:
+        raise ValueError(
+            f"{path} is not a readable run record (damaged, or not ccalign's); move the folder "
+            "aside with --restart, or choose a new --out"
+        )
+    return record
 
 
 def train_once(config: TrainConfig, *, resume: bool, callbacks: Sequence[Callback] = ()) -> None:
@@ -60,6 +87,7 @@ def train_once(config: TrainConfig, *, resume: bool, callbacks: Sequence[Callbac
     torch.manual_seed(config.train.seed)
     model = model_from_config(config.model, method)
     dataset = open_training_data(config, model)
+    method.check_data(dataset)
     trainer = Trainer(config, model, dataset, callbacks=callbacks)
     try:
         if resume and trainer.resume() and trainer.dist.is_main:

@@ -47,7 +47,7 @@ from ccalign.models import families
 from ccalign.models.family import keep_float64
 from ccalign.train import distributed as D
 from ccalign.train import lora, methods, precision, sharded, sharding
-from ccalign.train.config import TrainConfig, config_changes, resumable_change
+from ccalign.train.config import TrainConfig, check_same_recipe
 from ccalign.train.objectives import Objective
 from ccalign.train.optim import EMA, make_optimizer, make_schedule
 from ccalign.train.state import (
@@ -225,15 +225,9 @@ class Trainer:
                     f"cannot resume from {path}: it was trained with {key} {saved[key]}, this run "
                     f"has {value}; resume with the same data and batch or start a new --out"
                 )
-        changes = config_changes(self._effective(state["config"]), self._effective(self.config))
-        method = self.config.method.name
-        refused = {k: v for k, v in changes.items() if not resumable_change(k, method)}
-        if refused:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-            raise ValueError(
-                f"cannot resume from {path} with a different recipe ({listed}); resume with the "
-                "run's own settings (its config.json), or start over with --restart or a new --out"
-            )
+        changes = check_same_recipe(
+            path, self._effective(state["config"]), self._effective(self.config)
+        )
         fingerprint = state.get("reference_fingerprint")
         if fingerprint is not None and self.reference is not None:
             if not math.isclose(fingerprint, self.reference_fingerprint, rel_tol=1e-9):
