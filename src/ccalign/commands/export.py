@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "checkpoint (24 at 384 px)")
     parser.add_argument("--vae", help="VAR: the VQVAE of an official VAR file (file, registry "
                         "name such as var-vae, or hf://); registry VAR names default to theirs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out (and the config.json of an earlier export) if they "
+                        "exist")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from ccalign.models import families
     from ccalign.models.family import ModelSpec
 
+    out = Path(args.out)
+    check_outputs(out, args.format, overwrite=args.overwrite)
     options = {"grid": args.grid, "vae": args.vae}
     spec = ModelSpec(init=args.checkpoint, preset=args.model, options=options)
     family = families.identify(spec)
@@ -45,9 +50,36 @@ def run(args: argparse.Namespace) -> int:
     path = hub.resolve(args.checkpoint, kind="model")
     check_recorded_architecture(family, path, args.model, {"grid": args.grid})
     model = family.load(spec)
-    for item in write_export(family, model, args.format, Path(args.out)):
+    for item in write_export(family, model, args.format, out):
         print(f"wrote {item}")
     return 0
+
+
+def check_outputs(out: Path, fmt: str, *, overwrite: bool) -> None:
+    """Never write over a file the user did not name, nor over one they did unless asked: an
+    existing --out needs --overwrite, and the config.json beside a safetensors export may only
+    replace an earlier export's (a training run keeps its record there)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the file to write, e.g. model.safetensors")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or choose another")
+    config = out.parent / CONFIG_NAME
+    if fmt != "safetensors" or not config.exists():
+        return
+    try:
+        record = json.loads(config.read_text())
+    except (ValueError, OSError):
+        record = None
+    if not (isinstance(record, dict) and "family" in record):
+        raise ValueError(
+            f"{config} is not an export's record (a training run's, or another file): the "
+            "safetensors export writes config.json beside --out; choose a folder without one"
+        )
+    if not overwrite:
+        raise ValueError(
+            f"{config} holds an earlier export's record; pass --overwrite to replace it, or "
+            "choose another folder"
+        )
 
 
 def write_export(family, model, fmt: str, out: Path) -> list[Path]:
