@@ -256,3 +256,64 @@ def test_fashion_mnist_source_writes_flat_codes(tmp_path, monkeypatch):
     x = torch.from_numpy(images["test"]).float().div(255).sub(0.5).div(0.5)[:, None]
     np.testing.assert_array_equal(flat.codes[:, 0].numpy(), tok.eval().encode(x).numpy())
     np.testing.assert_array_equal(flat.all_labels(), labels["test"])
+
+
+def _extract(tmp_path, data, *options) -> int:
+    return main(["extract-codes", str(data), "--tokenizer", str(tmp_path / "tok.safetensors"),
+                 "--workers", "0", "--no-progress", *options])
+
+
+def test_a_link_back_to_the_data_root_is_left_out_and_named(tmp_path, capsys):
+    """A link to a parent folder made every image count 41 times (and exit 0). Links that make
+    a subset of a larger tree (a class folder, an image) are followed."""
+    data = tmp_path / "data"
+    _write_folder(data, corrupt=False)
+    _write_folder(tmp_path / "elsewhere", corrupt=False)
+    (data / "d_linked").symlink_to(tmp_path / "elsewhere" / "c_hat", target_is_directory=True)
+    (data / "a_bag" / "loop").symlink_to(data, target_is_directory=True)
+    (data / "c_hat" / "outside").symlink_to(tmp_path, target_is_directory=True)
+    (data / "c_hat" / "same.png").symlink_to(data / "c_hat" / "img0.png")  # a file link is kept
+    _tokenizer(tmp_path / "tok.safetensors")
+    assert _extract(tmp_path, data, "--flat", str(tmp_path / "flat.safetensors"),
+                    "--views", "center") == 0
+    assert "left out 2 link(s)" in capsys.readouterr().err
+    flat = open_codes(tmp_path / "flat.safetensors")
+    np.testing.assert_array_equal(flat.all_labels(), [0, 0, 0, 1, 1, 2, 2, 3])  # 6, file link, d
+
+
+def test_flat_output_that_is_the_image_folder_or_inside_it_is_refused(tmp_path, capsys):
+    """--flat = the source folder said "complete already; delete it" (the user's images)."""
+    data = tmp_path / "data"
+    _write_folder(data, corrupt=False)
+    _tokenizer(tmp_path / "tok.safetensors")
+    assert _extract(tmp_path, data, "--flat", str(data)) == 1
+    assert "is a folder; give the file to write" in capsys.readouterr().err
+    assert _extract(tmp_path, data, "--flat", str(data / "codes.safetensors")) == 1
+    assert "lies inside the image folder" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == ["a_bag", "b_shoe", "c_hat"]
+
+
+def test_a_finished_flat_file_of_other_settings_is_refused_not_kept(tmp_path, capsys):
+    """An existing --flat from another tokenizer, other views or another source was kept (exit 0)
+    as if it held the codes asked for."""
+    data, other = tmp_path / "data", tmp_path / "other"
+    _write_folder(data, corrupt=False)
+    _write_folder(other, corrupt=False)
+    _tokenizer(tmp_path / "tok.safetensors")
+    flat = tmp_path / "flat.safetensors"
+    assert _extract(tmp_path, data, "--flat", str(flat), "--views", "center") == 0
+    before = flat.read_bytes()
+    capsys.readouterr()
+    assert _extract(tmp_path, data, "--flat", str(flat), "--views", "center") == 0
+    assert "holds these codes already" in capsys.readouterr().err
+    assert _extract(tmp_path, data, "--flat", str(flat), "--views", "flip") == 1
+    assert "other settings (views differ)" in capsys.readouterr().err
+    assert _extract(tmp_path, other, "--flat", str(flat), "--views", "center") == 1
+    assert "other settings (source differ)" in capsys.readouterr().err
+    torch.manual_seed(1)
+    retrained = VQModel(VQConfig(codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=(1, 2, 2),
+                                 num_res_blocks=1, z_channels=32, usage_window=0, image_size=SIZE))
+    save(retrained, tmp_path / "tok.safetensors")  # same path, other weights
+    assert _extract(tmp_path, data, "--flat", str(flat), "--views", "center") == 1
+    assert "other settings (tokenizer_sha256 differ)" in capsys.readouterr().err
+    assert flat.read_bytes() == before

@@ -27,6 +27,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ccalign.data.images import encode_views, open_source
+from ccalign.errors import shorten
+from ccalign.sample.runner import tokenizer_fingerprint
 
 HELP = "encode a folder of labelled images (or Fashion-MNIST) into token codes"
 CONFIG_NAME = "ccalign-extract.json"
@@ -136,8 +138,8 @@ class LlamaGenSink:
 class FlatSink:
     """Chunks of codes under ``<flat>.parts/``, merged into the flat file once all ranks finish."""
 
-    def __init__(self, path: Path, rank: int, chunk: int):
-        self.path, self.rank, self.chunk = path, rank, chunk
+    def __init__(self, path: Path, rank: int, chunk: int, record: dict):
+        self.path, self.rank, self.chunk, self.record = path, rank, chunk, record
         self.parts = path.with_name(path.name + ".parts")
         self.buffer: list[tuple[int, np.ndarray, int]] = []
 
@@ -169,8 +171,10 @@ class FlatSink:
         self.flush()
         (self.parts / f"rank{self.rank}-of-{world}.done").touch()
 
-    def merge(self, world: int, vocab_size: int, grid: int, seq_len: int | None = None) -> int:
-        """Wait for every rank's marker, then write the flat file and remove the parts."""
+    def merge(self, world: int, vocab_size: int, grid: int, seq_len: int | None,
+              record: dict) -> int:
+        """Wait for every rank's marker, then write the flat file (with the settings ``record``)
+        and remove the parts."""
         from ccalign.data.codes import write_flat_codes
 
         markers = [self.parts / f"rank{r}-of-{world}.done" for r in range(world)]
@@ -195,6 +199,7 @@ class FlatSink:
             vocab_size=vocab_size,
             grid=grid,
             seq_len=seq_len,
+            record=record,
         )
         shutil.rmtree(self.parts)
         return len(keep)
@@ -252,9 +257,16 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load(args.tokenizer, args.tokenizer_name, image_size=args.image_size).to(device)
     size = args.image_size or tokenizer.image_size
     source = open_source(args.source, args.fashion_mnist_folder)
+    if getattr(source, "skipped_links", None):
+        print(
+            f"left out {len(source.skipped_links)} link(s) that lead out of {args.source} or back "
+            f"into a folder already listed (first: {source.skipped_links[0]})",
+            file=sys.stderr,
+        )
     config = {
-        "source": str(args.source),
+        "source": _source_name(args.source),
         "tokenizer": str(args.tokenizer),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "image_size": size,
         "views": args.views,
         "crop_range": args.crop_range if args.views == "ten-crop" else None,
@@ -283,14 +295,57 @@ def _open_sinks(args, size: int, rank: int, config: dict) -> list:
         _record_config(out, config)
         sinks.append(LlamaGenSink(out, size))
     if args.flat:
-        flat = FlatSink(Path(args.flat), rank, args.chunk)
+        flat = FlatSink(_flat_path(args.flat, args.source), rank, args.chunk, config)
         if flat.path.exists() and not flat.parts.exists():
-            print(f"{flat.path} is complete already; delete it to extract again", file=sys.stderr)
+            _check_complete_flat(flat.path, config)
+            print(f"{flat.path} holds these codes already; nothing to do", file=sys.stderr)
         else:
             flat.parts.mkdir(parents=True, exist_ok=True)
             _record_config(flat.parts, config)
             sinks.append(flat)
     return sinks
+
+
+def _source_name(source: str) -> str:
+    """The source as recorded: fashion-mnist:<split>, or the folder's absolute path."""
+    return source if source.startswith("fashion-mnist") else str(Path(source).resolve())
+
+
+def _flat_path(flat: str, source: str) -> Path:
+    """``--flat`` checked: a file to write, outside the image folder (its parts folder would
+    read as one more class)."""
+    path = Path(flat)
+    if path.is_dir():
+        raise ValueError(
+            f"--flat {shorten(flat)} is a folder; give the file to write, e.g. "
+            "codes.safetensors (the images stay where they are)"
+        )
+    if not source.startswith("fashion-mnist") and path.resolve().is_relative_to(
+        Path(source).resolve()
+    ):
+        raise ValueError(
+            f"--flat {shorten(flat)} lies inside the image folder {shorten(source)}; write the "
+            "codes outside it"
+        )
+    return path
+
+
+def _check_complete_flat(path: Path, config: dict) -> None:
+    """A finished flat file is reused only when it was extracted with these very settings."""
+    from ccalign.data.codes import flat_record
+
+    recorded = flat_record(path)
+    if recorded is None:
+        raise ValueError(
+            f"{path} exists but records no extraction settings (another tool or an older "
+            "ccalign wrote it); choose another --flat, or delete it to extract again"
+        )
+    changed = sorted(k for k in config.keys() | recorded.keys() if config.get(k) != recorded.get(k))
+    if changed:
+        raise ValueError(
+            f"{path} holds codes extracted with other settings ({', '.join(changed)} differ); "
+            "choose another --flat, or delete it to extract again"
+        )
 
 
 def _encode_all(args, tokenizer, source, pending, sinks, size, precision, rank) -> int:
@@ -342,7 +397,7 @@ def _finish(args, sinks, world, rank, tokenizer, size, skipped) -> int:
                 grid = size // (tokenizer.image_size // tokenizer.grid)
                 # a multi-scale tokenizer (VAR's VQVAE) writes every scale's codes: seq_len
                 seq_len = getattr(tokenizer, "seq_len", grid * grid)
-                count = sink.merge(world, tokenizer.vocab_size, grid, seq_len)
+                count = sink.merge(world, tokenizer.vocab_size, grid, seq_len, sink.record)
                 print(f"wrote {count} images to {sink.path}", file=sys.stderr)
     if skipped:
         print(

@@ -18,6 +18,7 @@ int64, metadata ``format = ccalign.codes.v1``, ``vocab_size`` and ``grid``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -309,13 +310,25 @@ def validate_codes(
         raise ValueError("code data does not fit the model:\n  " + "\n  ".join(problems))
 
 
+#: metadata key of the settings a flat file was extracted with (``ccalign extract-codes``)
+EXTRACT_RECORD = "ccalign.extract"
+
+
 def write_flat_codes(
-    path: PathLike, codes, labels, *, vocab_size: int, grid: int, seq_len: int | None = None
+    path: PathLike,
+    codes,
+    labels,
+    *,
+    vocab_size: int,
+    grid: int,
+    seq_len: int | None = None,
+    record: dict | None = None,
 ) -> Path:
     """Write codes (M, N) or (M, V, N) and labels (M,) as one flat file, atomically.
 
     N is ``seq_len``: grid**2 by default, a multi-scale tokenizer's own length otherwise (VAR's
-    680 codes of every scale, ``grid`` being the last scale's side).
+    680 codes of every scale, ``grid`` being the last scale's side). ``record``: the settings
+    the codes were extracted with, kept in the metadata (``flat_record`` reads them back).
     """
     seq_len = grid * grid if seq_len is None else seq_len
     codes = torch.as_tensor(np.asarray(codes))
@@ -331,7 +344,16 @@ def write_flat_codes(
     meta = {"format": FLAT_FORMAT, "vocab_size": str(vocab_size), "grid": str(grid)}
     if seq_len != grid * grid:  # multi-scale codes; LlamaGen files keep their three keys
         meta["seq_len"] = str(seq_len)
+    if record is not None:
+        meta[EXTRACT_RECORD] = json.dumps(record, sort_keys=True)
     return atomic_save_safetensors({"codes": codes.to(dtype), "labels": labels}, path, meta)
+
+
+def flat_record(path: PathLike) -> dict | None:
+    """The extraction settings a flat code file records, or None (none recorded)."""
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[EXTRACT_RECORD]) if EXTRACT_RECORD in meta else None
 
 
 def write_llamagen_code(root: PathLike, size: int, index: int, codes, label: int) -> None:

@@ -8,7 +8,7 @@ LlamaGen code extraction. Crops follow ADM's ``center_crop_arr`` and torchvision
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +23,64 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 @dataclass(frozen=True)
 class ImageFolderIndex:
-    """The images of a class-per-folder tree: ``samples[i] = (path, class index)``."""
+    """The images of a class-per-folder tree: ``samples[i] = (path, class index)``, and the
+    links left out (``skipped_links``: they lead out of the root or back into a folder seen)."""
 
     root: Path
     classes: list[str]
     samples: list[tuple[Path, int]]
+    skipped_links: list[Path] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
 def list_image_folder(root: PathLike) -> ImageFolderIndex:
-    """Index ``root/<class>/**/<image>`` in ImageFolder order; errors name an empty tree."""
+    """Index ``root/<class>/**/<image>`` in ImageFolder order; errors name an empty tree.
+
+    A class folder may be a link (a subset of a larger tree), and so may an image. Inside a
+    class, a link to a folder is followed only while it stays in that class and reaches a folder
+    not listed yet: a link back to a parent, into another class or out of the data would list
+    images twice, under the wrong label or without end. Those are left out and named in
+    ``skipped_links``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; lay images out as {root}/<class>/<img>")
+    tops = [(root / name).resolve() for name in classes]
+    seen, skipped = {root.resolve()}, []
     samples = []
-    for index, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+    for index, (name, top) in enumerate(zip(classes, tops, strict=True)):
+        if top in seen:  # a second link to a class folder listed already
+            skipped.append(root / name)
+            continue
+        others = seen | set(tops) - {top}
+        for folder, files in _walk_class(root / name, top, others, skipped):
             images = [f for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
             samples.extend((Path(folder) / f, index) for f in images)
+        seen.add(top)
     if not samples:
         raise ValueError(f"{root} holds no images with extensions {IMG_EXTENSIONS}")
-    return ImageFolderIndex(root, classes, samples)
+    return ImageFolderIndex(root, classes, samples, skipped)
+
+
+def _walk_class(folder: Path, top: Path, others: set[Path], skipped: list[Path]):
+    """(folder, files) of one class in sorted order; a folder reached through a link that leads
+    out of the class ``top``, into ``others`` or to a folder walked already is pruned."""
+    walked, seen = [], set()
+    for path, dirs, files in os.walk(folder, followlinks=True):
+        real = Path(path).resolve()
+        if not real.is_relative_to(top) or real in seen or real in others:
+            skipped.append(Path(path))
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()  # a deterministic walk: which of two paths to a folder is kept
+        walked.append((path, files))
+    return sorted(walked)
 
 
 def open_image(path: PathLike, mode: str = "RGB") -> Image.Image:
@@ -139,6 +171,7 @@ class FolderSource:
         index = list_image_folder(root)
         self.items = [Item(str(p), label) for p, label in index.samples]
         self.classes = index.classes
+        self.skipped_links = index.skipped_links
 
     def image(self, index: int, mode: str):
         return open_image(self.items[index].name, mode)
@@ -153,6 +186,7 @@ class FashionMNISTSource:
         self.images, labels = fashion_mnist.load(split, folder)
         self.items = [Item(f"fashion-mnist:{split}[{i}]", int(y)) for i, y in enumerate(labels)]
         self.classes = list(fashion_mnist.CLASS_NAMES)
+        self.skipped_links: list = []
 
     def image(self, index: int, mode: str):
         return Image.fromarray(self.images[index]).convert(mode)
