@@ -45,6 +45,7 @@ def one_line_error(capsys) -> str:
         (["--per-class", "1", "--cfg-scale", "nan"], "cfg_scale must be finite and >= 0, got nan"),
         (["--per-class", "1", "--cfg-scale", "inf"], "cfg_scale must be finite and >= 0, got inf"),
         (["--per-class", "1", "--cfg-scale", "-1"], "cfg_scale must be finite and >= 0, got -1"),
+        (["--per-class", "1", "--cfg-scale", "3e38"], "logits that are not finite"),  # overflow
         (["--per-class", "1", "--seed", "-1"], "--seed -1: must be >= 0"),
         (["--per-class", "1", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
         (["--per-class", "1", "--top-p", "0"], "top_p must be in"),
