@@ -384,7 +384,7 @@ def test_config_checks_ddo_keys(tmp_path):
     init, codes = write_files(tmp_path)
     with pytest.raises(ValueError, match="method.negatives = 'disk' is not one of"):
         ddo_config(tmp_path, init, codes, negatives="disk")
-    with pytest.raises(ValueError, match="method.rounds must be >= 1"):
+    with pytest.raises(ValueError, match=r"method.rounds must be in \[1, 1000\], got 0"):
         ddo_config(tmp_path, init, codes, rounds=0)
     with pytest.raises(ValueError, match="negatives_top_p must be in"):
         ddo_config(tmp_path, init, codes, negatives_top_p=0.0)

@@ -229,7 +229,7 @@ def test_lora_config_keys_and_what_they_refuse(tmp_path):
     cases = {
         "method.lora.rnk=3": "unknown key.*rnk.*method.lora",
         "method.lora.target_modules=[1]": "target_modules = 1 must be a string",
-        "method.lora.rank=0": "rank >= 1",
+        "method.lora.rank=0": r"method.lora.rank must be in \[1, 65536\], got 0",
         "optim.ema_decay=0.9": "ema_decay",
         'train.parallel="fsdp"': "fsdp",
     }

@@ -64,6 +64,8 @@ class DemoRecipe:
     setup_text: Callable[[dict], str] = lambda info: ""
     model_key: Callable[[dict], str] = lambda row: row["model"]  # a row's model among them
     time_note: Callable[[dict], str] = lambda info: ""  # extra words on its fine-tune time
+    #: refuses settings the recipe cannot train with, naming the flag
+    check: Callable[[DemoSettings], None] = lambda settings: None
 
 
 def run_folder(out: Path, method: str, config: TrainConfig) -> Path:
@@ -286,6 +288,14 @@ def ddo_batch(settings: DemoSettings) -> int:
     return max(1, round(settings.rows_per_step / (2 - settings.ddo_uncond_ratio)))
 
 
+def _check_ddo_rounds(settings: DemoSettings) -> None:
+    if settings.ddo_rounds > settings.steps:
+        raise ValueError(
+            f"--ddo-rounds {settings.ddo_rounds} would split {settings.steps} steps: give at "
+            "least one step per round (--steps, --ddo-rounds)"
+        )
+
+
 def ddo_steps_per_round(settings: DemoSettings) -> int:
     """The step budget split over the rounds (150 steps, 3 rounds: 50 each)."""
     return max(1, settings.steps // settings.ddo_rounds)
@@ -392,6 +402,7 @@ RECIPES: dict[str, DemoRecipe] = {
         _ddo_rows,
         _ddo_recipe_text,
         time_note=lambda info: f" (of it {info['negatives_seconds']:.0f} s sampling its negatives)",
+        check=_check_ddo_rounds,
     ),
 }
 

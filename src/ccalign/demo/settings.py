@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ccalign.demo import bundles, recipes
 from ccalign.models import families
+from ccalign.settings import MAX_SEED, check_fields, ranged
 from ccalign.train import methods
 
 
@@ -28,37 +29,45 @@ class DemoSettings:
     out: Path = Path("runs/demo")
     family: str = "llamagen"
     base_model: Path | None = None
-    seed: int = 0
-    train_images: int = 10000  # training images encoded for fine-tuning (150 x 64 use 9600)
-    reference_images: int = 10000  # test images the samples are compared with
-    samples: int = 10000  # per headline row (base, base + CFG, CCA): FID spread <= 1
-    curve_samples: int = 2000  # per other row (CFG scales, CCA + CFG, sweeps)
-    batch_size: int = 1000  # sampling batch, the same for every setting (fair images/s)
-    cfg_scales: tuple[float, ...] = (1.5, 2.0, 3.0)
-    cca_cfg_scale: float = 1.5  # CCA + CFG
-    beta: float = 0.5
-    lam: float = 30.0
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
+    # training images encoded for fine-tuning (150 x 64 use 9600)
+    train_images: int = ranged(10000, ge=1, le=60000)
+    # test images the samples are compared with
+    reference_images: int = ranged(10000, ge=2, le=10000)
+    # per headline row (base, base + CFG, CCA): FID spread <= 1
+    samples: int = ranged(10000, ge=2, le=1_000_000)
+    # per other row (CFG scales, CCA + CFG, sweeps)
+    curve_samples: int = ranged(2000, ge=2, le=1_000_000)
+    # sampling batch, the same for every setting (fair images/s)
+    batch_size: int = ranged(1000, ge=1, le=100_000)
+    cfg_scales: tuple[float, ...] = ranged((1.5, 2.0, 3.0), ge=0, le=1000)
+    cca_cfg_scale: float = ranged(1.5, ge=0, le=1000)  # CCA + CFG
+    beta: float = ranged(0.5, gt=0, le=1e4)
+    lam: float = ranged(30.0, ge=0, le=1e9)
     dropout: str = "none"  # off in policy and reference: D = 0 exactly at step 1
-    lr: float = 1e-4
-    steps: int = 150
-    pairs_per_step: int = 64
+    lr: float = ranged(1e-4, gt=0, le=1)
+    steps: int = ranged(150, ge=1, le=1_000_000)
+    pairs_per_step: int = ranged(64, ge=2, le=100_000)
     # --methods: which guidance-free fine-tunes to run and compare (recipes.py: matched budget)
     methods: tuple[str, ...] = ("cca",)
-    gft_lr: float = 1e-4
-    gft_scale: float = 1.0  # GFT's guidance-free row samples at beta = 1 / gft_scale
-    gft_curve_scales: tuple[float, ...] = (1.25, 1.5, 2.0)  # GFT's own curve (curve_samples)
-    ddo_alpha: float = 50.0
-    ddo_beta: float = 0.5
-    ddo_lr: float = 1e-5
-    ddo_rounds: int = 3  # the step budget split over the rounds
-    ddo_uncond_ratio: float = 0.5
+    gft_lr: float = ranged(1e-4, gt=0, le=1)
+    # GFT's guidance-free row samples at beta = 1 / gft_scale (beta in (0, 1])
+    gft_scale: float = ranged(1.0, ge=1, le=1000)
+    # GFT's own curve (curve_samples)
+    gft_curve_scales: tuple[float, ...] = ranged((1.25, 1.5, 2.0), ge=1, le=1000)
+    ddo_alpha: float = ranged(50.0, ge=0, le=1e9)
+    ddo_beta: float = ranged(0.5, gt=0, le=1e4)
+    ddo_lr: float = ranged(1e-5, gt=0, le=1)
+    ddo_rounds: int = ranged(3, ge=1, le=1000)  # the step budget split over the rounds
+    ddo_uncond_ratio: float = ranged(0.5, ge=0, lt=1)
     sweep: bool = False
-    sweep_lams: tuple[float, ...] = (1.0, 3.0, 10.0)
-    sweep_cfg_scales: tuple[float, ...] = (1.25, 4.0, 5.0)
-    grid_columns: int = 10
+    sweep_lams: tuple[float, ...] = ranged((1.0, 3.0, 10.0), ge=0, le=1e9)
+    sweep_cfg_scales: tuple[float, ...] = ranged((1.25, 4.0, 5.0), ge=0, le=1000)
+    grid_columns: int = ranged(10, ge=1, le=1000)
     progress: bool = True
 
     def __post_init__(self):
+        check_fields(self)
         known = bundles.bundle(self.family)
         usable = supported_methods(known)
         unsupported = set(self.methods) - set(usable)
@@ -67,6 +76,8 @@ class DemoSettings:
                 f"the {known.title} demo fine-tunes with {', '.join(usable)}, not "
                 f"{', '.join(sorted(unsupported))}"
             )
+        for method in self.methods:
+            recipes.get(method).check(self)
         if self.base_model is None:
             object.__setattr__(self, "base_model", known.base_model)
 

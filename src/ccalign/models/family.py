@@ -271,7 +271,13 @@ class BaseFamily:
             meta = f.metadata() or {}
         if self.metadata_key not in meta:
             return None
-        return self.config_class(**json.loads(meta[self.metadata_key]))
+        try:
+            return self.make_config(json.loads(meta[self.metadata_key]), where=str(path))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{path} records an architecture ccalign cannot build ({exc}); the file is "
+                "damaged or from a newer ccalign"
+            ) from None
 
     def recognizes(self, path: PathLike) -> bool:
         return self.config_from_file(path) is not None
@@ -281,13 +287,20 @@ class BaseFamily:
         path = local_file(spec.init)
         recorded = self.config_from_file(path) if path is not None else None
         if recorded is not None:
-            return self.config_class(**{**recorded.to_dict(), **spec.arch})
+            return self.make_config({**recorded.to_dict(), **spec.arch})
         if spec.preset not in self.presets and spec.preset != "custom":
             raise ValueError(
                 f"{spec.preset!r} is not a {self.title} preset; choose one of "
                 f"{sorted(self.presets)} or 'custom' with model.arch"
             )
-        return self.config_class(**{**self.presets.get(spec.preset, {}), **spec.arch})
+        return self.make_config({**self.presets.get(spec.preset, {}), **spec.arch})
+
+    def make_config(self, values: dict, where: str = "model.arch") -> Any:
+        """The family's config from plain values (a preset, a file's record, ``model.arch``):
+        unknown keys, wrong types and numbers out of range are refused by name."""
+        from ccalign.settings import build_table
+
+        return build_table(where, values, self.config_class)
 
     def build(self, spec: ModelSpec) -> nn.Module:
         """A fresh model of the spec's architecture (the model class's own init)."""

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import UnionType as _UnionType
 from typing import Any
+
+from ccalign.settings import MAX_SEED, build_table, check_fields, ranged
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,7 +48,8 @@ class ModelSection:
 
     name: str = "GPT-L"
     family: str | None = None  # None: from the registry entry, the init file or the preset
-    grid: int = 24  # LlamaGen only: tokens per side (VAR's scales come with its preset)
+    # LlamaGen only: tokens per side (VAR's scales come with its preset)
+    grid: int = ranged(24, ge=1, le=1024)
     init: str | None = None  # pretrained checkpoint (finetune); None builds a fresh model
     arch: dict = field(default_factory=dict)  # config overrides (dim, dropouts, drop_path, ...)
     # also write the final model in the official layout: LlamaGen's {"model": sd} final.pt,
@@ -80,9 +81,10 @@ class DataSection:
     path: str | None = None  # codes; with tokenizer: an image folder or fashion-mnist:<split>
     tokenizer: str | None = None  # tokenizer file or "fmnist-vq"; None: path holds codes
     views: str = "center"  # with tokenizer: "center" crop, or "flip" (a random mirror per item)
-    image_size: int | None = None  # with tokenizer: crop size (None: the tokenizer's own)
-    seed: int = 0  # data order and view choice
-    num_workers: int = 0
+    # with tokenizer: crop size (None: the tokenizer's own)
+    image_size: int | None = ranged(None, ge=1, le=16384)
+    seed: int = ranged(0, ge=0, le=MAX_SEED)  # data order and view choice
+    num_workers: int = ranged(0, ge=0, le=1024)
     validate: bool = True  # check labels / tokens / length against the model before training
 
 
@@ -95,9 +97,10 @@ class LoraSection:
     """
 
     enabled: bool = False
-    rank: int = 16
-    alpha: float = 16.0  # adapter output scaled by alpha / rank
-    dropout: float = 0.0  # dropout on the adapters' input (policy in train mode only)
+    rank: int = ranged(16, ge=1, le=65536)
+    alpha: float = ranged(16.0, gt=0, le=1e6)  # adapter output scaled by alpha / rank
+    # dropout on the adapters' input (policy in train mode only)
+    dropout: float = ranged(0.0, ge=0, lt=1)
     # linear layers to adapt; empty: the model family's defaults (LlamaGen: wqkv, wo, w1, w2,
     # w3; VAR: proj, fc1, fc2 and the AdaLN projections)
     target_modules: list[str] = field(default_factory=list)
@@ -108,10 +111,12 @@ class MethodSection:
     """The objective: an alignment loss against a frozen reference, plain MLE, or GFT."""
 
     name: str = "cca"
-    beta: float = 0.02
-    lam: float = 300.0
-    uncond_ratio: float = 0.1  # alignment: rows whose labels become the null class
-    class_dropout: float = 0.1  # mle, gft: rows whose label becomes the null class
+    beta: float = ranged(0.02, gt=0, le=1e4)
+    lam: float = ranged(300.0, ge=0, le=1e9)
+    # alignment: rows whose labels become the null class
+    uncond_ratio: float = ranged(0.1, ge=0, le=1)
+    # mle, gft: rows whose label becomes the null class
+    class_dropout: float = ranged(0.1, ge=0, le=1)
     # Dropout of policy and reference, kept consistent so D = log p_theta - log p_ref starts at 0:
     # "both": both in train mode with their own masks (the official --keep_dropout recipe; D is
     # noisy but unbiased); "none": dropout off in both (D = 0 exactly at the start);
@@ -121,20 +126,24 @@ class MethodSection:
     lora: LoraSection = field(default_factory=LoraSection)
     # DDO (Direct Discriminative Optimization): negatives are samples of the reference model.
     # beta and uncond_ratio above apply too; lam does not.
-    alpha: float = 50.0  # weight of the reference's samples (conditional rows)
-    rounds: int = 1  # rounds this run trains; each fine-tunes from and against the one before
-    round: int = 1  # index of the first of them: keys its negatives and its data order
+    # weight of the reference's samples (conditional rows)
+    alpha: float = ranged(50.0, ge=0, le=1e9)
+    # rounds this run trains; each fine-tunes from and against the one before
+    rounds: int = ranged(1, ge=1, le=1000)
+    # index of the first of them: keys its negatives and its data order
+    round: int = ranged(1, ge=1, le=1_000_000)
     # "file" (default): before training, sample every negative the round will use into
     # <out>/negatives.safetensors, in large batches with the sampler in inference mode (bf16 on
     # CUDA), resumable and shared by all processes; "online": sample each micro-batch's
     # negatives inside the training step (small batches, the sampler's weights copied per
     # process). Both draw from the same distribution; the file is the cheaper.
     negatives: str = "file"
-    negatives_batch: int = 256  # rows per sampling call (file mode), part of the random key
+    # rows per sampling call (file mode), part of the random key
+    negatives_batch: int = ranged(256, ge=1, le=2**20)
     # 1, top-k 0, top-p 1: exact samples of the reference (VAR's sampler has no temperature)
-    negatives_temperature: float = 1.0
-    negatives_top_k: int = 0
-    negatives_top_p: float = 1.0
+    negatives_temperature: float = ranged(1.0, gt=0, le=100)
+    negatives_top_k: int = ranged(0, ge=0, le=2**24)
+    negatives_top_p: float = ranged(1.0, gt=0, le=1)
     # VAR only: decode each sample (its f_hat) to 8-bit pixels with the VQVAE (model.vae) and
     # re-encode them, as NVlabs/DDO's VAR code makes its negatives from saved images
     negatives_retokenize: bool = False
@@ -144,21 +153,24 @@ class MethodSection:
 class OptimSection:
     """AdamW with LlamaGen's parameter groups, clipping, schedule and optional EMA."""
 
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    lr: float = ranged(1e-5, gt=0, le=1)
+    betas: tuple[float, float] = ranged((0.9, 0.95), ge=0, lt=1)
+    eps: float = ranged(1e-8, gt=0, le=1)
+    weight_decay: float = ranged(0.05, ge=0, le=100)
+    grad_clip: float = ranged(1.0, ge=0, le=1e6)  # 0 disables clipping (the norm is still logged)
     schedule: str = "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    min_lr_ratio: float = 0.0  # final lr of linear / cosine decay, as a fraction of lr
-    warmup_start_ratio: float = 0.0  # lr at the start of warmup, as a fraction of lr (VAR: 0.005)
-    hold_ratio: float = 0.0  # share of the post-warmup steps at the peak before decay (VAR: 0.05)
+    warmup_steps: int = ranged(0, ge=0, le=10**9)
+    warmup_ratio: float = ranged(0.0, ge=0, le=1)  # used when warmup_steps is 0
+    # final lr of linear / cosine decay, as a fraction of lr
+    min_lr_ratio: float = ranged(0.0, ge=0, le=1)
+    # lr at the start of warmup, as a fraction of lr (VAR: 0.005)
+    warmup_start_ratio: float = ranged(0.0, ge=0, le=1)
+    # share of the post-warmup steps at the peak before decay (VAR: 0.05)
+    hold_ratio: float = ranged(0.0, ge=0, lt=1)
     # weight decay at the last step, reached by a half cosine from weight_decay (VAR's twde);
     # None: constant weight_decay
-    final_weight_decay: float | None = None
-    ema_decay: float = 0.0  # 0 disables EMA
+    final_weight_decay: float | None = ranged(None, ge=0, le=100)
+    ema_decay: float = ranged(0.0, ge=0, lt=1)  # 0 disables EMA
     # adamw: torch's AdamW (float32 weights) or ccalign's compensated bf16 AdamW (bf16 weights),
     # float32 moments either way; adamw8bit: torchao's AdamW8bit (pip install torchao)
     optimizer: str = "adamw"
@@ -168,10 +180,11 @@ class OptimSection:
 class TrainSection:
     """Batch geometry, length, precision and logging."""
 
-    global_batch: int = 256
-    micro_batch: int = 8  # per process; accumulation = global / (micro * world)
-    steps: int = 0  # 0: derived from epochs
-    epochs: float = 1.0
+    global_batch: int = ranged(256, ge=1, le=2**24)
+    # per process; accumulation = global / (micro * world)
+    micro_batch: int = ranged(8, ge=1, le=2**20)
+    steps: int = ranged(0, ge=0, le=10**9)  # 0: derived from epochs
+    epochs: float = ranged(1.0, gt=0, le=1e6)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     # fp32, or bf16: the policy's weights (and gradients) in bf16, float32 optimizer moments and
@@ -183,8 +196,8 @@ class TrainSection:
     reference_dtype: str = "auto"  # the frozen reference's weights; auto: as weights_dtype
     parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp (sharded states)
     device: str = "auto"
-    seed: int = 0
-    log_every: int = 1
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
+    log_every: int = ranged(1, ge=1, le=10**9)
     progress: bool = True
 
 
@@ -193,8 +206,8 @@ class CheckpointSection:
     """Where the run writes and how often it saves resumable state."""
 
     out: str = "runs/ccalign"
-    every: int = 500
-    keep: int = 3
+    every: int = ranged(500, ge=1, le=10**9)
+    keep: int = ranged(3, ge=1, le=10**6)
     # "full": one file, whole states gathered on rank 0; "sharded": a folder, each process
     # writes its own shard (torch.distributed.checkpoint); "auto": sharded under FSDP, else full
     format: str = "auto"
@@ -227,8 +240,10 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        """Reject values that cannot work, naming the key and the valid choices."""
+        """Reject values that cannot work, naming the key and the valid choices or range."""
         from ccalign.train import methods
+
+        check_fields(self)  # every number finite and in its declared range
 
         method = methods.get(self.method.name)
         _choice("optim.schedule", self.optim.schedule, SCHEDULES)
@@ -251,34 +266,7 @@ class TrainConfig:
             )
         _validate_data(self.data)
         _validate_lora(self)
-        for key, value in (
-            ("train.global_batch", self.train.global_batch),
-            ("train.micro_batch", self.train.micro_batch),
-            ("checkpoint.every", self.checkpoint.every),
-            ("checkpoint.keep", self.checkpoint.keep),
-            ("train.log_every", self.train.log_every),
-        ):
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
-        if self.train.steps < 0 or self.train.epochs <= 0:
-            raise ValueError("train.steps must be >= 0 and train.epochs > 0")
         method.validate(self)
-        if not (0.0 <= self.optim.warmup_start_ratio <= 1.0 and 0.0 <= self.optim.hold_ratio < 1.0):
-            raise ValueError(
-                f"optim.warmup_start_ratio must be in [0, 1] and optim.hold_ratio in [0, 1); got "
-                f"{self.optim.warmup_start_ratio} and {self.optim.hold_ratio}"
-            )
-        if self.optim.final_weight_decay is not None and self.optim.final_weight_decay < 0:
-            raise ValueError(
-                f"optim.final_weight_decay must be >= 0, got {self.optim.final_weight_decay}; "
-                "leave it out for a constant weight decay"
-            )
-        if not 0.0 <= self.optim.ema_decay < 1.0:
-            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
-        for key in ("uncond_ratio", "class_dropout"):
-            value = getattr(self.method, key)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"method.{key} must be in [0, 1], got {value}")
 
 
 _SECTION_TYPES = {
@@ -292,69 +280,17 @@ _SECTION_TYPES = {
 
 
 def _build_section(name: str, values: Any) -> Any:
-    section_type = _SECTION_TYPES[name]
     if not isinstance(values, dict):
         raise ValueError(f"config section [{name}] must be a table, got {values!r}")
-    valid = {f.name for f in dataclasses.fields(section_type)}
     for key in values:
         if (name, key) in _RENAMED:
             raise ValueError(f"{name}.{key} was replaced: write {_RENAMED[name, key]}")
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in [{name}]; valid keys: {sorted(valid)}")
-    hints = typing.get_type_hints(section_type)
-    checked = {key: _typed(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
-    return section_type(**checked)
-
-
-def _typed(key: str, value: Any, hint: Any) -> Any:
-    """``value`` as the field's type (ints widen to floats); a wrong type names key and value."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else ()
-    if options:  # X | None: None from a dict (TOML has no null), else an X
-        if value is None:
-            return None
-        hint = next(o for o in options if o is not type(None))
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return _build_table(key, value, hint)
-    if origin is list and isinstance(value, list):
-        return [_typed(key, v, typing.get_args(hint)[0]) for v in value]
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple and isinstance(value, list | tuple):
-        items = typing.get_args(hint)
-        if len(value) == len(items):
-            return tuple(_typed(key, v, t) for v, t in zip(value, items, strict=True))
-    elif isinstance(value, origin or hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ValueError(f"{key} = {value!r} must be {_type_name(hint)}, not {type(value).__name__}")
-
-
-def _build_table(key: str, values: dict, table_type: type) -> Any:
-    """A nested table (``[method.lora]``) as its dataclass, rejecting unknown keys by name."""
-    valid = {f.name for f in dataclasses.fields(table_type)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in [{key}]; valid keys: {sorted(valid)}")
-    hints = typing.get_type_hints(table_type)
-    return table_type(**{k: _typed(f"{key}.{k}", v, hints[k]) for k, v in values.items()})
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {len(typing.get_args(hint))} numbers"
-    if typing.get_origin(hint) is list:
-        return "a list of strings"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    table = hint is dict or dataclasses.is_dataclass(hint)
-    return names.get(hint, "a table {...}" if table else str(hint))
+    return build_table(name, values, _SECTION_TYPES[name])
 
 
 def _validate_data(data: DataSection) -> None:
     """Image-only keys need a tokenizer: code files carry their own views and size."""
     _choice("data.views", data.views, DATA_VIEWS)
-    if data.image_size is not None and data.image_size < 1:
-        raise ValueError(f"data.image_size must be >= 1, got {data.image_size}")
     if data.tokenizer is None and (data.views != "center" or data.image_size is not None):
         raise ValueError(
             "data.views and data.image_size apply to images encoded on the fly: set "
@@ -367,11 +303,6 @@ def _validate_lora(config: TrainConfig) -> None:
     lora = config.method.lora
     if not lora.enabled:
         return
-    if lora.rank < 1 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
-        raise ValueError(
-            f"method.lora needs rank >= 1, alpha > 0 and dropout in [0, 1); got rank "
-            f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}"
-        )
     if config.optim.ema_decay > 0:
         raise ValueError(
             "optim.ema_decay > 0 with method.lora is not supported (the average would copy the "

@@ -24,6 +24,7 @@ from ccalign.models.family import (
 )
 from ccalign.models.llamagen.model import PRESETS, LlamaGen, LlamaGenConfig, build
 from ccalign.models.next_token import Sampler
+from ccalign.settings import number
 from ccalign.weights import extract_state_dict, load_weights
 
 #: keys of the official files that the model does not hold (a precomputed rotary table)
@@ -52,16 +53,28 @@ class LlamaGenFamily(BaseFamily):
         "re-encoding them is NVlabs/DDO's VAR recipe)",
     }
     sampling_options = (
-        SamplingOption(("--grid",), dict(type=int, help="tokens per side of an official "
-                                         "checkpoint (24 at 384 px)")),
-        SamplingOption(("--temperature",), dict(type=float, default=1.0), "temperature", True),
-        SamplingOption(("--cfg-interval",), dict(type=int, default=-1, help="guide tokens <= "
-                                                 "this + 1 only"), "cfg_interval", True),
+        SamplingOption(
+            ("--grid",),
+            dict(type=number(int, ge=1, le=1024),
+                 help="tokens per side of an official checkpoint (24 at 384 px)"),
+        ),
+        SamplingOption(
+            ("--temperature",), dict(type=number(float, ge=0, le=100), default=1.0,
+                                    help="0 ~ greedy"),
+            "temperature", True,
+        ),
+        SamplingOption(
+            ("--cfg-interval",),
+            dict(type=number(int, ge=-1, le=10**6), default=-1,
+                 help="guide tokens <= this + 1 only"),
+            "cfg_interval", True,
+        ),
         SamplingOption(
             ("--gft-beta",),
-            dict(type=float, help="GFT checkpoints only: the beta input, 1 / s for a CFG-like "
-                 "scale s (the released GFT models: 0.66 for L, 0.7 for 3B), one pass per token; "
-                 "1.0 = the plain conditional"),
+            dict(type=number(float, gt=0, le=1),
+                 help="GFT checkpoints only: the beta input, 1 / s for a CFG-like scale s (the "
+                 "released GFT models: 0.66 for L, 0.7 for 3B), one pass per token; 1.0 = the "
+                 "plain conditional"),
             "gft_beta",
         ),
         SamplingOption(("--compile",), dict(action="store_true",
@@ -85,10 +98,14 @@ class LlamaGenFamily(BaseFamily):
     def config_for(self, spec: ModelSpec) -> LlamaGenConfig:
         """A ccalign file's recorded config, else the registry's or the spec's preset and grid;
         ``spec.arch`` overrides fields either way."""
+        if "grid" in spec.arch:
+            raise ValueError(
+                "model.arch.grid: a LlamaGen grid is model.grid (--grid on the command line)"
+            )
         path = local_file(spec.init)
         recorded = self.config_from_file(path) if path is not None else None
         if recorded is not None:
-            return LlamaGenConfig(**{**recorded.to_dict(), **spec.arch})
+            return self.make_config({**recorded.to_dict(), **spec.arch})
         name, grid = self._preset_and_grid(spec)
         if grid is None:
             raise ValueError(
@@ -103,11 +120,10 @@ class LlamaGenFamily(BaseFamily):
         missing = {"dim", "n_layer", "n_head"} - sizes.keys()
         if missing:
             raise ValueError(f"a custom LlamaGen model needs {sorted(missing)} in model.arch")
-        return LlamaGenConfig(**{**sizes, "grid": grid})
+        return self.make_config({**sizes, "grid": grid})
 
     def build(self, spec: ModelSpec) -> LlamaGen:
-        name, grid = self._preset_and_grid(spec)
-        return build(name, grid=grid, **{**_release_options(spec), **spec.arch})
+        return LlamaGen(self.config_for(spec))
 
     def load(self, spec: ModelSpec, *, codec=None) -> LlamaGen:
         """The model of ``spec.init``: a ccalign file carries its architecture, a registry name

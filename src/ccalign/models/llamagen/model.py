@@ -12,7 +12,7 @@ get beta 1. ``beta=None`` adds nothing, as the released GFT model does.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,28 +20,36 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ccalign.models.family import LogitMix, at_least_float32
+from ccalign.settings import check_fields, ranged
 
 
 @dataclass(frozen=True)
 class LlamaGenConfig:
     """Hyper-parameters of one LlamaGen GPT (defaults: the released c2i models' shared values)."""
 
-    dim: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    grid: int = 16  # image tokens per side: N = grid ** 2
-    vocab_size: int = 16384
-    num_classes: int = 1000
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    multiple_of: int = 256
-    token_dropout: float = 0.1
-    resid_dropout: float = 0.1
-    ffn_dropout: float = 0.1
-    attn_dropout: float = 0.0
-    init_std: float = 0.02
+    dim: int = ranged(768, ge=1, le=65536)
+    n_layer: int = ranged(12, ge=1, le=1000)
+    n_head: int = ranged(12, ge=1, le=4096)
+    grid: int = ranged(16, ge=1, le=1024)  # image tokens per side: N = grid ** 2
+    vocab_size: int = ranged(16384, ge=2, le=2**24)
+    num_classes: int = ranged(1000, ge=1, le=10**7)
+    rope_base: float = ranged(10000.0, gt=0, le=1e12)
+    norm_eps: float = ranged(1e-5, gt=0, le=1)
+    multiple_of: int = ranged(256, ge=1, le=65536)
+    token_dropout: float = ranged(0.1, ge=0, lt=1)
+    resid_dropout: float = ranged(0.1, ge=0, lt=1)
+    ffn_dropout: float = ranged(0.1, ge=0, lt=1)
+    attn_dropout: float = ranged(0.0, ge=0, lt=1)
+    init_std: float = ranged(0.02, ge=0, le=10)
     beta_embedding: bool = False  # GFT: the class token gets an embedding of beta (t_embedder)
-    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.dim % self.n_head or (self.dim // self.n_head) % 2:
+            raise ValueError(
+                f"dim {self.dim} must be n_head ({self.n_head}) times an even head width (RoPE "
+                "rotates pairs of channels); e.g. dim 768 with 12 heads"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -62,9 +70,7 @@ class LlamaGenConfig:
         return self.num_classes
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
 
 PRESETS: dict[str, dict] = {

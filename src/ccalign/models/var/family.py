@@ -34,6 +34,7 @@ from ccalign.models.var.model import (
 )
 from ccalign.models.var.sampler import VarSampler, check_filter_args
 from ccalign.multiscale import MultiScaleQuantizer
+from ccalign.settings import number
 from ccalign.weights import CheckpointMismatchError, check_state_dict, extract_state_dict
 
 #: a key every official VAR file holds and no LlamaGen file does
@@ -64,9 +65,10 @@ class VARFamily(BaseFamily):
     sampling_options = (
         SamplingOption(
             ("--var-cfg",),
-            dict(type=float, help="VAR models: VAR's own cfg number c instead of --cfg-scale, a "
-                 "ramp over the scales from 1 (guidance-free) to 1 + c, as VAR's sampler (the "
-                 "paper's VAR setting: 1.5 with --top-k 900 --top-p 0.96); 0 = guidance-free"),
+            dict(type=number(float, ge=0, le=1000),
+                 help="VAR models: VAR's own cfg number c instead of --cfg-scale, a ramp over "
+                 "the scales from 1 (guidance-free) to 1 + c, as VAR's sampler (the paper's VAR "
+                 "setting: 1.5 with --top-k 900 --top-p 0.96); 0 = guidance-free"),
             "official_cfg",
         ),
     )

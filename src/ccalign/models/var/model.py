@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ccalign.models.family import at_least_float32
 from ccalign.multiscale import MultiScaleQuantizer
+from ccalign.settings import check_fields, ranged
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -47,31 +49,38 @@ MAX_SCALE_MUL = torch.tensor(100.0, device="cpu").log().item()
 class VARConfig:
     """Hyper-parameters of one VAR transformer (defaults: VAR-d16 at 256 px)."""
 
-    depth: int = 16
-    dim: int = 1024
-    n_head: int = 16
-    patch_nums: tuple[int, ...] = PATCH_NUMS_256
-    vocab_size: int = 4096
-    vae_dim: int = 32  # width of the VQVAE's code vectors (Cvae)
-    num_classes: int = 1000
-    mlp_ratio: float = 4.0
-    norm_eps: float = 1e-6
-    drop_path: float = 0.0  # stochastic depth of the last block (linear from 0 over blocks)
-    dropout: float = 0.0  # after the attention projection and the MLP
-    attn_dropout: float = 0.0
+    depth: int = ranged(16, ge=1, le=1000)
+    dim: int = ranged(1024, ge=1, le=65536)
+    n_head: int = ranged(16, ge=1, le=4096)
+    patch_nums: tuple[int, ...] = ranged(PATCH_NUMS_256, ge=1, le=1024)
+    vocab_size: int = ranged(4096, ge=2, le=2**24)
+    vae_dim: int = ranged(32, ge=1, le=65536)  # width of the VQVAE's code vectors (Cvae)
+    num_classes: int = ranged(1000, ge=1, le=10**7)
+    mlp_ratio: float = ranged(4.0, gt=0, le=64)
+    norm_eps: float = ranged(1e-6, gt=0, le=1)
+    # stochastic depth of the last block (linear from 0 over blocks)
+    drop_path: float = ranged(0.0, ge=0, lt=1)
+    dropout: float = ranged(0.0, ge=0, lt=1)  # after the attention projection and the MLP
+    attn_dropout: float = ranged(0.0, ge=0, lt=1)
     attn_l2_norm: bool = True
     shared_aln: bool = False  # one AdaLN projection shared by all blocks (VAR-d36)
-    num_phi: int = 4  # shared phi convs of the quantiser
-    phi_ratio: float = 0.5
-    init_adaln: float = 0.5
-    init_adaln_gamma: float = 1e-5
-    init_head: float = 0.02
-    init_std: float = -1.0  # < 0: sqrt(1 / (3 dim)), VAR's automatic choice
+    num_phi: int = ranged(4, ge=1, le=64)  # shared phi convs of the quantiser
+    phi_ratio: float = ranged(0.5, ge=0, le=1)
+    init_adaln: float = ranged(0.5, ge=0, le=10)
+    init_adaln_gamma: float = ranged(1e-5, ge=0, le=10)
+    init_head: float = ranged(0.02, ge=0, le=10)
+    init_std: float = ranged(-1.0, ge=-1, le=10)  # < 0: sqrt(1 / (3 dim)), VAR's automatic choice
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
+        check_fields(self)
         if self.dim % self.n_head:
             raise ValueError(f"dim {self.dim} is not a multiple of n_head {self.n_head}")
+        if not self.patch_nums or any(a >= b for a, b in pairwise(self.patch_nums)):
+            raise ValueError(
+                f"patch_nums {list(self.patch_nums)} must grow scale by scale, e.g. 1,2,3,4,5,6,8,"
+                "10,13,16 (VAR at 256 px)"
+            )
 
     @property
     def head_dim(self) -> int:
