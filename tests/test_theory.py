@@ -249,5 +249,7 @@ def test_theory_command_prints_the_table(capsys, tmp_path):
     assert "max |numeric - closed form|" in text and "TV(opt,CFG s)" in text
     rows = __import__("json").loads(out.read_text())
     assert [(r["beta"], r["lam"]) for r in rows] == list(itertools.product([1.0, 0.5], [1.0, 10.0]))
-    assert main(["theory", "--betas", "0"]) == 1
-    assert "--betas must all be positive" in capsys.readouterr().err
+    assert main(["theory", "--betas", "0"]) == 2
+    assert "argument --betas: must be in (0, 10000], got 0" in capsys.readouterr().err
+    assert main(["theory", "--lambdas", "nan"]) == 2
+    assert "argument --lambdas: must be a finite number, got nan" in capsys.readouterr().err

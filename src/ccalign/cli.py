@@ -12,6 +12,7 @@ import errno
 import importlib
 import pkgutil
 import sys
+from typing import NoReturn
 
 import ccalign
 import ccalign.commands
@@ -22,8 +23,16 @@ def _command_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(ccalign.commands.__path__))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (the option, the value, the range), pointing
+    to ``--help`` instead of printing the usage; sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ccalign", description="Condition Contrastive Alignment for AR image generators"
     )
     parser.add_argument("--version", action="version", version=f"ccalign {ccalign.__version__}")
@@ -40,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line printed)
+        return int(exc.code or 0)
     if args.command is None:
         parser.print_help()
         return 2
@@ -64,6 +76,7 @@ def describe_error(exc: BaseException) -> str:
         errno.EROFS: "choose a location on a writable file system",
         errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
         errno.EISDIR: "give a file, not a folder",
+        errno.EEXIST: "a file stands where a folder is needed: choose another path",
     }
     fix = fixes.get(exc.errno)
     return f"{exc.strerror}{where}" + (f"; {fix}" if fix else "")

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ccalign.errors import shorten
+
 PathLike = str | os.PathLike
 
 #: Classes torch files may hold besides tensors and containers: LlamaGen's trainers pickle their
@@ -29,8 +31,15 @@ SAFE_GLOBALS = (argparse.Namespace,)
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 #: Modules whose globals ordinary weight files import (tensor rebuilds, OrderedDict).
 _WEIGHT_MODULES = ("torch", "collections")
-_STRING_OPS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING",
-               "BINSTRING", "SHORT_BINSTRING"}
+_STRING_OPS = {
+    "UNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+}
 
 
 #: How much of a legacy torch file is scanned for globals: its pickles come first and are small.
@@ -39,6 +48,44 @@ _LEGACY_PICKLE_BYTES = 1 << 24
 
 class UnsafePickleError(ValueError):
     """A torch file holds a pickled object outside the weights-only allow-list (could run code)."""
+
+
+def check_output_path(path: PathLike, *, folder: bool, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is
+    needed (``path`` itself for a folder, or a folder above it), or a folder where the file
+    should go. Every command says it in the same words."""
+    problem = _output_problem(Path(path), folder)
+    if problem:
+        raise ValueError(f"{flag} {shorten(str(path), 200)}{problem}")
+    return Path(path)
+
+
+def output_file(text: str) -> Path:
+    """argparse ``type`` of a file to write (``check_output_path``, as a usage error)."""
+    return _output_flag(text, folder=False)
+
+
+def output_folder(text: str) -> Path:
+    """argparse ``type`` of a folder to write into (``check_output_path``, as a usage error)."""
+    return _output_flag(text, folder=True)
+
+
+def _output_flag(text: str, *, folder: bool) -> Path:
+    problem = _output_problem(Path(text), folder)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{shorten(text, 200)}{problem}")
+    return Path(text)
+
+
+def _output_problem(path: Path, folder: bool) -> str | None:
+    for above in (path, *path.parents) if folder else path.parents:
+        if above.exists():
+            if not above.is_dir():
+                return f": {shorten(str(above), 200)} is a file, not a folder; choose another path"
+            break
+    if not folder and path.is_dir():
+        return " is a folder; give the file to write"
+    return None
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:

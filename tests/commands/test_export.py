@@ -41,7 +41,7 @@ def test_an_existing_out_is_replaced_only_when_asked(tmp_path, capsys):
     assert main(["export", str(source), "--format", "official", "--out", str(official)]) == 1
     assert "--out" in (error := _one_line(capsys)) and "pass --overwrite" in error
     assert official.read_bytes() == b"the user's own file"
-    assert main(["export", str(source), "--format", "official", "--out", str(tmp_path)]) == 1
+    assert main(["export", str(source), "--format", "official", "--out", str(tmp_path)]) == 2
     assert "is a folder; give the file to write" in _one_line(capsys)
 
     out = tmp_path / "export" / "model.safetensors"

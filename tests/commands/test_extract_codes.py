@@ -286,7 +286,7 @@ def test_flat_output_that_is_the_image_folder_or_inside_it_is_refused(tmp_path, 
     data = tmp_path / "data"
     _write_folder(data, corrupt=False)
     _tokenizer(tmp_path / "tok.safetensors")
-    assert _extract(tmp_path, data, "--flat", str(data)) == 1
+    assert _extract(tmp_path, data, "--flat", str(data)) == 2  # a usage error
     assert "is a folder; give the file to write" in capsys.readouterr().err
     assert _extract(tmp_path, data, "--flat", str(data / "codes.safetensors")) == 1
     assert "lies inside the image folder" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ccalign.cli import main
 from ccalign.models import llamagen
@@ -37,21 +38,24 @@ def one_line_error(capsys) -> str:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--per-class", "1", "--resize", "0"], "--resize 0: give the image side in pixels"),
-        (["--per-class", "1", "--resize", "-8"], "--resize -8"),
+        (["--per-class", "1", "--resize", "0"], "argument --resize: must be in [1, 16384], got 0"),
+        (["--per-class", "1", "--resize", "-8"], "argument --resize: must be in"),
         (["--classes", "3-1"], "--classes '3-1': the range '3-1' is empty; write low-high"),
         (["--classes", ","], "--classes ',': no class given"),
         (["--classes", "1-x"], "expected indices like"),
-        (["--per-class", "1", "--cfg-scale", "nan"], "cfg_scale must be finite and >= 0, got nan"),
-        (["--per-class", "1", "--cfg-scale", "inf"], "cfg_scale must be finite and >= 0, got inf"),
-        (["--per-class", "1", "--cfg-scale", "-1"], "cfg_scale must be finite and >= 0, got -1"),
-        (["--per-class", "1", "--cfg-scale", "3e38"], "logits that are not finite"),  # overflow
-        (["--per-class", "1", "--seed", "-1"], "--seed -1: must be >= 0"),
-        (["--per-class", "1", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
-        (["--per-class", "1", "--top-p", "0"], "top_p must be in"),
+        (["--per-class", "1", "--cfg-scale", "nan"], "--cfg-scale: must be a finite number"),
+        (["--per-class", "1", "--cfg-scale", "inf"], "--cfg-scale: must be a finite"),
+        (["--per-class", "1", "--cfg-scale", "-1"], "--cfg-scale: must be in [0, 1000], got -1"),
+        (["--per-class", "1", "--cfg-scale", "3e38"], "--cfg-scale: must be in [0, 1000]"),
+        (["--per-class", "1", "--seed", "-1"], "--seed: must be in [0, 2**63 - 1], got -1"),
+        (["--per-class", "1", "--batch-size", "0"], "--batch-size: must be in [1, 65536], got 0"),
+        (["--per-class", "1", "--top-p", "0"], "--top-p: must be in (0, 1], got 0"),
+        (["--per-class", "x"], "argument --per-class: expected an integer, got 'x'"),
         (["--labels", "random", "--per-class", "2"], "--labels random draws every label"),
         # sizes are bounded before anything is built (these grew memory or a 988 MB line)
-        (["--num-samples", "99999999999999"], "more than one sampling run plans (10,000,000)"),
+        (["--num-samples", "99999999999999"], "--num-samples: must be in [1, 10,000,000]"),
+        (["--per-class", "5000000"],  # 5 classes
+         "more than one sampling run plans (10,000,000)"),
         (["--classes", "0-99999999"], "lists more than 100,000 classes"),
         (["--classes", "7-" + "9" * 5000], "--classes '7-99999999999999999999999999"),
         (["--per-class", "1", "--classes", ",".join(map(str, range(5, 400)))],
@@ -59,10 +63,20 @@ def one_line_error(capsys) -> str:
     ],
 )
 def test_unusable_options_end_in_one_clear_line(checkpoint, tmp_path, capsys, options, message):
-    assert sample(checkpoint, tmp_path / "out", *options) == 1
+    assert sample(checkpoint, tmp_path / "out", *options) in (1, 2)  # 2: a usage error
     error = one_line_error(capsys)
     assert message in error and len(error) < 300  # never an echo of unbounded input
     assert not (tmp_path / "out" / "tokens.npz").exists()
+
+
+def test_a_model_giving_non_finite_logits_is_refused_not_sampled(tmp_path, capsys):
+    """NaN weights sampled token V-1 everywhere and exited 0."""
+    model = small_model()
+    with torch.no_grad():
+        model.output.weight.fill_(float("nan"))
+    llamagen.save(model, tmp_path / "nan.safetensors")
+    assert sample(tmp_path / "nan.safetensors", tmp_path / "out", "--per-class", "1") == 1
+    assert "the model gave logits that are not finite" in one_line_error(capsys)
 
 
 def test_grid_or_model_contradicting_the_file_is_an_error(checkpoint, tmp_path, capsys):

@@ -141,8 +141,8 @@ def test_eval_command_rejects_bad_k_and_labels_outside_the_classes(
 ):
     np.savez(tmp_path / "samples.npz", _images(12, (28, 28), 5), np.arange(12))  # labels 0..11
     np.savez(tmp_path / "ref.npz", _images(12, (28, 28), 7))
-    assert main(_eval_argv(tmp_path, tiny_classifier, "--k", "0")) == 1
-    assert "k must be >= 1" in capsys.readouterr().err
+    assert main(_eval_argv(tmp_path, tiny_classifier, "--k", "0")) == 2  # a usage error
+    assert "argument --k: must be in [1, 10000], got 0" in capsys.readouterr().err
     assert main(_eval_argv(tmp_path, tiny_classifier, "--k", "12")) == 1
     assert "k=12 needs more than 12 points in the samples" in capsys.readouterr().err
     assert main(_eval_argv(tmp_path, tiny_classifier)) == 1

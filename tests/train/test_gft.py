@@ -336,8 +336,8 @@ def test_cli_sample_takes_gft_beta_and_refuses_it_for_a_plain_model(tmp_path, ca
     assert recorded["sampling"]["gft_beta"] == 0.66
     assert sample(plain, "b", "--gft-beta", "0.7") == 1
     assert "no beta embedding" in capsys.readouterr().err
-    assert sample(gft, "c", "--gft-beta", "2") == 1
-    assert "must lie in (0, 1]" in capsys.readouterr().err
+    assert sample(gft, "c", "--gft-beta", "2") == 2
+    assert "argument --gft-beta: must be in (0, 1], got 2" in capsys.readouterr().err
 
 
 # ---- training ----

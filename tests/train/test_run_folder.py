@@ -12,7 +12,7 @@ import torch
 from ccalign.cli import describe_error, main
 from ccalign.io import atomic_save_safetensors
 from ccalign.models import llamagen
-from ccalign.train import NonFiniteLossError, run_training
+from ccalign.train import NonFiniteLossError, load_config, run_training
 from ccalign.train.rundir import RunLock
 from ccalign.train.state import latest_checkpoint, list_checkpoints
 from support import REPO
@@ -179,9 +179,17 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
     target = tmp_path / "taken"
     target.write_text("keep me")
     code, err = run_cli(finetune_args(init, codes, target), capsys)
-    assert code == 1 and "is a file, not a folder" in err
+    assert code == 2 and f"argument --out: {target}: {target} is a file, not a folder" in err
     code, err = run_cli(finetune_args(init, codes, target / "sub"), capsys)
-    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    code, err = run_cli([*finetune_args(init, codes, tmp_path / "ok"), "--set",
+                         f'checkpoint.out="{target}"', "--out", str(target / "sub")], capsys)
+    assert code == 2  # the flag wins over --set, and is checked first
+    config = load_config(REPO / "configs" / "tiny_cpu.toml", [f'checkpoint.out="{target}"',
+                                                              f'model.init="{init}"',
+                                                              f'data.path="{codes}"'])
+    with pytest.raises(ValueError, match=r"--out .*taken is a file, not a folder"):
+        run_training(config)  # the same words for an output set in a config
     assert target.read_text() == "keep me"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = (
     "CCA (or --methods cca,gft,ddo) on Fashion-MNIST from the bundled LlamaGen (or --family var: "
@@ -13,6 +12,13 @@ HELP = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ccalign.demo.bundles import BUNDLES
+    from ccalign.demo.settings import DemoSettings
+    from ccalign.io import output_folder
+    from ccalign.settings import MAX_THREADS, declared_range, number, numbers
+
+    def setting(name: str, kind: type = float):
+        """A flag that sets the demo setting ``name``: its type and declared range."""
+        return number(kind, within=declared_range(DemoSettings, name))
 
     parser.add_argument(
         "--family",
@@ -22,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "88 codes of a multi-scale VQ)",
     )
     parser.add_argument(
-        "--out", type=Path, help="report folder (default runs/demo, runs/demo_<family> for another)"
+        "--out",
+        type=output_folder,
+        help="report folder (default runs/demo, runs/demo_<family> for another)",
     )
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     parser.add_argument(
@@ -32,16 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--samples",
-        type=int,
+        type=setting("samples", int),
         help="samples per headline row: base, base + CFG, CCA (default 10000)",
     )
     parser.add_argument(
-        "--curve-samples", type=int, help="samples per other row: CFG scales, CCA + CFG (2000)"
+        "--curve-samples",
+        type=setting("curve_samples", int),
+        help="samples per other row: CFG scales, CCA + CFG (2000)",
     )
-    parser.add_argument("--steps", type=int, help="CCA optimizer steps")
-    parser.add_argument("--lam", type=float, help="CCA lambda")
-    parser.add_argument("--beta", type=float, help="CCA beta")
-    parser.add_argument("--lr", type=float, help="CCA learning rate")
+    parser.add_argument("--steps", type=setting("steps", int), help="CCA optimizer steps")
+    parser.add_argument("--lam", type=setting("lam"), help="CCA lambda")
+    parser.add_argument("--beta", type=setting("beta"), help="CCA beta")
+    parser.add_argument("--lr", type=setting("lr"), help="CCA learning rate")
     parser.add_argument(
         "--dropout",
         choices=("both", "none", "policy-only"),
@@ -53,27 +63,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma list of cca, gft, ddo: fine-tune each at a matched budget and compare them "
         "with CFG in one report (default: cca, the plain demo)",
     )
-    parser.add_argument("--gft-lr", type=float, help="GFT learning rate (cosine)")
+    parser.add_argument("--gft-lr", type=setting("gft_lr"), help="GFT learning rate (cosine)")
     parser.add_argument(
-        "--gft-scale", type=float, help="GFT's guidance-free row samples at beta = 1 / this"
+        "--gft-scale",
+        type=setting("gft_scale"),
+        help="GFT's guidance-free row samples at beta = 1 / this",
     )
     parser.add_argument(
         "--gft-curve-scales",
-        type=_floats,
+        type=numbers(float, within=declared_range(DemoSettings, "gft_curve_scales")),
         help="comma list of further s (beta = 1/s) for GFT's own curve",
     )
-    parser.add_argument("--ddo-alpha", type=float, help="DDO's weight of the reference samples")
-    parser.add_argument("--ddo-beta", type=float, help="DDO beta")
-    parser.add_argument("--ddo-lr", type=float, help="DDO learning rate (constant)")
-    parser.add_argument("--ddo-rounds", type=int, help="DDO rounds sharing the step budget")
-    parser.add_argument("--ddo-uncond-ratio", type=float, help="DDO's null-label fraction")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument(
+        "--ddo-alpha", type=setting("ddo_alpha"), help="DDO's weight of the reference samples"
+    )
+    parser.add_argument("--ddo-beta", type=setting("ddo_beta"), help="DDO beta")
+    parser.add_argument("--ddo-lr", type=setting("ddo_lr"), help="DDO learning rate (constant)")
+    parser.add_argument(
+        "--ddo-rounds", type=setting("ddo_rounds", int), help="DDO rounds sharing the step budget"
+    )
+    parser.add_argument(
+        "--ddo-uncond-ratio", type=setting("ddo_uncond_ratio"), help="DDO's null-label fraction"
+    )
+    parser.add_argument("--seed", type=setting("seed", int), default=0)
+    parser.add_argument(
+        "--threads", type=number(int, ge=1, le=MAX_THREADS), help="CPU threads (default: all cores)"
+    )
     parser.add_argument("--no-progress", action="store_true")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,18 +20,36 @@ CONFIG_NAME = "config.json"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
+    from ccalign.io import output_file
+    from ccalign.settings import declared_range, number
+    from ccalign.train.config import ModelSection
+
     parser.add_argument("checkpoint", help="model file, registry name (`ccalign models`) or hf://")
-    parser.add_argument("--format", choices=FORMATS, required=True,
-                        help="official: the project's own layout; safetensors: plus config.json")
-    parser.add_argument("--out", required=True, help="the file to write (config.json goes beside)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        required=True,
+        help="official: the project's own layout; safetensors: plus config.json",
+    )
+    parser.add_argument(
+        "--out", type=output_file, required=True, help="the file to write (config.json goes beside)"
+    )
     parser.add_argument("--model", help="preset of an official checkpoint, e.g. GPT-L")
-    parser.add_argument("--grid", type=int, help="LlamaGen: tokens per side of an official "
-                        "checkpoint (24 at 384 px)")
-    parser.add_argument("--vae", help="VAR: the VQVAE of an official VAR file (file, registry "
-                        "name such as var-vae, or hf://); registry VAR names default to theirs")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out (and the config.json of an earlier export) if they "
-                        "exist")
+    parser.add_argument(
+        "--grid",
+        type=number(int, within=declared_range(ModelSection, "grid")),
+        help="LlamaGen: tokens per side of an official checkpoint (24 at 384 px)",
+    )
+    parser.add_argument(
+        "--vae",
+        help="VAR: the VQVAE of an official VAR file (file, registry "
+        "name such as var-vae, or hf://); registry VAR names default to theirs",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out (and the config.json of an earlier export) if they exist",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,8 +77,6 @@ def check_outputs(out: Path, fmt: str, *, overwrite: bool) -> None:
     """Never write over a file the user did not name, nor over one they did unless asked: an
     existing --out needs --overwrite, and the config.json beside a safetensors export may only
     replace an earlier export's (a training run keeps its record there)."""
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the file to write, e.g. model.safetensors")
     if out.exists() and not overwrite:
         raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or choose another")
     config = out.parent / CONFIG_NAME

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ccalign.data.images import encode_views, open_source
+from ccalign.devices import device_flag, pick_device
 from ccalign.errors import shorten
 from ccalign.sample.runner import tokenizer_fingerprint
 
@@ -36,6 +37,10 @@ SKIPPED_NAME = "extract-skipped.tsv"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ccalign.io import output_file, output_folder
+    from ccalign.settings import MAX_THREADS, declared_range, number
+    from ccalign.train.config import DataSection
+
     parser.add_argument(
         "source",
         help="image folder laid out <class>/<image> (ImageNet style), "
@@ -52,25 +57,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="VQ-16 or VQ-8 for official files (inferred from the weights when left out)",
     )
-    parser.add_argument("--out", default=None, help="LlamaGen code folder to write")
-    parser.add_argument("--flat", default=None, help="also (or only) write one flat .safetensors")
+    parser.add_argument(
+        "--out", type=output_folder, default=None, help="LlamaGen code folder to write"
+    )
+    parser.add_argument(
+        "--flat", type=output_file, default=None, help="also (or only) write one flat .safetensors"
+    )
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=number(int, within=declared_range(DataSection, "image_size")),
         default=None,
         help="crop size (default: the tokenizer's; 256 or 384 for VQ-16)",
     )
     parser.add_argument("--views", choices=("ten-crop", "flip", "center"), default="ten-crop")
     parser.add_argument(
         "--crop-range",
-        type=float,
+        type=number(float, ge=1, le=4),
         default=1.1,
         help="ten-crop's centre crop is int(size * this); LlamaGen's second set uses 1.05",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="images per encoder batch")
-    parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
     parser.add_argument(
-        "--chunk", type=int, default=4096, help="images per resumable chunk of the flat output"
+        "--batch-size",
+        type=number(int, ge=1, le=100_000),
+        default=16,
+        help="images per encoder batch",
+    )
+    parser.add_argument(
+        "--workers", type=number(int, ge=0, le=1024), default=4, help="image decoding processes"
+    )
+    parser.add_argument(
+        "--chunk",
+        type=number(int, ge=1, le=10**8),
+        default=4096,
+        help="images per resumable chunk of the flat output",
     )
     parser.add_argument(
         "--precision",
@@ -78,9 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="encoder arithmetic on CUDA (default tf32, as LlamaGen's script)",
     )
-    parser.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> if available")
+    parser.add_argument(
+        "--device", type=device_flag, default=None, help="default: cuda:<LOCAL_RANK> if available"
+    )
     parser.add_argument("--fashion-mnist-folder", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument(
+        "--threads",
+        type=number(int, ge=1, le=MAX_THREADS),
+        default=None,
+        help="CPU threads for torch",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -171,8 +197,9 @@ class FlatSink:
         self.flush()
         (self.parts / f"rank{self.rank}-of-{world}.done").touch()
 
-    def merge(self, world: int, vocab_size: int, grid: int, seq_len: int | None,
-              record: dict) -> int:
+    def merge(
+        self, world: int, vocab_size: int, grid: int, seq_len: int | None, record: dict
+    ) -> int:
         """Wait for every rank's marker, then write the flat file (with the settings ``record``)
         and remove the parts."""
         from ccalign.data.codes import write_flat_codes
@@ -249,9 +276,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, local_rank = distributed_rank()
-    device = torch.device(
-        args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    )
+    device = pick_device(args.device, local_rank)
     precision = args.precision or ("tf32" if device.type == "cuda" else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     tokenizer = load(args.tokenizer, args.tokenizer_name, image_size=args.image_size).to(device)
@@ -315,11 +340,6 @@ def _flat_path(flat: str, source: str) -> Path:
     """``--flat`` checked: a file to write, outside the image folder (its parts folder would
     read as one more class)."""
     path = Path(flat)
-    if path.is_dir():
-        raise ValueError(
-            f"--flat {shorten(flat)} is a folder; give the file to write, e.g. "
-            "codes.safetensors (the images stay where they are)"
-        )
     if not source.startswith("fashion-mnist") and path.resolve().is_relative_to(
         Path(source).resolve()
     ):
@@ -380,7 +400,7 @@ def _encode_all(args, tokenizer, source, pending, sinks, size, precision, rank) 
 
 def skip_report_path(args) -> Path:
     """``<out>/extract-skipped.tsv``, or ``<flat>.skipped.tsv`` when only a flat file is made."""
-    return Path(args.out) / SKIPPED_NAME if args.out else Path(args.flat + ".skipped.tsv")
+    return Path(args.out) / SKIPPED_NAME if args.out else Path(f"{args.flat}.skipped.tsv")
 
 
 def _report_skip(report: Path, name: str, index: int, error: str, bar) -> None:

@@ -18,20 +18,35 @@ HELP = "sample images from a checkpoint (tokens, PNGs, ADM .npz); resumable, mul
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ccalign.devices import device_flag
+    from ccalign.io import output_folder
+    from ccalign.sample.runner import MAX_SAMPLES
+    from ccalign.settings import MAX_SEED, number
+
     parser.add_argument(
         "checkpoint",
         help="model weights: ccalign .safetensors, official .pt, a registry name (`ccalign "
         "models`, e.g. cca-llamagen-L-384: preset, grid and tokenizer come with it) or "
         "hf://owner/repo/file",
     )
-    parser.add_argument("--out", required=True, help="output folder (resumes if it holds a run)")
+    parser.add_argument(
+        "--out", type=output_folder, required=True, help="output folder (resumes if it holds a run)"
+    )
     parser.add_argument(
         "--model", help="preset of an official checkpoint, e.g. GPT-L or VAR-d16 (var_d16.pth)"
     )
     what = parser.add_argument_group("what to sample")
     what.add_argument("--classes", help="class indices, e.g. '1,5,207' or '0-9'")
-    what.add_argument("--per-class", type=int, help="images per class (of --classes, default all)")
-    what.add_argument("--num-samples", type=int, help="total images, cycling through the classes")
+    what.add_argument(
+        "--per-class",
+        type=number(int, ge=1, le=MAX_SAMPLES),
+        help="images per class (of --classes, default all)",
+    )
+    what.add_argument(
+        "--num-samples",
+        type=number(int, ge=1, le=MAX_SAMPLES),
+        help="total images, cycling through the classes",
+    )
     what.add_argument(
         "--labels",
         choices=("balanced", "random"),
@@ -41,18 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-samples",
     )
     how = parser.add_argument_group("sampling")
-    how.add_argument("--batch-size", type=int, default=64, help="images per batch (= per shard)")
-    how.add_argument("--seed", type=int, default=0)
+    how.add_argument(
+        "--batch-size",
+        type=number(int, ge=1, le=65536),
+        default=64,
+        help="images per batch (= per shard)",
+    )
+    how.add_argument("--seed", type=number(int, ge=0, le=MAX_SEED), default=0)
     how.add_argument(
         "--cfg-scale",
-        type=float,
+        type=number(float, ge=0, le=1000),
         default=1.0,
         help="logits = uncond + scale * (cond - uncond): 1.0 = guidance-free (default), > 1 "
         "guides, 0 = the unconditional model, between 0 and 1 interpolates (LlamaGen's sampler "
-        "treats any scale <= 1 as guidance-free); must be finite and >= 0",
+        "treats any scale <= 1 as guidance-free); at most 1000",
     )
-    how.add_argument("--top-k", type=int, default=0, help="0 = off")
-    how.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    how.add_argument("--top-k", type=number(int, ge=0, le=2**24), default=0, help="0 = off")
+    how.add_argument("--top-p", type=number(float, gt=0, le=1), default=1.0, help="1.0 = off")
     images = parser.add_argument_group("images")
     images.add_argument(
         "--tokenizer",
@@ -60,10 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default for a registry checkpoint: its tokenizer; an official VAR checkpoint needs its "
         "VQVAE, vae_ch160v4096z32.pth, to sample)",
     )
-    images.add_argument("--resize", type=int, help="resize decoded images (bicubic), e.g. 256")
+    images.add_argument(
+        "--resize",
+        type=number(int, ge=1, le=16384),
+        help="resize decoded images (bicubic), e.g. 256",
+    )
     images.add_argument("--no-png", action="store_true", help="write samples.npz but no PNGs")
     run = parser.add_argument_group("hardware")
-    run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    run.add_argument(
+        "--device", type=device_flag, help="cuda or cpu (default: cuda when available)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     add_family_options(parser.add_argument_group("options of one model family"))
 
@@ -147,19 +173,6 @@ def _class_range(part: str, text: str) -> range:
     return range(first, last + 1)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Reject unusable common options before any model is loaded, naming the option."""
-    from ccalign.models.guidance import check_scale
-
-    if args.resize is not None and args.resize < 1:
-        raise ValueError(f"--resize {args.resize}: give the image side in pixels (>= 1), e.g. 256")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.seed < 0:
-        raise ValueError(f"--seed {args.seed}: must be >= 0")
-    check_scale(args.cfg_scale)
-
-
 def check_recorded_architecture(family, path, preset: str | None, options: dict) -> None:
     """A --model or a family option (--grid) that contradicts the architecture a ccalign file
     records is an error (the file's config would silently win)."""
@@ -224,7 +237,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ccalign.sample.runner import RunConfig, plan_labels, run_sampling
 
-    check_args(args)
     classes = parse_classes(args.classes) if args.classes is not None else None
     options = family_model_options(args)
     _, family, _ = model_spec(args, options)
@@ -236,9 +248,7 @@ def run(args: argparse.Namespace) -> int:
         family.check_sampling(model, sampling)
         if isinstance(tokenizer, torch.nn.Module):
             tokenizer.to(device).eval()
-        sampler = family.sampler(
-            model, device=device, inplace=True, **family.sampler_options(args)
-        )
+        sampler = family.sampler(model, device=device, inplace=True, **family.sampler_options(args))
         labels = plan_labels(
             model.num_classes,
             classes=classes,
@@ -283,19 +293,17 @@ def _distributed(device_arg: str | None) -> Iterator[tuple]:
     import torch.distributed as dist
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = device_arg == "cuda" or (device_arg is None and torch.cuda.is_available())
-    if device_arg not in (None, "cuda", "cpu") and not device_arg.startswith("cuda:"):
-        raise ValueError(f"--device {device_arg!r}: use cuda, cuda:N or cpu")
-    if want_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+    from ccalign.devices import pick_device
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_arg, local_rank)
     if world_size == 1:
-        device = torch.device(device_arg or ("cuda" if want_cuda else "cpu"))
         yield 0, 1, device, lambda: None
         return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = device.type == "cuda"
     if want_cuda:
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
     dist.init_process_group("nccl" if want_cuda else "gloo")
     try:
         yield dist.get_rank(), world_size, device, dist.barrier

@@ -14,37 +14,50 @@ HELP = "exact CCA optimum vs the CFG target on a tiny enumerable problem, over b
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
+    from ccalign.io import output_file
+    from ccalign.settings import MAX_SEED, number
+
     parser.add_argument(
         "--betas",
-        type=float,
+        type=number(float, gt=0, le=1e4),
         nargs="+",
         default=[1.0, 0.5, 0.25],
         help="CCA beta values; the CFG scale they aim at is s = 1/beta",
     )
     parser.add_argument(
         "--lambdas",
-        type=float,
+        type=number(float, gt=0, le=1e9),
         nargs="+",
         default=[1.0, 3.0, 10.0, 100.0, 1000.0],
         help="CCA negative weights lambda",
     )
-    parser.add_argument("--num-classes", type=int, default=3, help="classes of the problem")
-    parser.add_argument("--vocab-size", type=int, default=3, help="tokens in the vocabulary")
-    parser.add_argument("--seq-len", type=int, default=3, help="tokens per sequence")
+    parser.add_argument(
+        "--num-classes", type=number(int, ge=2, le=1000), default=3, help="classes of the problem"
+    )
+    parser.add_argument(
+        "--vocab-size", type=number(int, ge=2, le=1000), default=3, help="tokens in the vocabulary"
+    )
+    parser.add_argument(
+        "--seq-len", type=number(int, ge=1, le=64), default=3, help="tokens per sequence"
+    )
     parser.add_argument(
         "--concentration",
-        type=float,
+        type=number(float, gt=0, le=1e6),
         default=1.0,
         help="Dirichlet concentration of the random p(x|c) (small = peaky)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random problem")
+    parser.add_argument(
+        "--seed", type=number(int, ge=0, le=MAX_SEED), default=0, help="seed of the random problem"
+    )
     parser.add_argument(
         "--no-coincident-rule",
         action="store_true",
         help="count a rolled label equal to the true one as a negative (the plain "
         "NCE setting) instead of a positive (what the sampled loss does)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON")
+    parser.add_argument(
+        "--out", type=output_file, default=None, help="also write the table as JSON"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     from ccalign import theory
     from ccalign.io import atomic_write
 
-    _check_arguments(args)
     started = time.perf_counter()
     with theory.single_threaded():
         rows = _report(args)
@@ -86,14 +98,6 @@ def _report(args: argparse.Namespace) -> list:
     _print_table(rows)
     _print_normalising_lambdas(problem, args.betas)
     return rows
-
-
-def _check_arguments(args: argparse.Namespace) -> None:
-    """Reject values the theory has no meaning for, naming the fix."""
-    if any(beta <= 0 for beta in args.betas):
-        raise ValueError(f"--betas must all be positive, got {args.betas}")
-    if any(lam <= 0 for lam in args.lambdas):
-        raise ValueError(f"--lambdas must all be positive (log lambda appears), got {args.lambdas}")
 
 
 def _print_problem(problem, seed: int, coincident: bool) -> None:

@@ -18,62 +18,120 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="fashion-mnist",
-                        help="'fashion-mnist' or a folder of images laid out <class>/<image>")
-    parser.add_argument("--fashion-mnist-folder", default=None,
-                        help="folder with the Fashion-MNIST idx files (default: "
-                             "$CCALIGN_FASHION_MNIST, then /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--test-data", default=None,
-                        help="image folder to evaluate on (Fashion-MNIST uses its test split)")
-    parser.add_argument("--out", required=True, help="tokenizer file to write (.safetensors)")
-    parser.add_argument("--kind", choices=("vq", "multiscale"), default="vq",
-                        help="vq: LlamaGen-family VQ (7x7 codes); multiscale: VAR's multi-scale "
-                             "VQVAE (codes of scales 1, 2, 3, 5, 7 for the VAR demo)")
-    parser.add_argument("--patch-nums", default=None,
-                        help="multiscale only: comma list of scale sides, the last one the latent "
-                             "side (default 1,2,3,5,7)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image side for folders (default: the small VQ's 28)")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                        help="1 = grey, 3 = RGB (default: 1)")
-    parser.add_argument("--codebook-size", type=int, default=None, help="default 512")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
-                        help="precision of the stored weights (float16 halves the file)")
-    parser.add_argument("--recon-png", default=None,
-                        help="write originals (odd rows) vs reconstructions (even rows) here")
-    parser.add_argument("--metrics-json", default=None, help="write the test metrics here")
+    from ccalign.devices import device_flag
+    from ccalign.io import output_file
+    from ccalign.settings import MAX_SEED, MAX_THREADS, number
+
+    parser.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="'fashion-mnist' or a folder of images laid out <class>/<image>",
+    )
+    parser.add_argument(
+        "--fashion-mnist-folder",
+        default=None,
+        help="folder with the Fashion-MNIST idx files (default: "
+        "$CCALIGN_FASHION_MNIST, then /usr/share/datasets/fashion-mnist)",
+    )
+    parser.add_argument(
+        "--test-data",
+        default=None,
+        help="image folder to evaluate on (Fashion-MNIST uses its test split)",
+    )
+    parser.add_argument(
+        "--out", type=output_file, required=True, help="tokenizer file to write (.safetensors)"
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("vq", "multiscale"),
+        default="vq",
+        help="vq: LlamaGen-family VQ (7x7 codes); multiscale: VAR's multi-scale "
+        "VQVAE (codes of scales 1, 2, 3, 5, 7 for the VAR demo)",
+    )
+    parser.add_argument(
+        "--patch-nums",
+        default=None,
+        help="multiscale only: comma list of scale sides, the last one the latent "
+        "side (default 1,2,3,5,7)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=number(int, ge=1, le=16384),
+        default=None,
+        help="image side for folders (default: the small VQ's 28)",
+    )
+    parser.add_argument(
+        "--channels",
+        type=number(int, ge=1, le=3),
+        choices=(1, 3),
+        default=None,
+        help="1 = grey, 3 = RGB (default: 1)",
+    )
+    parser.add_argument(
+        "--codebook-size", type=number(int, ge=2, le=2**24), default=None, help="default 512"
+    )
+    parser.add_argument("--steps", type=number(int, ge=1, le=10**9), default=None)
+    parser.add_argument("--batch-size", type=number(int, ge=1, le=100_000), default=None)
+    parser.add_argument("--lr", type=number(float, gt=0, le=1), default=None)
+    parser.add_argument("--seed", type=number(int, ge=0, le=MAX_SEED), default=0)
+    parser.add_argument(
+        "--threads", type=number(int, ge=1, le=MAX_THREADS), default=2, help="CPU threads for torch"
+    )
+    parser.add_argument(
+        "--device", type=device_flag, default=None, help="default: cuda when available, else cpu"
+    )
+    parser.add_argument(
+        "--store-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="precision of the stored weights (float16 halves the file)",
+    )
+    parser.add_argument(
+        "--recon-png",
+        type=output_file,
+        default=None,
+        help="write originals (odd rows) vs reconstructions (even rows) here",
+    )
+    parser.add_argument(
+        "--metrics-json", type=output_file, default=None, help="write the test metrics here"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from ccalign.devices import pick_device
     from ccalign.tokenizers import files, small_vq
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args).to(device)
     train_images, test_images, test_labels = _load_data(args, model.image_size, model.channels)
-    settings = small_vq.TrainSettings(seed=args.seed, **{
-        k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                          ("lr", args.lr)) if v is not None
-    })
+    settings = small_vq.TrainSettings(
+        seed=args.seed,
+        **{
+            k: v
+            for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr))
+            if v is not None
+        },
+    )
     codes = getattr(model, "patch_nums", (model.grid,))
-    print(f"training the small {args.kind} tokenizer ({model.num_parameters():,} parameters, "
-          f"{model.vocab_size} codes, scales {'/'.join(f'{p}x{p}' for p in codes)}) on "
-          f"{len(train_images)} images for {settings.steps} steps, device {device}",
-          file=sys.stderr)
+    print(
+        f"training the small {args.kind} tokenizer ({model.num_parameters():,} parameters, "
+        f"{model.vocab_size} codes, scales {'/'.join(f'{p}x{p}' for p in codes)}) on "
+        f"{len(train_images)} images for {settings.steps} steps, device {device}",
+        file=sys.stderr,
+    )
     history = small_vq.train(model, train_images, settings, log=lambda m: print(m, file=sys.stderr))
     dtype = torch.float16 if args.store_dtype == "float16" else None
     files.save(model, args.out, dtype=dtype)
     stored = files.load(args.out).to(device)  # report what the file holds
     metrics = small_vq.evaluate(stored, test_images)
-    metrics.update(train_seconds=round(history.seconds, 1), steps=settings.steps,
-                   restarted_codes=history.restarted, file_bytes=Path(args.out).stat().st_size)
+    metrics.update(
+        train_seconds=round(history.seconds, 1),
+        steps=settings.steps,
+        restarted_codes=history.restarted,
+        file_bytes=Path(args.out).stat().st_size,
+    )
     print(json.dumps(metrics, indent=1))
     if args.metrics_json:
         from ccalign.io import atomic_write
@@ -92,12 +150,18 @@ def build_model(args: argparse.Namespace):
         if args.patch_nums is not None:
             raise ValueError("--patch-nums applies to --kind multiscale only")
         overrides = {
-            k: v for k, v in (("image_size", args.image_size), ("in_channels", args.channels),
-                              ("codebook_size", args.codebook_size)) if v is not None
+            k: v
+            for k, v in (
+                ("image_size", args.image_size),
+                ("in_channels", args.channels),
+                ("codebook_size", args.codebook_size),
+            )
+            if v is not None
         }
         return small_vq.build_small(**overrides)
     overrides = {
-        k: v for k, v in (("in_channels", args.channels), ("vocab_size", args.codebook_size))
+        k: v
+        for k, v in (("in_channels", args.channels), ("vocab_size", args.codebook_size))
         if v is not None
     }
     if args.patch_nums is not None:
@@ -151,8 +215,9 @@ def load_folder_images(root, size: int, channels: int) -> tuple[torch.Tensor, np
     return torch.from_numpy(np.stack(arrays)), np.asarray(labels, dtype=np.int64)
 
 
-def save_comparison_png(model, images: torch.Tensor, labels: np.ndarray, path, per_class: int = 2,
-                        scale: int = 3) -> None:
+def save_comparison_png(
+    model, images: torch.Tensor, labels: np.ndarray, path, per_class: int = 2, scale: int = 3
+) -> None:
     """A grid with `per_class` test images of each class: originals above reconstructions."""
     from ccalign.data.images import to_uint8
     from ccalign.io import atomic_write

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from ccalign.train.config import TrainConfig, load_config
+from ccalign.io import output_folder
+from ccalign.settings import MAX_THREADS, declared_range, number
+from ccalign.train.config import TrainConfig, TrainSection, load_config
 
 #: command-line shortcut -> dotted config key
 SHORTCUTS = {
@@ -44,8 +47,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="starting checkpoint: ccalign .safetensors, official .pt, a registry name "
         "(`ccalign models`, e.g. llamagen-L-384) or hf://owner/repo/file",
     )
-    parser.add_argument("--out", help="output folder for checkpoints, logs and the final model")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: from train.epochs)")
+    parser.add_argument(
+        "--out", type=output_folder, help="output folder for checkpoints, logs and the final model"
+    )
+    parser.add_argument(
+        "--steps",
+        type=number(int, within=declared_range(TrainSection, "steps")),
+        help="optimizer steps (default: from train.epochs)",
+    )
     parser.add_argument("--device", help="cpu, cuda or auto")
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
@@ -56,7 +65,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="--out holds a run: move it aside to <out>.old-<time> (nothing is deleted) and start "
         "over",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=number(int, ge=1, le=MAX_THREADS),
+        help="CPU threads for torch (default: torch's)",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -83,6 +96,8 @@ def config_from_args(args: argparse.Namespace, *, method: str | None = None) -> 
 
 
 def _toml_literal(value: object) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)

@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from ccalign.io import check_output_path
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory locks, the checks still apply
@@ -58,8 +60,7 @@ def check_output_folder(out: Path, *, resume: bool, restart: bool) -> None:
     """Refuse a folder that cannot hold this run; read-only, so every process can call it."""
     if resume and restart:
         raise ValueError("--resume continues the run in --out and --restart starts over: pick one")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; choose a folder for the run")
+    check_output_path(out, folder=True)
     if holds_run(out) and not (resume or restart):
         raise ValueError(
             f"{out} already holds a run; pass --resume to continue it, --restart to move it "
