@@ -203,6 +203,37 @@ def test_latest_checkpoint_skips_a_damaged_file(tmp_path):
     assert state["step"] == 2 and path.name == "step_00000002.pt"
 
 
+def test_resume_refuses_when_every_checkpoint_is_unreadable(tmp_path):
+    """It started again at step 0 and appended a second run to metrics.jsonl."""
+    init, codes = write_files(tmp_path)
+    config = make_config(tmp_path / "run", model={"init": init}, data={"path": codes},
+                         train={"steps": 4}, checkpoint={"every": 1, "keep": 2})
+    with pytest.raises(Killed):
+        run_training(config, callbacks=[kill_after(3)])
+    log = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    for _, path in list_checkpoints(tmp_path / "run"):
+        path.write_bytes(b"damaged")
+    with pytest.warns(UserWarning), pytest.raises(
+        ValueError, match=r"none of its checkpoints can be read \(step_00000002.pt, "
+        r"step_00000003.pt\); restore one, or start over with --restart"
+    ):
+        run_training(config, resume=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == log
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start_with_one_log(tmp_path):
+    init, codes = write_files(tmp_path)
+    config = make_config(tmp_path / "run", model={"init": init}, data={"path": codes},
+                         train={"steps": 3}, checkpoint={"every": 100})
+    with pytest.raises(Killed):
+        run_training(config, callbacks=[kill_after(2)])
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "lo')  # a line the kill cut short
+    run_training(config, resume=True)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
 def test_bf16_autocast_on_cpu_changes_the_numerics_slightly(tmp_path):
     losses = []
     for precision in ("fp32", "bf16"):

@@ -72,8 +72,9 @@ def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads, or None when there is none.
 
     A damaged file is skipped with a warning; one refused as unsafe raises, since falling back
-    to an older checkpoint would hide that someone planted it. Folders of saves that did not
-    finish (a run stopped while saving) are skipped with a warning too.
+    to an older checkpoint would hide that someone planted it, and so does a run whose every
+    checkpoint is damaged. Folders of saves that did not finish (a run stopped while saving)
+    are skipped with a warning too.
     """
     for partial in sharded.partial_folders(Path(out) / CHECKPOINT_DIR):
         warnings.warn(
@@ -81,7 +82,8 @@ def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
             "stopped while writing it); the next save removes it",
             stacklevel=2,
         )
-    for step, path in reversed(list_checkpoints(out)):
+    found = list_checkpoints(out)
+    for step, path in reversed(found):
         try:
             return path, load_checkpoint(path)
         except UnsafePickleError:
@@ -91,6 +93,12 @@ def latest_checkpoint(out: str | Path) -> tuple[Path, dict] | None:
                 f"skipping unreadable checkpoint {path} (step {step}): {exc}",
                 stacklevel=2,
             )
+    if found:  # never start over silently: the log and the outputs would mix two runs
+        names = ", ".join(path.name for _, path in found)
+        raise ValueError(
+            f"cannot resume {out}: none of its checkpoints can be read ({names}); restore one, "
+            "or start over with --restart (the run is moved aside, nothing is deleted)"
+        )
     return None
 
 

@@ -161,7 +161,9 @@ class Trainer:
         A sharded checkpoint loads into any number of processes, with FSDP or without.
         """
         found = latest_checkpoint(self.out)
-        if found is None:
+        if found is None:  # killed before its first save: it starts over, and so does its log
+            if self.dist.is_main:
+                self._truncate_metrics_log(0)
             return False
         path, state = found
         changes = self._check_compatible(path, state)
@@ -564,13 +566,14 @@ class Trainer:
             atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(text))
 
     def _truncate_metrics_log(self, step: int) -> None:
-        """Drop log lines of steps after ``step`` (written after the checkpoint, before a kill)."""
+        """Drop log lines of steps after ``step`` (written after the checkpoint, before a kill),
+        and a line the kill cut short."""
         if not self.metrics_log.exists():
             return
         kept = [
             line
             for line in self.metrics_log.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
+            if _logged_step(line) is not None and _logged_step(line) <= step
         ]
         text = "".join(line + "\n" for line in kept)
         atomic_write(self.metrics_log, lambda tmp: Path(tmp).write_text(text))
@@ -612,3 +615,12 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short (or not a record)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step") if isinstance(record, dict) else None
