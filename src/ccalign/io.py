@@ -60,6 +60,26 @@ def check_output_path(path: PathLike, *, folder: bool, flag: str = "--out") -> P
     return Path(path)
 
 
+#: the files that mark a folder as one kind of ccalign output: a folder holds one kind only
+OUTPUT_KINDS = {
+    "training run": ("config.json", "metrics.jsonl", "final.safetensors", "checkpoints"),
+    "sampling run": ("run.json",),
+    "code extraction": ("ccalign-extract.json",),
+}
+
+
+def check_output_kind(out: PathLike, kind: str) -> None:
+    """Refuse to start a ``kind`` of output in a folder that holds another kind (a sampling
+    run in a training run's folder would mix their files and their resumes)."""
+    for other, markers in OUTPUT_KINDS.items():
+        found = [name for name in markers if (Path(out) / name).exists()]
+        if other != kind and found:
+            raise ValueError(
+                f"{out} holds a {other} ({found[0]}); a folder holds one kind of output: "
+                f"choose another --out for this {kind}"
+            )
+
+
 def output_file(text: str) -> Path:
     """argparse ``type`` of a file to write (``check_output_path``, as a usage error)."""
     return _output_flag(text, folder=False)

@@ -260,3 +260,21 @@ def test_a_checkpoint_from_before_weights_only_loading_says_so(tmp_path, capsys)
     code, err = run_cli([*args, "--resume", "--steps", "4"], capsys)
     assert code == 1 and "older than its weights-only checkpoints" in err and "--restart" in err
     assert (out / "final.safetensors").read_bytes() == final
+
+
+def test_a_folder_holds_one_kind_of_output(tmp_path, capsys):
+    """A sampling run started in a training run's folder (and the reverse) mixed their files."""
+    init, codes = write_files(tmp_path)
+    assert main(finetune_args(init, codes, tmp_path / "run")) == 0
+    capsys.readouterr()
+    sample = ["sample", str(tmp_path / "run" / "final.safetensors"), "--out",
+              str(tmp_path / "run"), "--per-class", "1", "--device", "cpu", "--quiet"]
+    assert main(sample) == 1
+    err = capsys.readouterr().err
+    assert "holds a training run (config.json); a folder holds one kind of output" in err
+    assert not (tmp_path / "run" / "run.json").exists()
+    sample[3] = str(tmp_path / "samples")
+    assert main(sample) == 0
+    capsys.readouterr()
+    code, err = run_cli(finetune_args(init, codes, tmp_path / "samples"), capsys)
+    assert code == 1 and "holds a sampling run (run.json)" in err

@@ -29,10 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from ccalign.data.images import encode_views, open_source
 from ccalign.devices import device_flag, pick_device
 from ccalign.errors import shorten
+from ccalign.io import OUTPUT_KINDS, check_output_kind
 from ccalign.sample.runner import tokenizer_fingerprint
 
 HELP = "encode a folder of labelled images (or Fashion-MNIST) into token codes"
-CONFIG_NAME = "ccalign-extract.json"
+CONFIG_NAME = OUTPUT_KINDS["code extraction"][0]
 SKIPPED_NAME = "extract-skipped.tsv"
 
 
@@ -254,6 +255,7 @@ def _record_config(folder: Path, config: dict) -> None:
     from ccalign.io import atomic_write
 
     path = folder / CONFIG_NAME
+    check_output_kind(folder, "code extraction")
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != config:

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ccalign.io import atomic_write
+from ccalign.io import OUTPUT_KINDS, atomic_write, check_output_kind
 from ccalign.models.family import Sampler
 from ccalign.sample.images import check_tokenizer, decode_tokens, to_pil
 from ccalign.tokenizers.base import ImageTokenizer
 
-MANIFEST = "run.json"
+MANIFEST = OUTPUT_KINDS["sampling run"][0]
 TOKENS_FILE = "tokens.npz"
 SAMPLES_FILE = "samples.npz"
 
@@ -238,6 +238,7 @@ def _claim_directory(out: Path, wanted: dict, rank: int, barrier: Callable[[], N
     """Write run.json on a fresh folder; refuse to resume a run made with another model,
     tokenizer or other settings."""
     manifest = out / MANIFEST
+    check_output_kind(out, "sampling run")
     if rank == 0 and not manifest.exists():
         text = json.dumps(wanted, indent=2, sort_keys=True)
         atomic_write(manifest, lambda tmp: Path(tmp).write_text(text))

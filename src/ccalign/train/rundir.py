@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from ccalign.io import check_output_path
+from ccalign.io import OUTPUT_KINDS, check_output_kind, check_output_path
 
 try:
     import fcntl
@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, the checks
     fcntl = None
 
 LOCK_NAME = ".lock"
-RUN_MARKERS = ("config.json", "metrics.jsonl", "final.safetensors", "checkpoints")
+RUN_MARKERS = OUTPUT_KINDS["training run"]
 
 
 class RunLock:
@@ -61,6 +61,7 @@ def check_output_folder(out: Path, *, resume: bool, restart: bool) -> None:
     if resume and restart:
         raise ValueError("--resume continues the run in --out and --restart starts over: pick one")
     check_output_path(out, folder=True)
+    check_output_kind(out, "training run")
     if holds_run(out) and not (resume or restart):
         raise ValueError(
             f"{out} already holds a run; pass --resume to continue it, --restart to move it "
