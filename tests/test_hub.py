@@ -330,3 +330,19 @@ def test_eval_takes_its_feature_network_as_an_hf_uri(cache, tmp_path):
                      "--no-progress"]) == 0
         results.append(json.loads(out.read_text()))
     assert results[0] == results[1]
+
+
+def test_a_typo_of_a_registry_name_suggests_the_nearest_names(tmp_path, capsys):
+    """It read as a missing file ("checkpoint not found"), or a dry run planned the default
+    preset for it."""
+    assert main(["sample", "llamagen-L-38", "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "'llamagen-L-38' is neither a file nor a registry name" in err
+    assert "did you mean llamagen-L-384" in err
+    assert "`ccalign models` lists them" in err
+    assert main(["finetune", "--init", "cca-llamagen-XL-348", "--dry-run"]) == 1
+    assert "did you mean cca-llamagen-XL-384" in capsys.readouterr().err
+    assert main(["finetune", "--init", str(tmp_path / "none.pt"), "--dry-run"]) == 1
+    assert "model.init not found" in capsys.readouterr().err
+    assert main(["sample", "foo", "--out", str(tmp_path / "s")]) == 1  # nothing close: not found
+    assert "checkpoint not found: foo" in capsys.readouterr().err

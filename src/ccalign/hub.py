@@ -13,6 +13,7 @@ Each release names its model family and kind; the family loads it (``ccalign.mod
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -136,10 +137,23 @@ def resolve(name_or_path: str | os.PathLike, *, kind: str | None = None) -> Path
         return download(repo, file, revision)
     release = find(name_or_path)
     if release is None:
+        _check_not_a_typo(text)
         return Path(name_or_path)
     if kind is not None:
         check_kind(release, kind)
     return download(release.repo, release.file, _split_revision(text)[1])
+
+
+def _check_not_a_typo(text: str) -> None:
+    """A missing file whose name is close to registry names is most likely a typo of one."""
+    if os.sep in text or Path(text).exists():
+        return
+    close = difflib.get_close_matches(_split_revision(text)[0], list(REGISTRY), n=3, cutoff=0.75)
+    if close:
+        raise UserError(
+            f"{text!r} is neither a file nor a registry name; did you mean "
+            f"{' or '.join(close)}? (`ccalign models` lists them)"
+        )
 
 
 def parse_uri(uri: str) -> tuple[str, str | None, str]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ccalign import hub
 from ccalign.models import families
 from ccalign.models.family import Activations, Dtypes
 
@@ -277,6 +278,18 @@ def largest_micro_batch(
     return low
 
 
+def _check_local_init(init: str | None) -> None:
+    """A plan of a missing init file would silently be the default preset's: refuse it (a
+    registry name or hf:// URI is planned from its record, without a download)."""
+    if init is None or hub.find(init) is not None or init.startswith(hub.HF_SCHEME):
+        return
+    path = hub.resolve(init, kind="model")  # refuses a typo of a registry name
+    if path.is_dir():
+        raise FileNotFoundError(f"model.init {init} is a folder; give the checkpoint file itself")
+    if not path.exists():
+        raise FileNotFoundError(f"model.init not found: {init}")
+
+
 def plan_from_config(config: TrainConfig, gpu_memory: int | None = None) -> MemoryPlan:
     """The plan of the run ``config`` describes, on one process (no FSDP sharding counted).
 
@@ -291,6 +304,7 @@ def plan_from_config(config: TrainConfig, gpu_memory: int | None = None) -> Memo
 
     train, method = config.train, methods.get(config.method.name)
     spec = spec_from_section(config.model, method)
+    _check_local_init(spec.init)
     family = families.identify(spec)
     families.check_options(family, spec)
     adapters = config.method.lora
