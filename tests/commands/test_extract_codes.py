@@ -42,6 +42,19 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     np.testing.assert_array_equal(np.asarray(convert_image(wide, "L")), [[0, 2, 255]])
 
 
+def test_float_images_are_read_by_their_range(tmp_path):
+    """A mode F (32-bit float) TIFF in [0, 1] became black: PIL's conversion clips, not scales."""
+    for name, values, want in [("unit", [0.0, 0.5, 1.0], [0, 128, 255]),
+                               ("bytes", [0.0, 127.6, 255.0], [0, 128, 255]),
+                               ("words", [0.0, 32896.0, 65535.0], [0, 128, 255])]:
+        Image.fromarray(np.array([values], dtype=np.float32), "F").save(tmp_path / f"{name}.tif")
+        np.testing.assert_array_equal(np.asarray(open_image(tmp_path / f"{name}.tif", "L")),
+                                      [want], err_msg=name)
+    Image.fromarray(np.array([[-1.0, 2.0]], dtype=np.float32), "F").save(tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match=r"pixels in \[-1, 2\]"):
+        open_image(tmp_path / "neg.tif")
+
+
 def test_other_image_modes_become_the_expected_rgb(tmp_path):
     Image.fromarray(np.array([[[100, 30]]], dtype=np.uint8), "LA").save(tmp_path / "la.png")
     palette = Image.new("P", (1, 1))

@@ -151,6 +151,16 @@ def test_eval_command_rejects_bad_k_and_labels_outside_the_classes(
     assert "\n" not in err  # one line, no traceback
 
 
+def test_eval_refuses_samples_and_references_of_different_sizes(tmp_path, tiny_classifier, capsys):
+    """The feature network resized both to its input: a 384 px set against 256 px references
+    gave a FID, exit 0."""
+    np.savez(tmp_path / "samples.npz", _images(6, (32, 32)))
+    np.savez(tmp_path / "ref.npz", _images(6, (28, 28), 7))
+    assert main(_eval_argv(tmp_path, tiny_classifier)) == 1
+    err = capsys.readouterr().err
+    assert "the samples are 32x32x1 but the reference images are 28x28x1" in err
+
+
 def test_eval_command_reports_bad_files(tmp_path, tiny_classifier, capsys):
     np.savez(tmp_path / "samples.npz", np.zeros((4, 28, 28, 3), np.float32))
     np.savez(tmp_path / "ref.npz", _images(4, (28, 28)))

@@ -94,14 +94,32 @@ def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
     """``image`` in ``mode`` with 8 bits per channel.
 
     16-bit greyscale (PIL modes "I;16*", and "I", as which older Pillow opens 16-bit PNGs) is
-    scaled by 1/257 (65535 -> 255) instead of being clipped to 255 by ``convert``; every other
-    mode (LA, P, CMYK, 1, RGBA, ...) goes through PIL's conversion, alpha dropped as
+    scaled by 1/257 (65535 -> 255) instead of being clipped to 255 by ``convert``; float
+    greyscale (mode "F", e.g. 32-bit TIFF) is read by its range (``float_to_8_bits``); every
+    other mode (LA, P, CMYK, 1, RGBA, ...) goes through PIL's conversion, alpha dropped as
     torchvision's loader does.
     """
     if image.mode == "I" or image.mode.startswith("I;16"):
         pixels = np.asarray(image).astype(np.float64) / 257.0
         image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(float_to_8_bits(np.asarray(image, dtype=np.float64)), "L")
     return image.convert(mode)
+
+
+def float_to_8_bits(pixels: np.ndarray) -> np.ndarray:
+    """Float pixels as uint8, read by their range: [0, 1] (scaled by 255), [0, 255] (as they
+    are) or [0, 65535] (16-bit values, by 1/257); other values are refused (PIL clips them)."""
+    if not np.isfinite(pixels).all():
+        raise ValueError("a float image with NaN or infinite pixels")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < 0 or high > 65535:
+        raise ValueError(
+            f"a float image with pixels in [{low:g}, {high:g}]; float pixels are read in [0, 1], "
+            "[0, 255] or [0, 65535]: rescale the image"
+        )
+    scale = 255.0 if high <= 1 else 1.0 if high <= 255 else 1 / 257
+    return np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8)
 
 
 def center_crop_arr(image: Image.Image, size: int) -> Image.Image:

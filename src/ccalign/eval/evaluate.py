@@ -42,6 +42,7 @@ def evaluate(
     if not isinstance(reference, ReferenceBatch):
         reference = ReferenceBatch(images=reference)
     _check_k(k, samples, reference)
+    _check_same_size(samples, reference)
     fake = extractor.extract(samples)
     real = extractor(reference.images) if reference.images is not None else None
     mu, sigma = _reference_statistics(reference, real, fake.features.shape[1], extractor.name)
@@ -69,6 +70,20 @@ def _check_k(k: int, samples: Images, reference: ReferenceBatch) -> None:
     sizes = {} if reference.images is None else {
         "the samples": len(samples), "the reference images": len(reference.images)}
     check_neighbourhood(k, sizes)
+
+
+def _check_same_size(samples: Images, reference: ReferenceBatch) -> None:
+    """The metrics compare two sets at one resolution: the feature network resizes either to
+    its input, which would hide a mismatch (and bias FID)."""
+    if reference.images is None:
+        return
+    got, want = tuple(samples.shape[1:]), tuple(reference.images.shape[1:])
+    if got != want:
+        raise ValueError(
+            f"the samples are {got[0]}x{got[1]}x{got[2]} but the reference images are "
+            f"{want[0]}x{want[1]}x{want[2]}: compare sets of one size (e.g. ccalign sample "
+            "--resize 256 for ImageNet 256 references)"
+        )
 
 
 def _reference_statistics(
