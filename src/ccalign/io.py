@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import pickle
 import pickletools
@@ -78,6 +79,21 @@ def check_output_kind(out: PathLike, kind: str) -> None:
                 f"{out} holds a {other} ({found[0]}); a folder holds one kind of output: "
                 f"choose another --out for this {kind}"
             )
+
+
+def read_json_record(path: PathLike) -> dict:
+    """A JSON object ccalign wrote beside its outputs (run.json, config.json, ...); a damaged
+    one is named with the fix."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{path} is damaged (not a JSON object); the folder it is in cannot be resumed: "
+            "choose another --out, or delete that folder to start over"
+        )
+    return record
 
 
 def output_file(text: str) -> Path:

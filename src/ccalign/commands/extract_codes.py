@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from ccalign.data.images import encode_views, open_source
 from ccalign.devices import device_flag, pick_device
 from ccalign.errors import shorten
-from ccalign.io import OUTPUT_KINDS, check_output_kind
+from ccalign.io import OUTPUT_KINDS, check_output_kind, read_json_record
 from ccalign.sample.runner import tokenizer_fingerprint
 
 HELP = "encode a folder of labelled images (or Fashion-MNIST) into token codes"
@@ -257,7 +257,7 @@ def _record_config(folder: Path, config: dict) -> None:
     path = folder / CONFIG_NAME
     check_output_kind(folder, "code extraction")
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = read_json_record(path)
         if previous != config:
             changed = sorted(
                 k for k in config.keys() | previous.keys() if config.get(k) != previous.get(k)

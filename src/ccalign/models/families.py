@@ -14,7 +14,7 @@ from torch import nn
 from ccalign import hub
 from ccalign.io import PathLike
 from ccalign.models import llamagen, var
-from ccalign.models.family import ModelFamily, ModelSpec
+from ccalign.models.family import ModelFamily, ModelSpec, unrecorded_architecture
 
 _REGISTRY: dict[str, ModelFamily] = {}
 #: the family of a spec that nothing else identifies (a fresh "custom" model, an official
@@ -144,9 +144,9 @@ def load_file(path: PathLike) -> nn.Module:
             f"{path} does not record its model family: give a ccalign .safetensors model"
         )
     if family.config_from_file(path) is None:
-        raise ValueError(
-            f"{path} does not record its architecture (an official {family.title} file): give a "
-            "ccalign .safetensors model, or load it with its family's load and preset"
+        raise unrecorded_architecture(
+            path, f"an official {family.title} file: give a ccalign .safetensors model, or "
+            "load it with its family's load and preset"
         )
     return family.load(ModelSpec(init=str(path)))
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ccalign import hub
 from ccalign.conditions import ClassLabels, ConditionKind
-from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors
+from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors, read_tensor_file
 
 
 @runtime_checkable
@@ -416,3 +416,40 @@ def local_file(init: str | None) -> Path | None:
     if init is None or hub.find(init) is not None or not Path(init).is_file():
         return None
     return Path(init)
+
+
+def unrecorded_architecture(path: PathLike, advice: str) -> ValueError:
+    """The error for a file that does not say its architecture: what the file is, when it is
+    something other than a model (a tokenizer, LoRA adapters, a training checkpoint), else
+    ``advice`` on what to give with it."""
+    other = other_kind_of_file(Path(path))
+    if other is not None:
+        return ValueError(f"{path} is {other}")
+    return ValueError(f"{path} does not record its architecture: {advice}")
+
+
+def other_kind_of_file(path: Path) -> str | None:
+    """What a weights file holds when it is not a model, in words that say what to give."""
+    if not path.is_file():
+        return None
+    if path.suffix == ".safetensors":
+        with open_safetensors(path) as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+        if "ccalign.tokenizer" in meta:
+            return "an image tokenizer, not a model: give it as --tokenizer (data.tokenizer)"
+        if any("lora_A" in key for key in keys):
+            return (
+                "LoRA adapters alone (final_lora.safetensors), not a model: give the run's "
+                "final.safetensors, which holds the adapters merged into the base model"
+            )
+        return None
+    state = read_tensor_file(path)
+    if isinstance(state, dict) and {"step", "optimizer", "model"} <= state.keys():
+        return (
+            f"a training checkpoint (step {state['step']}: the state to resume from), not a "
+            "model: give the run's final.safetensors, or continue the run with --resume"
+        )
+    weights = state.get("model", state) if isinstance(state, dict) else {}
+    if isinstance(weights, dict) and any(str(k).startswith("quantize.") for k in weights):
+        return "an image tokenizer (a VQ's weights), not a model: give it as --tokenizer"
+    return None

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ccalign.io import OUTPUT_KINDS, atomic_write, check_output_kind
+from ccalign.io import OUTPUT_KINDS, atomic_write, check_output_kind, read_json_record
 from ccalign.models.family import Sampler
 from ccalign.sample.images import check_tokenizer, decode_tokens, to_pil
 from ccalign.tokenizers.base import ImageTokenizer
@@ -243,7 +243,7 @@ def _claim_directory(out: Path, wanted: dict, rank: int, barrier: Callable[[], N
         text = json.dumps(wanted, indent=2, sort_keys=True)
         atomic_write(manifest, lambda tmp: Path(tmp).write_text(text))
     barrier()
-    found = json.loads(manifest.read_text())
+    found = read_json_record(manifest)
     if found == wanted:
         return
     changed = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
@@ -301,6 +301,18 @@ def _sample_shard(sampler, config, out, shard, tokenizer, write_png) -> None:
     atomic_write(shard_path(out, shard), lambda tmp: _savez(tmp, arrays))
 
 
+def _read_shard(path: Path, key: str) -> np.ndarray:
+    """One array of a finished shard; a damaged shard is named with the fix."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data[key]
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(
+            f"{path} is damaged ({type(exc).__name__}); delete it and run the same command "
+            "again: the run samples that shard again"
+        ) from None
+
+
 def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -316,8 +328,7 @@ def _assemble(out: Path, config: RunConfig, with_images: bool) -> RunOutputs:
 
     def shards(key: str) -> Iterator[np.ndarray]:
         for s in range(config.num_shards):
-            with np.load(shard_path(out, s)) as data:
-                yield data[key]
+            yield _read_shard(shard_path(out, s), key)
 
     labels = np.asarray(config.labels, dtype=np.int64)
     tokens = np.concatenate(list(shards("tokens")))

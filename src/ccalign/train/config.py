@@ -411,11 +411,20 @@ def read_config_file(path: str | Path) -> dict:
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".toml":
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            try:
+                return tomllib.load(f)
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path} is not valid TOML: {exc}") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            problem = getattr(exc, "problem", None) or exc
+            raise ValueError(f"{path} is not valid YAML{at}: {problem}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of sections")
         return data

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ccalign.data.codes import FLAT_FORMAT
-from ccalign.io import atomic_save_safetensors, atomic_write, open_safetensors
+from ccalign.io import atomic_save_safetensors, atomic_write, open_safetensors, read_json_record
 from ccalign.models import families
 from ccalign.train import distributed as D
 from ccalign.train.build import model_from_config, spec_from_section
@@ -385,7 +385,7 @@ def claim_rounds(out: Path, config: TrainConfig) -> None:
         return f"{tensor_fingerprint(model_from_config(config.model)):.12g}"
 
     if rounds.exists():
-        if json.loads(rounds.read_text())["init_fingerprint"] != fingerprint():
+        if read_json_record(rounds).get("init_fingerprint") != fingerprint():
             raise ValueError(
                 f"cannot resume {out}: the init weights ({config.model.init}) differ from those "
                 "its first round started from; pass the run's own --init, or start over with "

@@ -279,15 +279,12 @@ def largest_micro_batch(
 
 
 def _check_local_init(init: str | None) -> None:
-    """A plan of a missing init file would silently be the default preset's: refuse it (a
-    registry name or hf:// URI is planned from its record, without a download)."""
+    """A registry name with a typo would be planned as the default preset: refuse it. (A file
+    not downloaded yet is planned from the config's preset: a plan needs no weights.)"""
     if init is None or hub.find(init) is not None or init.startswith(hub.HF_SCHEME):
         return
-    path = hub.resolve(init, kind="model")  # refuses a typo of a registry name
-    if path.is_dir():
+    if hub.resolve(init, kind="model").is_dir():  # resolve refuses a typo of a registry name
         raise FileNotFoundError(f"model.init {init} is a folder; give the checkpoint file itself")
-    if not path.exists():
-        raise FileNotFoundError(f"model.init not found: {init}")
 
 
 def plan_from_config(config: TrainConfig, gpu_memory: int | None = None) -> MemoryPlan:

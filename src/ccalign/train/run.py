@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ccalign.io import atomic_write
+from ccalign.io import atomic_write, read_json_record
 from ccalign.train import methods
 from ccalign.train.build import model_from_config, open_training_data
 from ccalign.train.config import TrainConfig, check_same_recipe
@@ -67,15 +67,13 @@ RUN_RECORD = "config.json"
 
 
 def read_run_record(path: Path) -> dict:
-    """A run's recorded config; a damaged record is named with the fix."""
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        record = None
-    if not isinstance(record, dict) or "method" not in record:
+    """A run's recorded config; a damaged record, or another tool's config.json, is named with
+    the fix."""
+    record = read_json_record(path)
+    if "method" not in record:
         raise ValueError(
-            f"{path} is not a readable run record (damaged, or not ccalign's); move the folder "
-            "aside with --restart, or choose a new --out"
+            f"{path} is not a ccalign run record; move the folder aside with --restart, or "
+            "choose a new --out"
         )
     return record
 

@@ -21,10 +21,11 @@ from ccalign.models.family import (
     local_file,
     official_keys,
     spec_release,
+    unrecorded_architecture,
 )
 from ccalign.models.llamagen.model import PRESETS, LlamaGen, LlamaGenConfig, build
 from ccalign.models.next_token import Sampler
-from ccalign.settings import number
+from ccalign.settings import build_table, number
 from ccalign.weights import extract_state_dict, load_weights
 
 #: keys of the official files that the model does not hold (a precomputed rotary table)
@@ -108,9 +109,9 @@ class LlamaGenFamily(BaseFamily):
             return self.make_config({**recorded.to_dict(), **spec.arch})
         name, grid = self._preset_and_grid(spec)
         if grid is None:
-            raise ValueError(
-                f"{spec.init} does not record its architecture: pass the preset name (e.g. "
-                "'GPT-L') and the grid (16 for 256 px, 24 for 384 px)"
+            raise unrecorded_architecture(
+                spec.init, "pass the preset name (e.g. 'GPT-L') and the grid (16 for 256 px, "
+                "24 for 384 px)"
             )
         sizes = {**PRESETS.get(name, {}), **_release_options(spec), **spec.arch}
         if name != "custom" and name not in PRESETS:
@@ -255,12 +256,12 @@ def load(path: PathLike, name: str | None = None, *, grid: int | None = None,
         fields = {**config.to_dict(), **overrides}
         if grid is not None:
             fields["grid"] = grid
-        model = LlamaGen(LlamaGenConfig(**fields))
+        model = LlamaGen(build_table("model.arch", fields, LlamaGenConfig))
     else:
         if name is None or grid is None:
-            raise ValueError(
-                f"{path} does not record its architecture: pass the preset name (e.g. 'GPT-L') "
-                "and the grid (16 for 256 px, 24 for 384 px)"
+            raise unrecorded_architecture(
+                path, "pass the preset name (e.g. 'GPT-L') and the grid (16 for 256 px, 24 for "
+                "384 px)"
             )
         model = build(name, grid=grid, **{"beta_embedding": in_file, **overrides})
     if overrides.get("beta_embedding") is True and not in_file:  # asked for on a plain model

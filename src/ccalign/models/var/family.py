@@ -21,6 +21,7 @@ from ccalign.models.family import (
     local_file,
     official_keys,
     spec_release,
+    unrecorded_architecture,
 )
 from ccalign.models.var.model import (
     PRESETS,
@@ -34,7 +35,7 @@ from ccalign.models.var.model import (
 )
 from ccalign.models.var.sampler import VarSampler, check_filter_args
 from ccalign.multiscale import MultiScaleQuantizer
-from ccalign.settings import number
+from ccalign.settings import build_table, number
 from ccalign.weights import CheckpointMismatchError, check_state_dict, extract_state_dict
 
 #: a key every official VAR file holds and no LlamaGen file does
@@ -271,12 +272,12 @@ def load(path: PathLike, name: str | None = None, *, vae: nn.Module | None = Non
     config = config_from_file(path)
     sd = extract_state_dict(read_tensor_file(path))
     if config is not None:
-        model = VAR(VARConfig(**{**config.to_dict(), **overrides}))
+        model = VAR(build_table("model.arch", {**config.to_dict(), **overrides}, VARConfig))
     else:
         if name is None or vae is None:
-            raise ValueError(
-                f"{path} does not record its architecture: pass the preset name (e.g. 'VAR-d16' "
-                "for var_d16.pth) and vae= the VQVAE it was trained with (vae_ch160v4096z32.pth)"
+            raise unrecorded_architecture(
+                path, "pass the preset name (e.g. 'VAR-d16' for var_d16.pth) and vae= the VQVAE "
+                "it was trained with (vae_ch160v4096z32.pth)"
             )
         model = build(name, **overrides)
         quantizer = {f"quantizer.{k}": v for k, v in model.quantizer.state_dict().items()}
