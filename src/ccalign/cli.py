@@ -61,7 +61,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, UserError) as exc:  # user errors: one line, no traceback
         print(f"ccalign {args.command}: error: {describe_error(exc)}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        print(
+            f"ccalign {args.command}: error: out of memory ({_first_line(exc)}); lower the "
+            "batch size (--batch-size, train.micro_batch) or use a smaller model; resumable "
+            "commands continue from their last saved state",
+            file=sys.stderr,
+        )
+        return 1
     return int(result or 0)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (Python's, the CPU allocator's, CUDA's)."""
+    text = str(exc)
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def describe_error(exc: BaseException) -> str:

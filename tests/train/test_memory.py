@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 from ccalign.cli import main
 from ccalign.models import llamagen
-from ccalign.train import TrainConfig, Trainer, load_config, make_optimizer, run_training
+from ccalign.train import TrainConfig, Trainer, load_config, make_optimizer, run, run_training
 from ccalign.train import lora as L
 from ccalign.train import memory as M
 from ccalign.train.precision import CompensatedAdamW, cast_parameters, round_stochastic
@@ -373,6 +374,36 @@ def test_finetune_dry_run_prints_the_plan_without_files(capsys):
         80 * M.GIB,
     )
     assert f"{plan.total / M.GIB:.2f} GiB" in out
+
+
+def test_a_run_that_does_not_fit_is_refused_before_anything_is_allocated(tmp_path, monkeypatch,
+                                                                         capsys):
+    """A huge micro-batch or model grew memory until the machine gave out."""
+    init, codes = write_files(tmp_path)
+    batch = ["train.micro_batch=512", "train.global_batch=512"]
+    args = ["finetune", "--config", str(REPO / "configs" / "tiny_cpu.toml"), "--init", init,
+            "--data", codes, "--out", str(tmp_path / "run"), *(f for b in batch
+                                                              for f in ("--set", b))]
+    config = load_config(REPO / "configs" / "tiny_cpu.toml", [
+        f'model.init="{init}"', f'data.path="{codes}"', *batch])
+    eight = TrainConfig.from_dict({**config.to_dict(), "train": {
+        **config.to_dict()["train"], "micro_batch": 8, "global_batch": 8}})
+    free = int(M.plan_from_config(eight).total / (1 - M.HEADROOM)) + 1
+    assert M.plan_from_config(config).total > free * M.FIT_MARGIN
+    monkeypatch.setattr(M, "free_memory", lambda device_type: free)
+    built = []
+    monkeypatch.setattr(run, "model_from_config", lambda *a: built.append(a))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"the run needs about [\d.]+ MiB of cpu memory \(micro-batch 512; ", err)
+    assert "lower train.micro_batch (at most 8 fits)" in err and not built
+    monkeypatch.setattr(M, "free_memory", lambda device_type: 0)
+    assert main(args) == 1
+    assert "no micro-batch fits beside the weights" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(M, "free_memory", lambda device_type: 0)
+    monkeypatch.setenv(M.SKIP_CHECK_ENV, "1")
+    assert main(args[:-4]) == 0  # the configured batch, trained: the check skipped
 
 
 def test_the_plan_follows_the_method_gft_holds_no_reference_and_one_row_per_image():

@@ -12,6 +12,7 @@ a real (small) model, which is how each family's estimate is tested.
 from __future__ import annotations
 
 import gc
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ccalign import hub
+from ccalign.errors import UserError
 from ccalign.models import families
 from ccalign.models.family import Activations, Dtypes
 
@@ -337,6 +339,62 @@ def plan_from_config(config: TrainConfig, gpu_memory: int | None = None) -> Memo
         gpu_memory=gpu_memory,
         name=f"{config.model.name} {family.describe(model)}",
     )
+
+
+#: how far a plan may exceed the free memory before a run is refused: the plan is an estimate
+#: (allocator slack and the CPU's reclaimable caches go either way)
+FIT_MARGIN = 1.25
+#: set to 1 to train even when the plan says the run does not fit
+SKIP_CHECK_ENV = "CCALIGN_SKIP_MEMORY_CHECK"
+
+
+def check_fits(config: TrainConfig, processes_per_device: int = 1) -> None:
+    """Refuse, before anything is allocated, a run whose memory plan exceeds the memory its
+    device has free (on the CPU, ``processes_per_device`` runs share it), naming the plan
+    and the fixes. Sharded (FSDP) runs are not checked: the plan counts one whole copy."""
+    if os.environ.get(SKIP_CHECK_ENV) == "1" or config.train.parallel == "fsdp":
+        return
+    try:
+        device_type = plan_from_config(config).device_type
+    except (ValueError, OSError, UserError):
+        return  # a model the plan cannot describe: building it reports why, with the file
+    free = free_memory(device_type)
+    if free is None:
+        return
+    sharing = processes_per_device if device_type == "cpu" else 1
+    plan = plan_from_config(config, gpu_memory=free // sharing)  # and the micro-batch that fits
+    if plan.total * sharing <= free * FIT_MARGIN:
+        return
+    fix = (
+        f"lower train.micro_batch (at most {plan.max_micro_batch} fits)"
+        if plan.max_micro_batch
+        else "no micro-batch fits beside the weights and optimizer state: use LoRA "
+        "(method.lora) or more memory"
+    )
+    raise ValueError(
+        f"the run needs about {_size(plan.total * sharing)} of {plan.device_type} memory "
+        f"(micro-batch {plan.micro_batch}; `--dry-run` prints the plan) but {_size(free)} is "
+        f"free: {fix}, set train.activation_checkpointing = true or "
+        f'train.weights_dtype = "bf16" ({SKIP_CHECK_ENV}=1 skips this check)'
+    )
+
+
+def _size(count: int) -> str:
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
+
+
+def free_memory(device_type: str) -> int | None:
+    """Bytes free for a new run: the current GPU's, or the CPU's available memory (Linux's
+    MemAvailable); None where it cannot be known."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return None
+    available = fields.get("MemAvailable", "").split()
+    return int(available[0]) * 1024 if available else None
 
 
 def parse_memory(text: str) -> int:

@@ -8,6 +8,7 @@ runner calls ``train_once`` once (DDO: once per round). Building the model and t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ccalign.train import methods
 from ccalign.train.build import model_from_config, open_training_data
 from ccalign.train.config import TrainConfig, check_same_recipe
 from ccalign.train.distributed import launched_as_main
+from ccalign.train.memory import check_fits
 from ccalign.train.rundir import check_output_folder, claim_output_folder
 from ccalign.train.trainer import Callback, Trainer
 
@@ -48,6 +50,7 @@ def run_training(
     record = out / RUN_RECORD
     if resume and record.exists():  # before any work: the same recipe, or a clear refusal
         check_same_recipe(record, read_run_record(record), config.to_dict())
+    check_fits(config, processes_per_device=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     # claimed first (a conflict fails before any model work) and by the main process only:
     # the others never write into the folder
     lock = claim_output_folder(out, restart=restart) if launched_as_main() else None

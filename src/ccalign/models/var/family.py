@@ -89,7 +89,7 @@ class VARFamily(BaseFamily):
         path = local_file(spec.init)
         recorded = self.config_from_file(path) if path is not None else None
         if recorded is not None:
-            return VARConfig(**{**recorded.to_dict(), **spec.arch})
+            return self.make_config({**recorded.to_dict(), **spec.arch})
         name = self._preset(spec)
         if name not in PRESETS and name != "custom":
             what = f"{spec.init} is an official VAR file" if spec.init else "a fresh VAR model"
@@ -101,7 +101,7 @@ class VARFamily(BaseFamily):
         missing = {"depth", "dim", "n_head"} - fields.keys()
         if missing:
             raise ValueError(f"a custom VAR model needs {sorted(missing)} in model.arch")
-        return VARConfig(**fields)
+        return self.make_config(fields)
 
     def build(self, spec: ModelSpec, *, codec=None) -> VAR:
         """A fresh VAR whose quantiser is the VQVAE's (``codec``, or ``spec.options["vae"]``)."""
