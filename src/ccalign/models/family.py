@@ -226,6 +226,30 @@ class ModelFamily(Protocol):
         """Why the family lacks ``capability`` (for refusals)."""
 
 
+class ConfigSizes:
+    """The sizes every consumer (trainer, sampler, data validation) reads off a model, all
+    from its ``config``; a model class lists this base first."""
+
+    config: Any
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def null_class(self) -> int:
+        """Index of the learned unconditional class (class dropout, CFG's second branch)."""
+        return self.config.null_class
+
+
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     """float32 for half precisions and float32, float64 for float64: the dtype of precise sums."""
     return torch.promote_types(dtype, torch.float32)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ccalign.models.family import LogitMix, at_least_float32
+from ccalign.models.family import ConfigSizes, LogitMix, at_least_float32
 from ccalign.settings import check_fields, ranged
 
 
@@ -311,7 +311,7 @@ class BetaEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
-class LlamaGen(nn.Module):
+class LlamaGen(ConfigSizes, nn.Module):
     """Class-conditional next-token image model; ``forward`` returns sequence log-likelihoods."""
 
     # set by setup_kv_cache: additive causal mask over the cache, rotary tables for generation
@@ -331,23 +331,6 @@ class LlamaGen(nn.Module):
         rope = rope_2d_table(config.grid, config.head_dim, config.rope_base)
         self.register_buffer("rope", rope, persistent=False)
         self.reset_parameters()
-
-    # ---- properties used by every consumer (trainer, sampler, data validation) ----
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def seq_len(self) -> int:
-        return self.config.seq_len
-
-    @property
-    def null_class(self) -> int:
-        return self.config.null_class
 
     @property
     def accepts_beta(self) -> bool:

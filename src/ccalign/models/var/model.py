@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ccalign.models.family import at_least_float32
+from ccalign.models.family import ConfigSizes, at_least_float32
 from ccalign.multiscale import MultiScaleQuantizer
 from ccalign.settings import check_fields, ranged
 
@@ -287,7 +287,7 @@ class HeadNorm(nn.Module):
         return self.norm(x) * (scale + 1) + shift
 
 
-class VAR(nn.Module):
+class VAR(ConfigSizes, nn.Module):
     """Class-conditional next-scale model; ``forward`` returns sequence log-likelihoods."""
 
     #: parameters VAR's trainer exempts from weight decay besides 1-D ones (its nowd_keys that
@@ -318,27 +318,10 @@ class VAR(nn.Module):
         ).requires_grad_(False)
         self.reset_parameters()
 
-    # ---- properties used by every consumer (trainer, sampler, data validation) ----
     @property
     def layers(self) -> nn.ModuleList:
         """The transformer blocks (activation checkpointing and FSDP wrap each one)."""
         return self.blocks
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def seq_len(self) -> int:
-        return self.config.seq_len
-
-    @property
-    def null_class(self) -> int:
-        return self.config.null_class
 
     def num_parameters(self) -> int:
         """Parameters of the transformer (the frozen quantiser copy excluded), as VAR counts."""
