@@ -110,14 +110,17 @@ def _refusal(value: Any, declared: Range | None) -> str | None:
 def check_fields(obj: Any, prefix: str = "") -> None:
     """Check every number of the dataclass ``obj`` (nested dataclasses, tuples and lists too)."""
     for f in dataclasses.fields(obj):
-        key, value, declared = prefix + f.name, getattr(obj, f.name), f.metadata.get("range")
+        value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            check_fields(value, key + ".")
-        elif isinstance(value, tuple | list):
-            for item in value:
-                check_number(key, item, declared)
+            check_fields(value, f"{prefix}{f.name}.")
         else:
-            check_number(key, value, declared)
+            _check_value(prefix + f.name, value, f.metadata.get("range"))
+
+
+def _check_value(key: str, value: Any, declared: Range | None) -> None:
+    """A field's value: a number, or each number of a tuple or list."""
+    for item in value if isinstance(value, tuple | list) else (value,):
+        check_number(key, item, declared)
 
 
 def declared_range(cls: type, name: str) -> Range | None:
@@ -157,23 +160,20 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def build_table(key: str, values: dict, table_type: type) -> Any:
-    """A table as its dataclass: unknown keys refused by name, each value coerced to its type,
-    every number checked against its range. ``key`` prefixes the names in messages."""
-    valid = {f.name for f in dataclasses.fields(table_type) if f.init}
-    unknown = sorted(set(values) - valid)
+    """A table as its dataclass: unknown keys refused by name, each value coerced to its type
+    and its numbers checked against the field's range, named with ``key`` as prefix (before the
+    dataclass's own checks, which do not know the prefix). Defaults are the dataclass's."""
+    ranges = {f.name: f.metadata.get("range") for f in dataclasses.fields(table_type) if f.init}
+    unknown = sorted(set(values) - set(ranges))
     if unknown:
         where = f"[{key}]" if key else table_type.__name__
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(ranges)}")
     hints = typing.get_type_hints(table_type)
     prefix = f"{key}." if key else ""
     typed = {k: coerce(prefix + k, v, hints[k]) for k, v in values.items()}
-    for name, value in typed.items():  # before the dataclass's own checks, with the full key
-        declared = declared_range(table_type, name)
-        for item in value if isinstance(value, tuple | list) else (value,):
-            check_number(prefix + name, item, declared)
-    table = table_type(**typed)
-    check_fields(table, prefix)
-    return table
+    for name, value in typed.items():
+        _check_value(prefix + name, value, ranges[name])
+    return table_type(**typed)
 
 
 def _type_name(hint: Any) -> str:

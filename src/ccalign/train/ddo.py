@@ -379,6 +379,8 @@ def claim_rounds(out: Path, config: TrainConfig) -> None:
     check a resumed run's init against it: finished rounds are reused as they are, so another
     init must not slip in. (The recipe is checked by ``run_training``, which records the run's
     config.json at its start.)"""
+    if not D.launched_as_main():  # the main process checks (loading the init) and writes
+        return
     rounds = out / ROUNDS_RECORD
 
     def fingerprint() -> str:  # loads the init: only where a check or the record needs it
@@ -391,7 +393,7 @@ def claim_rounds(out: Path, config: TrainConfig) -> None:
                 "its first round started from; pass the run's own --init, or start over with "
                 "--restart or a new --out"
             )
-    elif D.launched_as_main():
+    else:
         entry = json.dumps({"init_fingerprint": fingerprint()})
         atomic_write(rounds, lambda tmp: Path(tmp).write_text(entry))
 

@@ -355,16 +355,14 @@ def check_fits(config: TrainConfig, processes_per_device: int = 1) -> None:
     if os.environ.get(SKIP_CHECK_ENV) == "1" or config.train.parallel == "fsdp":
         return
     try:
-        device_type = plan_from_config(config).device_type
+        plan = plan_from_config(config)
     except (ValueError, OSError, UserError):
         return  # a model the plan cannot describe: building it reports why, with the file
-    free = free_memory(device_type)
-    if free is None:
+    free = free_memory(plan.device_type)
+    sharing = processes_per_device if plan.device_type == "cpu" else 1
+    if free is None or plan.total * sharing <= free * FIT_MARGIN:
         return
-    sharing = processes_per_device if device_type == "cpu" else 1
-    plan = plan_from_config(config, gpu_memory=free // sharing)  # and the micro-batch that fits
-    if plan.total * sharing <= free * FIT_MARGIN:
-        return
+    plan = plan_from_config(config, gpu_memory=free // sharing)  # with the micro-batch that fits
     fix = (
         f"lower train.micro_batch (at most {plan.max_micro_batch} fits)"
         if plan.max_micro_batch
