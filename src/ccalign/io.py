@@ -32,15 +32,8 @@ SAFE_GLOBALS = (argparse.Namespace,)
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 #: Modules whose globals ordinary weight files import (tensor rebuilds, OrderedDict).
 _WEIGHT_MODULES = ("torch", "collections")
-_STRING_OPS = {
-    "UNICODE",
-    "SHORT_BINUNICODE",
-    "BINUNICODE",
-    "BINUNICODE8",
-    "STRING",
-    "BINSTRING",
-    "SHORT_BINSTRING",
-}
+_STRING_OPS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING",
+               "BINSTRING", "SHORT_BINSTRING"}
 
 
 #: How much of a legacy torch file is scanned for globals: its pickles come first and are small.
@@ -94,6 +87,12 @@ def read_json_record(path: PathLike) -> dict:
             "choose another --out, or delete that folder to start over"
         )
     return record
+
+
+def changed_keys(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between a record and what a run wants, sorted (a key
+    missing on one side differs when the other side's value is not None)."""
+    return sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
 
 
 def output_file(text: str) -> Path:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from ccalign.data.images import encode_views, open_source
 from ccalign.devices import device_flag, pick_device
 from ccalign.errors import shorten
-from ccalign.io import OUTPUT_KINDS, check_output_kind, read_json_record
+from ccalign.io import OUTPUT_KINDS, changed_keys, check_output_kind, read_json_record
 from ccalign.sample.runner import tokenizer_fingerprint
 
 HELP = "encode a folder of labelled images (or Fashion-MNIST) into token codes"
@@ -259,9 +259,7 @@ def _record_config(folder: Path, config: dict) -> None:
     if path.exists():
         previous = read_json_record(path)
         if previous != config:
-            changed = sorted(
-                k for k in config.keys() | previous.keys() if config.get(k) != previous.get(k)
-            )
+            changed = changed_keys(previous, config)
             raise ValueError(
                 f"{folder} holds codes extracted with other settings ({', '.join(changed)} "
                 f"differ: {previous} vs {config}); use another output folder or delete it"
@@ -284,10 +282,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load(args.tokenizer, args.tokenizer_name, image_size=args.image_size).to(device)
     size = args.image_size or tokenizer.image_size
     source = open_source(args.source, args.fashion_mnist_folder)
-    if getattr(source, "skipped_links", None):
+    if source.skipped_links:
         print(
-            f"left out {len(source.skipped_links)} link(s) that lead out of {args.source} or back "
-            f"into a folder already listed (first: {source.skipped_links[0]})",
+            f"left out {len(source.skipped_links)} link(s) that leave their class folder or lead "
+            f"to one listed already (first: {source.skipped_links[0]})",
             file=sys.stderr,
         )
     config = {
@@ -362,7 +360,7 @@ def _check_complete_flat(path: Path, config: dict) -> None:
             f"{path} exists but records no extraction settings (another tool or an older "
             "ccalign wrote it); choose another --flat, or delete it to extract again"
         )
-    changed = sorted(k for k in config.keys() | recorded.keys() if config.get(k) != recorded.get(k))
+    changed = changed_keys(recorded, config)
     if changed:
         raise ValueError(
             f"{path} holds codes extracted with other settings ({', '.join(changed)} differ); "

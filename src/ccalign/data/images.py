@@ -24,7 +24,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 @dataclass(frozen=True)
 class ImageFolderIndex:
     """The images of a class-per-folder tree: ``samples[i] = (path, class index)``, and the
-    links left out (``skipped_links``: they lead out of the root or back into a folder seen)."""
+    links left out (``skipped_links``: see ``list_image_folder``)."""
 
     root: Path
     classes: list[str]
@@ -51,17 +51,15 @@ def list_image_folder(root: PathLike) -> ImageFolderIndex:
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; lay images out as {root}/<class>/<img>")
     tops = [(root / name).resolve() for name in classes]
-    seen, skipped = {root.resolve()}, []
-    samples = []
+    listed, skipped, samples = set(), [], []
     for index, (name, top) in enumerate(zip(classes, tops, strict=True)):
-        if top in seen:  # a second link to a class folder listed already
+        if top in listed:  # a second link to a class folder listed already
             skipped.append(root / name)
             continue
-        others = seen | set(tops) - {top}
-        for folder, files in _walk_class(root / name, top, others, skipped):
+        listed.add(top)
+        for folder, files in _walk_class(root / name, top, set(tops) - {top}, skipped):
             images = [f for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
             samples.extend((Path(folder) / f, index) for f in images)
-        seen.add(top)
     if not samples:
         raise ValueError(f"{root} holds no images with extensions {IMG_EXTENSIONS}")
     return ImageFolderIndex(root, classes, samples, skipped)
@@ -69,7 +67,8 @@ def list_image_folder(root: PathLike) -> ImageFolderIndex:
 
 def _walk_class(folder: Path, top: Path, others: set[Path], skipped: list[Path]):
     """(folder, files) of one class in sorted order; a folder reached through a link that leads
-    out of the class ``top``, into ``others`` or to a folder walked already is pruned."""
+    out of the class ``top``, to another class's folder ``others`` (one linked inside this
+    class) or to a folder walked already is pruned."""
     walked, seen = [], set()
     for path, dirs, files in os.walk(folder, followlinks=True):
         real = Path(path).resolve()

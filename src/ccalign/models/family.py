@@ -457,9 +457,11 @@ def other_kind_of_file(path: Path) -> str | None:
     if not path.is_file():
         return None
     if path.suffix == ".safetensors":
+        from ccalign.tokenizers.files import METADATA_KEY as TOKENIZER_KEY
+
         with open_safetensors(path) as f:
             meta, keys = f.metadata() or {}, list(f.keys())
-        if "ccalign.tokenizer" in meta:
+        if TOKENIZER_KEY in meta:
             return "an image tokenizer, not a model: give it as --tokenizer (data.tokenizer)"
         if any("lora_A" in key for key in keys):
             return (

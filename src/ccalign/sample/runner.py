@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ccalign.io import OUTPUT_KINDS, atomic_write, check_output_kind, read_json_record
+from ccalign.io import (
+    OUTPUT_KINDS,
+    atomic_write,
+    changed_keys,
+    check_output_kind,
+    read_json_record,
+)
 from ccalign.models.family import Sampler
 from ccalign.sample.images import check_tokenizer, decode_tokens, to_pil
 from ccalign.tokenizers.base import ImageTokenizer
@@ -246,7 +252,7 @@ def _claim_directory(out: Path, wanted: dict, rank: int, barrier: Callable[[], N
     found = read_json_record(manifest)
     if found == wanted:
         return
-    changed = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
+    changed = changed_keys(found, wanted)
     other = [_WEIGHTS[k] for k in changed if k in _WEIGHTS and found.get(k) is not None]
     if other:
         raise ValueError(
