@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -99,24 +100,48 @@ def test_micro_batch_of_one_is_refused_for_contrastive_objectives(method):
     assert load_config(None, ["method.name='mle'", "train.micro_batch=1"]).train.micro_batch == 1
 
 
-def test_official_clip_on_the_summed_gradient_equals_ours_on_the_mean():
-    """The official trainer sums 16 micro-batch losses and clips at 1.0; averaging and clipping
-    at 1/16 gives the same AdamW update (the configs' grad_clip = 0.0625)."""
-    torch.manual_seed(0)  # float64: the two scalings round differently in float32
-    micro = [(torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
-             for _ in range(16)]
-    models = [nn.Linear(8, 4).double(), nn.Linear(8, 4).double()]
-    models[1].load_state_dict(models[0].state_dict())
-    for model, scale, clip in ((models[0], 1.0, 1.0), (models[1], 1.0 / 16, 1.0 / 16)):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-12)
+PAPER_CONFIGS = ("llamagen_B", "llamagen_L", "llamagen_XL", "llamagen_XXL", "llamagen_3B")
+
+
+def adamw_updates(model: nn.Module, micro, scale: float, clip: float, eps: float) -> nn.Module:
+    """Three optimizer steps of 16 micro-batches each, the losses scaled by ``scale``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=eps,
+                                  weight_decay=0.05)
+    for _ in range(3):
         for x, y in micro:
             (scale * ((model(x) - y) ** 2).mean()).backward()
         norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
-        assert norm > clip  # the clip is active in both
+        assert norm > clip  # the clip is active
         optimizer.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        # the same update but for AdamW's eps against the rescaled moments: eps / |g| ~ 1e-8
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=0)
+        optimizer.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_update_equals_the_official_unscaled_one(name):
+    """The official trainer sums 16 micro-batch losses, clips at 1.0, AdamW eps 1e-8; the paper
+    configs average, clip at 1/16 and divide eps by 16: the same update (up to the clip's own
+    1e-6), even where gradients are small enough for eps to matter (an undivided eps would
+    change it)."""
+    optim = load_config(REPO / "configs" / f"{name}.toml").optim
+    assert optim.grad_clip == pytest.approx(1 / 16) and optim.eps == pytest.approx(1e-8 / 16)
+    torch.manual_seed(0)  # float64: the two scalings round differently in float32
+    # half the inputs tiny: their weights' gradients (~1e-7) are where eps is not negligible
+    tiny = torch.tensor([1.0] * 4 + [1e-7] * 4, dtype=torch.float64)
+    micro = [(torch.randn(2, 8, dtype=torch.float64) * tiny, torch.randn(2, 4, dtype=torch.float64))
+             for _ in range(16)]
+    start = nn.Linear(8, 4).double()
+    official = adamw_updates(copy.deepcopy(start), micro, 1.0, 1.0, 1e-8)
+    ours = adamw_updates(copy.deepcopy(start), micro, 1 / 16, optim.grad_clip, optim.eps)
+    undivided = adamw_updates(copy.deepcopy(start), micro, 1 / 16, optim.grad_clip, 1e-8)
+    # clip_grad_norm_ divides by norm + 1e-6, which does not scale: the clip factors differ by
+    # at most 15e-6 / norm (norm > 1 when clipping), and the updates with them where eps counts
+    for name in ("weight", "bias"):
+        update = getattr(official, name) - getattr(start, name)
+        torch.testing.assert_close(getattr(ours, name) - getattr(start, name), update,
+                                   rtol=2e-5, atol=0)
+    moved = (undivided.weight - official.weight).abs() / (official.weight - start.weight).abs()
+    assert moved[:, 4:].min() > 0.01  # the undivided eps shrinks the small-gradient updates
 
 
 def test_clipped_steps_and_step_one_are_logged(tmp_path):
