@@ -2,7 +2,9 @@
 
 Each image is centre-cropped the ADM way and cut into views ("ten-crop": crop to
 int(size * 1.1) then TenCrop(size) = four corners + centre, then the same of the mirror image;
-"flip": the centre crop and its mirror; "center": the centre crop), every view is encoded, and
+"flip": the centre crop and its mirror; "center": the centre crop; or VAR's training view,
+"var-crop": the short side resized to 1.125x the size and one random crop, seeded per image),
+every view is encoded, and
 the (1, V, N) codes of image i go to ``<out>/imagenet<size>_codes/i.npy`` with its label in
 ``..._labels/i.npy`` (i = the image's ImageFolder index). ``--flat`` also writes the project's
 single-file format. Work is split over torchrun ranks (rank r takes i % world == r), batched on
@@ -39,7 +41,7 @@ SKIPPED_NAME = "extract-skipped.tsv"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ccalign.io import output_file, output_folder
-    from ccalign.settings import MAX_THREADS, declared_range, number
+    from ccalign.settings import MAX_SEED, MAX_THREADS, declared_range, number
     from ccalign.train.config import DataSection
 
     parser.add_argument(
@@ -70,7 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="crop size (default: the tokenizer's; 256 or 384 for VQ-16)",
     )
-    parser.add_argument("--views", choices=("ten-crop", "flip", "center"), default="ten-crop")
+    parser.add_argument(
+        "--views",
+        choices=("ten-crop", "flip", "center", "var-crop"),
+        default="ten-crop",
+        help="LlamaGen's views (ten-crop, flip, center; ADM centre crops) or VAR's training view "
+        "(var-crop: short side to 1.125x the size, one random crop per image from --seed)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=number(int, ge=0, le=MAX_SEED),
+        default=0,
+        help="var-crop: image i's crop offsets come from (seed, i)",
+    )
     parser.add_argument(
         "--crop-range",
         type=number(float, ge=1, le=4),
@@ -115,10 +129,17 @@ class ViewDataset(Dataset):
     """The views of the pending images: (index, uint8 views or None, label, error or None)."""
 
     def __init__(
-        self, source, indices: list[int], size: int, mode: str, crop_range: float, channels: int
+        self,
+        source,
+        indices: list[int],
+        size: int,
+        mode: str,
+        crop_range: float,
+        channels: int,
+        seed: int = 0,
     ):
         self.source, self.indices = source, indices
-        self.size, self.mode, self.crop_range = size, mode, crop_range
+        self.size, self.mode, self.crop_range, self.seed = size, mode, crop_range, seed
         self.pil_mode = "L" if channels == 1 else "RGB"
 
     def __len__(self) -> int:
@@ -130,7 +151,8 @@ class ViewDataset(Dataset):
         index = self.indices[k]
         try:
             image = self.source.image(index, self.pil_mode)
-            arr = views(image, self.size, self.mode, self.crop_range)
+            rng = np.random.default_rng([self.seed, index])  # var-crop's offsets, per image
+            arr = views(image, self.size, self.mode, self.crop_range, rng)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return index, None, self.source.items[index].label, f"{type(exc).__name__}: {exc}"
         label = self.source.items[index].label
@@ -295,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
         "image_size": size,
         "views": args.views,
         "crop_range": args.crop_range if args.views == "ten-crop" else None,
+        **({"seed": args.seed} if args.views == "var-crop" else {}),
         "vocab_size": tokenizer.vocab_size,
         "images": len(source.items),
     }
@@ -371,7 +394,9 @@ def _check_complete_flat(path: Path, config: dict) -> None:
 def _encode_all(args, tokenizer, source, pending, sinks, size, precision, rank) -> int:
     from tqdm import tqdm
 
-    dataset = ViewDataset(source, pending, size, args.views, args.crop_range, tokenizer.channels)
+    dataset = ViewDataset(
+        source, pending, size, args.views, args.crop_range, tokenizer.channels, args.seed
+    )
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,

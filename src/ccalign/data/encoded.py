@@ -5,7 +5,8 @@ class-per-folder tree or ``fashion-mnist:<split>``) and a tokenizer. Item ``i`` 
 image ``i`` under one view, picked from (seed, epoch, index) exactly as pre-extracted codes pick
 theirs, so runs stay reproducible and resumable. The views and their preprocessing are those of
 ``ccalign extract-codes`` (ADM centre crop to the tokenizer's image size; "flip" adds the
-mirror), so training on the fly sees the codes an extraction with the same settings would write.
+mirror), so training on the fly sees the codes an extraction with the same settings would write;
+"var-crop" (VAR's training view) draws a new random crop each epoch, as VAR's loader does.
 
 Encoding runs on the CPU under ``torch.inference_mode``; ``data.num_workers`` spreads it over
 DataLoader worker processes. A DataLoader with batches calls :meth:`EncodedImages.__getitems__`,
@@ -28,8 +29,9 @@ from ccalign.data.images import views as image_views
 from ccalign.io import PathLike
 from ccalign.tokenizers import VQModel, load
 
-#: view mode -> number of views per image (view 0 is the centre crop, view 1 its mirror)
-VIEW_MODES = {"center": 1, "flip": 2}
+#: view mode -> number of views per image (view 0 is the centre crop, view 1 its mirror);
+#: "var-crop" is one random crop of VAR's training view, drawn anew each epoch
+VIEW_MODES = {"center": 1, "flip": 2, "var-crop": 1}
 #: what reading an image can raise when the file is damaged
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -91,7 +93,8 @@ class EncodedImages(CodeDataset):
                 f"{type(exc).__name__}: {exc}; remove it, or train from codes made by "
                 "`ccalign extract-codes` (which skips unreadable images)"
             ) from exc
-        arr = image_views(image, self.image_size, self.views)[self.view_index(index)]
+        rng = np.random.default_rng([self.seed, self.epoch, index])  # var-crop's offsets
+        arr = image_views(image, self.image_size, self.views, rng=rng)[self.view_index(index)]
         return torch.from_numpy(np.array(arr))  # a writable copy
 
     def all_labels(self) -> np.ndarray:

@@ -149,12 +149,43 @@ def ten_crop(arr: np.ndarray, size: int) -> np.ndarray:
     return np.stack(five_crop(arr, size) + five_crop(arr[:, ::-1], size))
 
 
-def views(image: Image.Image, size: int, mode: str, crop_range: float = 1.1) -> np.ndarray:
-    """The views LlamaGen's extraction encodes for one image, as uint8 (V, size, size[, C]).
+#: VAR's training view: the short side resized to round(1.125 size), then a random crop
+VAR_MID_RESO = 1.125
 
-    "ten-crop": centre crop to int(size * crop_range), then ten_crop; "flip": centre crop to
-    size, the image and its mirror; "center": the centre crop alone.
+
+def var_crop(image: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """VAR's training view (its ``build_dataset``): the short side LANCZOS-resized to
+    round(1.125 size), the long side to int(that * long / short) as torchvision's Resize
+    computes it, then a size x size crop at offsets drawn uniformly from ``rng``."""
+    mid = round(VAR_MID_RESO * size)
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    other = int(mid * long / short)
+    shape = (mid, other) if w <= h else (other, mid)
+    arr = np.asarray(image.resize(shape, resample=Image.LANCZOS))
+    top = int(rng.integers(0, arr.shape[0] - size + 1))
+    left = int(rng.integers(0, arr.shape[1] - size + 1))
+    return arr[top : top + size, left : left + size]
+
+
+def views(
+    image: Image.Image,
+    size: int,
+    mode: str,
+    crop_range: float = 1.1,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The views an extraction encodes for one image, as uint8 (V, size, size[, C]).
+
+    LlamaGen's: "ten-crop": centre crop to int(size * crop_range), then ten_crop; "flip":
+    centre crop to size, the image and its mirror; "center": the centre crop alone. VAR's:
+    "var-crop": :func:`var_crop` with offsets from ``rng`` (objects at VAR's pretraining scale,
+    about 11% larger than in the centre crop).
     """
+    if mode == "var-crop":
+        if rng is None:
+            raise ValueError("the var-crop view draws its offsets: pass rng")
+        return var_crop(image, size, rng)[None]
     if mode == "ten-crop":
         return ten_crop(np.asarray(center_crop_arr(image, int(size * crop_range))), size)
     arr = np.asarray(center_crop_arr(image, size))
@@ -162,7 +193,7 @@ def views(image: Image.Image, size: int, mode: str, crop_range: float = 1.1) -> 
         return np.stack([arr, arr[:, ::-1]])
     if mode == "center":
         return arr[None]
-    raise ValueError(f"unknown view mode {mode!r}; choose ten-crop, flip or center")
+    raise ValueError(f"unknown view mode {mode!r}; choose ten-crop, flip, center or var-crop")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

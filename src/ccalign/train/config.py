@@ -27,7 +27,7 @@ WEIGHT_DTYPES = ("fp32", "bf16", "fp64")
 REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp64")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PARALLEL = ("ddp", "fsdp")
-DATA_VIEWS = ("center", "flip")
+DATA_VIEWS = ("center", "flip", "var-crop")
 DROPOUT_MODES = ("both", "none", "policy-only")
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -80,7 +80,9 @@ class DataSection:
 
     path: str | None = None  # codes; with tokenizer: an image folder or fashion-mnist:<split>
     tokenizer: str | None = None  # tokenizer file or "fmnist-vq"; None: path holds codes
-    views: str = "center"  # with tokenizer: "center" crop, or "flip" (a random mirror per item)
+    # with tokenizer: "center" crop, "flip" (a random mirror per item) or "var-crop" (VAR's view:
+    # short side to 1.125x the size, a random crop each epoch)
+    views: str = "center"
     # with tokenizer: crop size (None: the tokenizer's own)
     image_size: int | None = ranged(None, ge=1, le=16384)
     seed: int = ranged(0, ge=0, le=MAX_SEED)  # data order and view choice
