@@ -116,8 +116,9 @@ def ddo_loss(
     Row i pairs a data sample (``*_real``) with a sample of the reference model for the same
     label (``*_fake``); D = log p_theta - log p_ref of each. Conditional rows weigh the real term
     1 and the fake term ``alpha``; rows flagged in ``uncond_mask`` (the null label) weigh the real
-    term max(alpha, 1) and drop the fake term: their fake values are never read (any number,
-    even NaN, gives the same loss and zero gradient). The logged ``d_neg`` and
+    term max(alpha, 1) and drop the fake term (ccalign's choice: DDO's AR trainer is not
+    public): their fake values are never read (any number, even NaN, gives the same loss and
+    zero gradient). The logged ``d_neg`` and
     ``reward_accuracy`` cover the conditional rows only (0 when there are none).
     """
     d_real, d_fake = _ddo_gains(policy_real, policy_fake, ref_real, ref_fake, uncond_mask, beta)
