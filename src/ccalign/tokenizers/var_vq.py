@@ -21,7 +21,11 @@ from torch import Tensor, nn
 
 from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors, read_tensor_file
 from ccalign.multiscale import MultiScaleQuantizer
-from ccalign.tokenizers.llamagen_vq import Downsample, Upsample  # the same layers, keys "conv"
+from ccalign.tokenizers.llamagen_vq import (  # the same layers, keys "conv"
+    Downsample,
+    Upsample,
+    residual,
+)
 from ccalign.weights import CheckpointMismatchError, check_state_dict, extract_state_dict
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -69,6 +73,11 @@ class VarVQConfig:
         return d
 
 
+def silu(x: Tensor) -> Tensor:
+    """SiLU of a temporary ``x``: in place without autograd, as VAR's VQVAE runs it."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, plus a 1x1 ``nin_shortcut`` when the width changes."""
 
@@ -81,9 +90,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
+        return residual(self.nin_shortcut(x), h)
 
 
 class AttnBlock(nn.Module):
@@ -102,7 +111,7 @@ class AttnBlock(nn.Module):
         weights = torch.bmm(q.transpose(1, 2).contiguous(), k.contiguous()).mul(self.scale)
         weights = weights.softmax(dim=2)  # (B, queries, keys)
         out = torch.bmm(v.contiguous(), weights.transpose(1, 2).contiguous())  # (B, C, queries)
-        return x + self.proj_out(out.view(b, c, h, w))
+        return residual(x, self.proj_out(out.view(b, c, h, w)))
 
 
 class Level(nn.Module):
@@ -164,7 +173,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -192,7 +201,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class VarVQ(nn.Module):
