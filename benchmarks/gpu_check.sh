@@ -6,6 +6,10 @@
 #   bash benchmarks/gpu_check.sh OUT               # a CUDA machine: <= 8 minutes on one H200
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUT   # every stage with tiny sizes on the CPU
 #
+# With checkouts of the official code, it also runs benchmarks/side_by_side.py (GPT-B and
+# VAR-d16 against FoundationVision/LlamaGen and FoundationVision/VAR, same weights):
+#   OFFICIAL_LLAMAGEN=~/LlamaGen OFFICIAL_VAR=~/VAR bash benchmarks/gpu_check.sh OUT
+#
 # Uses the machine's own python3 (PYTHON=... to choose another) with PYTHONPATH=src: nothing is
 # installed. Output is printed as it comes (PYTHONUNBUFFERED, no pipes); every stage has its own
 # time limit, cut to what is left of the whole budget (BUDGET_S, default 450 s), so one hang
@@ -115,6 +119,19 @@ stage sample_GPT-B_eager_graph 60 "$PY" benchmarks/sample.py "${SAMPLE_B[@]}" --
 stage sample_GPT-L_compile 150 "$PY" benchmarks/sample.py "${SAMPLE_L[@]}" --device $DEV \
     --batch-sizes $L_BIG --modes $MODES_COMPILE --repeats 1 \
     --json "$OUT/sample_GPT-L_compile.json"
+
+SIDE_BY_SIDE=()
+[ -n "${OFFICIAL_LLAMAGEN:-}" ] && SIDE_BY_SIDE+=(--official-llamagen "$OFFICIAL_LLAMAGEN")
+[ -n "${OFFICIAL_VAR:-}" ] && SIDE_BY_SIDE+=(--official-var "$OFFICIAL_VAR")
+if [ "${#SIDE_BY_SIDE[@]}" -gt 0 ]; then
+    if [ "$SMOKE" = 1 ]; then # the real sizes on the CPU: one small row of each kind
+        SIDE_BY_SIDE+=(--batch-sizes 1 --rounds 1 --train-batch 2)
+    else
+        SIDE_BY_SIDE+=(--batch-sizes 1,8,64 --rounds 3 --train-batch 8)
+    fi
+    stage side_by_side 240 "$PY" benchmarks/side_by_side.py "${SIDE_BY_SIDE[@]}" --device $DEV \
+        --json "$OUT/side_by_side.json"
+fi
 
 REPORT_S=0 stage report 30 "$PY" benchmarks/gpu_report.py "$OUT"
 echo "done in $(($(date +%s) - STARTED)) s: $OUT/gpu_check.json and $OUT/gpu_check.md"
