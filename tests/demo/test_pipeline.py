@@ -63,15 +63,42 @@ def test_quick_var_demo_runs_end_to_end(tmp_path):
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["meta"]["family"] == "var"
     runs = {r["name"]: r for r in doc["runs"]}
-    assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg"}
+    ramps = {"base-varcfg1", "base-varcfg1.5", "base-varcfg2"}  # VAR's own guidance
+    assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg", *ramps}
     assert runs["base"]["accuracy"] > 0.3 and all(r["images_per_s"] > 0 for r in runs.values())
-    assert (out / "report.md").read_text().startswith("# CCA on Fashion-MNIST (VAR)")
+    report = (out / "report.md").read_text()
+    assert report.startswith("# CCA on Fashion-MNIST (VAR)")
+    assert "| base-varcfg1.5 | base | VAR ramp cfg 1.5 |" in report
+    assert "Under the family's own guidance (VAR ramp cfg" in report
     (folder,) = out.glob("cca_*")
     tuned = var.load(folder / "final.safetensors").state_dict()
     base = var.load(BUNDLES["var"].base_model).state_dict()
     assert tuned.keys() == base.keys()
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
     assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("quantizer."))
+
+
+def test_var_plan_adds_vars_own_ramp_guidance_and_samples_it_exactly():
+    from ccalign.demo.pipeline import sample_interleaved
+    from ccalign.models import var
+
+    settings = DemoSettings.for_family("var", quick=True, samples=20, curve_samples=10,
+                                       batch_size=10, progress=False)
+    rows = [r for r in plan_settings(settings) if r["model"] == "base"]
+    assert [r["name"] for r in rows] == [
+        "base", "base-cfg2", "base-varcfg1", "base-varcfg1.5", "base-varcfg2"]
+    ramp = rows[3]
+    assert ramp["sampler_settings"] == {"official_cfg": 1.5} and ramp["cfg_scale"] == 1.0
+    base = BUNDLES["var"].load_model(BUNDLES["var"].base_model)
+    drawn = sample_interleaved([rows[0], ramp], {"base": base}, settings)
+    labels, tokens, _ = drawn[ramp["name"]]
+    generator = torch.Generator().manual_seed(settings.seed)
+    expected = var.generate(base, torch.from_numpy(labels), official_cfg=1.5, generator=generator)
+    assert torch.equal(tokens, expected)
+    assert not torch.equal(tokens, drawn["base"][1][: len(tokens)])  # guidance changed them
+    assert drawn["speed_ratio"]["rounds"] == 1  # the ramp row counts as guided
+    with pytest.raises(ValueError, match="LlamaGen models have no guidance of their own"):
+        DemoSettings(own_cfg_scales=(1.5,))
 
 
 def test_family_settings_and_methods(tmp_path):

@@ -84,7 +84,7 @@ def cfg_fid_at(accuracy: float, cfg_runs: list[dict]) -> float | None:
 def reading(by_name: dict, runs: list[dict], meta: dict) -> str:
     """What the numbers show, method by method, with the noise that bounds each claim."""
     base = by_name["base"]
-    curve = [r for r in runs if r["model"] == "base"]  # guidance-free base is the curve's s = 1
+    curve = report.cfg_curve(runs)  # guidance-free base is the curve's s = 1
     best = min((r for r in curve if r["cfg_scale"] != 1.0), key=lambda r: r["fid"])
     parts = [
         f"Guidance-free, the base model has FID {base['fid']:.2f} ± {base['fid_std']:.2f} at "

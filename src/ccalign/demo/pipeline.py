@@ -186,9 +186,37 @@ def plan_settings(settings: DemoSettings) -> list[dict]:
                 lam=None,
             )
         )
+    rows += own_guidance_rows(settings)
     for method in settings.methods:
         rows += recipes.get(method).rows(settings)
     return rows
+
+
+def own_guidance_rows(settings: DemoSettings) -> list[dict]:
+    """The base model under its family's own guidance number (VAR's cfg ramp), if any."""
+    own = families.get(settings.bundle.family).own_guidance
+    if own is None:
+        return []
+    return [
+        dict(
+            name=f"base-{own.key}{c:g}",
+            model="base",
+            headline=False,
+            cfg_scale=1.0,
+            sampler_settings={own.setting: c},
+            guidance=f"{own.label} {c:g}",
+            family=f"base + {own.label}",
+            sweep_value=c,
+            sweep_label=f"c={c:g}",
+            lam=None,
+        )
+        for c in settings.own_cfg_scales
+    ]
+
+
+def is_guided(row: dict) -> bool:
+    """Whether a row samples with guidance (a CFG scale, or the family's own number)."""
+    return row["cfg_scale"] != 1.0 or "sampler_settings" in row
 
 
 def model_key(row: dict) -> str:
@@ -244,13 +272,16 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
                 if len(batch) == 0:
                     continue
                 scale = draw.row["cfg_scale"]
-                extra = {"gft_beta": draw.row["gft_beta"]} if "gft_beta" in draw.row else {}
+                extra = dict(draw.row.get("sampler_settings", {}))
+                if "gft_beta" in draw.row:
+                    extra["gft_beta"] = draw.row["gft_beta"]
                 begin = time.perf_counter()
                 draw.tokens.append(
                     draw.sampler.generate(batch, cfg_scale=scale, generator=draw.generator, **extra)
                 )
                 draw.seconds.append(time.perf_counter() - begin)
-                speeds["free" if scale == 1.0 else "cfg"].append(len(batch) / draw.seconds[-1])
+                kind = "cfg" if is_guided(draw.row) else "free"
+                speeds[kind].append(len(batch) / draw.seconds[-1])
                 bar.update(len(batch))
             rounds.append(speeds)
     for sampler in samplers.values():

@@ -53,13 +53,25 @@ def write_metrics(runs: Sequence[dict], path: Path, meta: dict) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
+def cfg_curve(runs: Sequence[dict]) -> list[dict]:
+    """The base model's constant-scale CFG rows, its guidance-free row (s = 1) included."""
+    return [r for r in runs if r["model"] == "base" and "sampler_settings" not in r]
+
+
+def own_guidance_runs(runs: Sequence[dict]) -> list[dict]:
+    """The base model's rows under its family's own guidance number (VAR's cfg ramp)."""
+    return [r for r in runs if r["model"] == "base" and "sampler_settings" in r]
+
+
 def metrics_table(runs: Sequence[dict]) -> str:
     """A Markdown table: one row per setting, the metrics in METRIC_COLUMNS."""
     head = "| setting | model | guidance |" + "".join(f" {t} |" for _, t, _ in METRIC_COLUMNS)
     rule = "|---|---|---|" + "---|" * len(METRIC_COLUMNS)
     rows = [head, rule]
     for run in runs:
-        guidance = "none" if run["cfg_scale"] == 1.0 else f"CFG {run['cfg_scale']:g}"
+        guidance = run.get("guidance") or (
+            "none" if run["cfg_scale"] == 1.0 else f"CFG {run['cfg_scale']:g}"
+        )
         cells = "".join(
             f" {fmt.format(run[key])} |" if run.get(key) is not None else " - |"
             for key, _, fmt in METRIC_COLUMNS

@@ -42,6 +42,8 @@ class DemoSettings:
     batch_size: int = ranged(1000, ge=1, le=100_000)
     cfg_scales: tuple[float, ...] = ranged((1.5, 2.0, 3.0), ge=0, le=1000)
     cca_cfg_scale: float = ranged(1.5, ge=0, le=1000)  # CCA + CFG
+    # the base model under the family's own guidance number too (VAR's cfg ramp), if it has one
+    own_cfg_scales: tuple[float, ...] = ranged((), ge=0, le=1000)
     beta: float = ranged(0.5, gt=0, le=1e4)
     lam: float = ranged(30.0, ge=0, le=1e9)
     dropout: str = "none"  # off in policy and reference: D = 0 exactly at step 1
@@ -78,6 +80,11 @@ class DemoSettings:
             )
         for method in self.methods:
             recipes.get(method).check(self)
+        if self.own_cfg_scales and families.get(known.family).own_guidance is None:
+            raise ValueError(
+                f"own_cfg_scales: {known.title} models have no guidance of their own besides "
+                "the CFG scale; leave it empty"
+            )
         if self.base_model is None:
             object.__setattr__(self, "base_model", known.base_model)
 

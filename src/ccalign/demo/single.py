@@ -16,7 +16,8 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
     recipe = recipes.get(method)
     by_name = {r["name"]: r for r in runs}
     base, tuned = by_name["base"], by_name[method]
-    cfg_runs = [r for r in runs if r["model"] == "base" and r["cfg_scale"] != 1.0]
+    cfg_runs = [r for r in report.cfg_curve(runs) if r["cfg_scale"] != 1.0]
+    own_runs = report.own_guidance_runs(runs)
     best = min(cfg_runs, key=lambda r: r["fid"])
     setup = recipe.setup_text(meta[method])
     text = "\n\n".join(
@@ -33,7 +34,9 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
             report.metrics_table(runs),
             "## Reading\n\n"
             + reading(recipe.title, base, tuned, best, by_name.get(f"{method}+cfg"), cfg_runs,
-                      meta["speed_ratio"]),
+                      meta["speed_ratio"])
+            + (f" {own_guidance_reading(recipe.title, base, tuned, own_runs)}" if own_runs
+               else ""),
             "![trade-off](tradeoff.png)\n\n"
             + "\n".join(f"![{r['name']}](grids/{r['name']}.png)" for r in runs),
         ]
@@ -114,3 +117,23 @@ def combined_reading(title: str, cca_cfg: dict, cfg_runs: list[dict]) -> str:
     if cca_cfg["fid"] < peer["fid"] and cca_cfg["accuracy"] >= peer["accuracy"] - 0.01:
         return head + ": the combination gives the better fidelity-diversity trade-off."
     return head + ": here the combination does not improve on CFG alone."
+
+
+def own_guidance_reading(title: str, base: dict, tuned: dict, own_runs: list[dict]) -> str:
+    """The method's guidance-free row against the family's own guidance (VAR's ramp), the
+    guidance its users run, at that guidance's best FID."""
+    best = min(own_runs, key=lambda r: r["fid"])
+    text = (
+        f"Under the family's own guidance ({best['guidance']} is its best FID of "
+        f"{len(own_runs)} settings) the base model reaches FID {best['fid']:.2f} and accuracy "
+        f"{best['accuracy']:.3f}"
+    )
+    fid_gap, acc_gap = base["fid"] - best["fid"], best["accuracy"] - base["accuracy"]
+    if fid_gap <= 0 or acc_gap <= 0:
+        return text + "; it does not improve on guidance-free sampling by both measures here."
+    fid_closed = (base["fid"] - tuned["fid"]) / fid_gap
+    acc_closed = (tuned["accuracy"] - base["accuracy"]) / acc_gap
+    return (
+        text + f"; {title} closes {fid_closed:.0%} of that FID gap and {acc_closed:.0%} of that "
+        "accuracy gap."
+    )

@@ -147,6 +147,16 @@ class SamplingOption:
         return getattr(args, self.dest) != self.default
 
 
+@dataclass(frozen=True)
+class OwnGuidance:
+    """A family's own guidance number besides ccalign's scale, as its users run it (VAR's cfg:
+    a ramp over the scales), so reports can compare with the guidance a family is known by."""
+
+    setting: str  # the ``generate`` keyword that takes the number ("official_cfg")
+    label: str  # how reports name it ("VAR ramp cfg")
+    key: str  # a short word for row names ("varcfg")
+
+
 class Sampler(Protocol):
     """A family's sampler: one image's tokens per condition, reusable across batches."""
 
@@ -175,6 +185,7 @@ class ModelFamily(Protocol):
     lora_targets: tuple[str, ...]  # default LoRA target layers
     lora_excluded: tuple[str, ...]  # linear layers the forward applies by weight
     sampling_options: tuple[SamplingOption, ...]  # its own flags of ``ccalign sample``
+    own_guidance: OwnGuidance | None  # its own guidance number, where it has one
 
     def recognizes(self, path: PathLike) -> bool:
         """Whether a file holds a model of this family (ccalign metadata or official keys)."""
@@ -276,6 +287,7 @@ class BaseFamily:
     lora_targets: tuple[str, ...] = ()
     lora_excluded: tuple[str, ...] = ()
     sampling_options: tuple[SamplingOption, ...] = ()
+    own_guidance: OwnGuidance | None = None
     #: capability -> why this family lacks it (the default reason is generic)
     lacks: Mapping[str, str] = {}
 

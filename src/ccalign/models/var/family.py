@@ -16,6 +16,7 @@ from ccalign.models.family import (
     BaseFamily,
     Dtypes,
     ModelSpec,
+    OwnGuidance,
     SamplingOption,
     keep_float64,
     local_file,
@@ -63,6 +64,7 @@ class VARFamily(BaseFamily):
     lora_targets = ("proj", "fc1", "fc2", "ada_lin.1")
     lora_excluded = ("head", "mat_qkv")
     lacks = {"beta_embedding": "GFT needs a beta embedding, which ccalign's VAR does not have"}
+    own_guidance = OwnGuidance("official_cfg", "VAR ramp cfg", "varcfg")
     sampling_options = (
         SamplingOption(
             ("--var-cfg",),
