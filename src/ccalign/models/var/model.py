@@ -173,8 +173,9 @@ class ScaleKVCache(nn.Module):
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # uninitialised: a scale reads only the prefix that it and the earlier scales wrote
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         batch, end = k.shape[0], start + k.shape[2]
@@ -254,18 +255,23 @@ class Block(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
 
+    def modulation(self, cond: Tensor) -> Tensor:
+        """(B, 1, 6, D) gates, scales and shifts from ``cond``: the class embedding (B, D), or
+        (B, 1, 6, D) from the shared projection."""
+        if self.shared:
+            return self.ada_gss + cond
+        return self.ada_lin(cond).view(-1, 1, 6, self.dim)
+
     def forward(
         self,
         x: Tensor,
         cond: Tensor,
         attn_bias: Tensor | None = None,
         cache_start: int | None = None,
+        mods: Tensor | None = None,
     ) -> Tensor:
-        """``cond``: the class embedding (B, D), or (B, 1, 6, D) from the shared projection."""
-        if self.shared:
-            mods = self.ada_gss + cond
-        else:
-            mods = self.ada_lin(cond).view(-1, 1, 6, self.dim)
+        """``cond`` as :meth:`modulation` takes it; ``mods``: its result, when already known."""
+        mods = self.modulation(cond) if mods is None else mods
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
         h = self.attn(self.norm(x) * (scale1 + 1) + shift1, attn_bias, cache_start)
         x = x + self.drop_path(h * gamma1)
@@ -282,8 +288,12 @@ class HeadNorm(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+    def modulation(self, cond: Tensor) -> Tensor:
+        """(B, 1, 2, D) scale and shift from the class embedding (B, D)."""
+        return self.ada_lin(cond).view(-1, 1, 2, self.dim)
+
+    def forward(self, x: Tensor, cond: Tensor, mods: Tensor | None = None) -> Tensor:
+        scale, shift = (self.modulation(cond) if mods is None else mods).unbind(2)
         return self.norm(x) * (scale + 1) + shift
 
 
@@ -500,18 +510,27 @@ class VAR(ConfigSizes, nn.Module):
         """VAR's lvl_1L: the scale index of every position, (1, L) int64."""
         return scale_levels(self.config.patch_nums).to(device)
 
-    def forward_scale(self, si: int, x: Tensor, cond: Tensor) -> Tensor:
-        """Run scale ``si``'s inputs x (B, pn^2, D) through the cache; float32 logits (B, pn^2, V).
+    def modulations(self, cond: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Every block's AdaLN modulation and the head's from the class embedding (B, D): the
+        same at every scale, so the sampler computes them once per batch, not once per scale."""
+        block_cond = self._block_cond(cond)
+        blocks = [block.modulation(block_cond) for block in self.blocks]
+        return blocks, self.head_nm.modulation(cond)
+
+    def forward_scale(self, si: int, x: Tensor, mods: tuple[list[Tensor], Tensor]) -> Tensor:
+        """Run scale ``si``'s inputs x (B, pn^2, D) through the cache with the batch's
+        :meth:`modulations`; float32 logits (B, pn^2, V).
 
         Scales must come in order from 0; each attends to itself and the cached earlier scales.
         """
         if self.blocks[0].attn.kv_cache is None:
             raise RuntimeError("call setup_kv_cache(batch) before forward_scale")
         start = self.config.scale_starts()[si]
-        block_cond = self._block_cond(cond)
-        for block in self.blocks:
-            x = block(x, block_cond, None, start)
-        return self._head(self.head_nm(x.to(at_least_float32(x.dtype)), cond))
+        block_mods, head_mods = mods
+        for block, block_mod in zip(self.blocks, block_mods, strict=True):
+            x = block(x, None, None, start, block_mod)
+        hidden = self.head_nm(x.to(at_least_float32(x.dtype)), None, head_mods)
+        return self._head(hidden)
 
 
 def scale_levels(patch_nums: tuple[int, ...]) -> Tensor:

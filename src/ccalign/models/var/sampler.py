@@ -150,12 +150,13 @@ def generate(
     try:
         with eval_mode(model):
             cond = model.class_emb(rows)
+            mods = model.modulations(cond)
             x = model.first_scale_input(cond)
             f_hat = torch.zeros(batch, cfg.vae_dim, quantizer.side, quantizer.side,
                                 device=labels.device)
             codes, finite = [], FiniteCheck(labels.device)
             for si, pn in enumerate(cfg.patch_nums):
-                logits = model.forward_scale(si, x, cond)
+                logits = model.forward_scale(si, x, mods)
                 if guided:
                     t = weights[si]
                     logits = (1 + t) * logits[:batch] - t * logits[batch:]
