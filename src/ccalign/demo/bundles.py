@@ -66,7 +66,7 @@ BUNDLES: dict[str, DemoBundle] = {
         default_out=Path("runs/demo_var"),
         model_section={"name": "custom"},
         # tuned on 2000 guidance-free samples per recipe (docs/results.md); 6000 samples per
-        # headline row keep the run under 10 minutes with the set-up
+        # headline row keep the run near 10 minutes with the set-up
         # VAR's own ramp guidance beside the constant CFG scales: its cfg c ends at scale 1 + c
         settings={"beta": 0.005, "lam": 10.0, "samples": 6000, "own_cfg_scales": (1.0, 1.5, 2.0)},
     ),
