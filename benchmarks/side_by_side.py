@@ -10,7 +10,8 @@ given size with random weights, saved in its released file format, and ccalign l
 through its family interface (``load_with_tokenizer``), so both hold the same weights.
 
 Rows, each timed interleaved (official and ccalign alternate, the first to run alternating by
-round) after one warm-up call each, reported as median [min, max] seconds:
+round), reported as median [min, max] seconds. Each code path is warmed up once, untimed: on the
+CPU at batch 1 before the first batch size, on CUDA at every batch size (a CUDA graph each):
 - ``codes``: sampling at batch B, guidance-free and with CFG, until the codes. The official
   samplers as their sample scripts call them: LlamaGen's ``generate`` (cfg 1 runs B rows, cfg > 1
   2B rows); VAR's ``autoregressive_infer_cfg`` (always 2B rows; cfg 0 is guidance-free) with its
