@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 
 FAMILIES = ("llamagen", "var")
+#: a file each official checkout must hold
+CHECKOUT_MARKERS = {"llamagen": "autoregressive/models/gpt.py", "var": "models/var.py"}
 LLAMAGEN_CFG = 4.0  # LlamaGen's README scale for GPT-B (ccalign's convention: 1 = guidance-free)
 VAR_CFG = 1.5  # VAR's own cfg number (a ramp over the scales), its paper's setting
 VAR_TOP_K, VAR_TOP_P = 900, 0.96
@@ -78,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--family", choices=FAMILIES, help=argparse.SUPPRESS)  # the child process
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for family, marker in CHECKOUT_MARKERS.items():
+        checkout = getattr(args, f"official_{family}")
+        if checkout is not None and not (checkout / marker).is_file():
+            p.error(f"{checkout} is not a checkout with {marker}: clone the official repository "
+                    "there")
     if args.official_llamagen is None and args.official_var is None and args.family is None:
         p.error("give --official-llamagen DIR and/or --official-var DIR (checkouts of "
                 "FoundationVision/LlamaGen and FoundationVision/VAR)")
@@ -151,10 +158,8 @@ def side_by_side(
 # ---- building the pair of models ----------------------------------------------------------
 
 
-def import_checkout(checkout: Path, what: str) -> None:
-    """Make a checkout importable; refuse a folder that is not one."""
-    if not (checkout / what).exists():
-        sys.exit(f"{checkout} is not a checkout with {what}: clone the official repository there")
+def import_checkout(checkout: Path) -> None:
+    """Make a checkout (checked by ``parse_args``) importable."""
     sys.path.insert(0, str(checkout.resolve()))
 
 
@@ -170,7 +175,7 @@ class LlamaGenPair:
     family = "llamagen"
 
     def __init__(self, args: argparse.Namespace, work: Path, device: torch.device):
-        import_checkout(args.official_llamagen, "autoregressive/models/gpt.py")
+        import_checkout(args.official_llamagen)
         from autoregressive.models.generate import generate
         from autoregressive.models.gpt import GPT_models
         from tokenizer.tokenizer_image.vq_model import VQ_models
@@ -188,14 +193,14 @@ class LlamaGenPair:
         self.official_vq = VQ_models["VQ-16"](codebook_size=16384, codebook_embed_dim=8)
         torch.save({"model": self.official.state_dict()}, work / "gpt.pt")
         torch.save({"model": self.official_vq.state_dict()}, work / "vq.pt")
-        self.ccalign_family = families.get(self.family)
+        family = families.get(self.family)
         spec = ModelSpec(init=str(work / "gpt.pt"), preset=args.llamagen_model,
                          options={"grid": args.grid}, family=self.family)
-        self.model, self.codec = self.ccalign_family.load_with_tokenizer(spec, work / "vq.pt")
+        self.model, self.codec = family.load_with_tokenizer(spec, work / "vq.pt")
         self.train_model = copy.deepcopy(self.model).to(device)  # before a sampler freezes it
         for module in (self.official, self.official_vq, self.model, self.codec):
             module.to(device).eval()
-        self.sampler = self.ccalign_family.sampler(self.model)
+        self.sampler = family.sampler(self.model)
         self.seq_len, self.vocab = args.grid**2, 16384
 
     def official_codes(self, labels: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -245,7 +250,7 @@ class VarPair:
     family = "var"
 
     def __init__(self, args: argparse.Namespace, work: Path, device: torch.device):
-        import_checkout(args.official_var, "models/var.py")
+        import_checkout(args.official_var)
         if "huggingface_hub" not in sys.modules:
             try:
                 import huggingface_hub  # noqa: F401  (VAR's model subclasses its hub mixin)
@@ -270,13 +275,13 @@ class VarPair:
         self.official.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02)
         torch.save(self.official.state_dict(), work / "var.pth")
         torch.save(self.official_vae.state_dict(), work / "vae.pth")
-        self.ccalign_family = families.get(self.family)
+        family = families.get(self.family)
         spec = ModelSpec(init=str(work / "var.pth"), preset=args.var_model, family=self.family)
-        self.model, self.codec = self.ccalign_family.load_with_tokenizer(spec, work / "vae.pth")
+        self.model, self.codec = family.load_with_tokenizer(spec, work / "vae.pth")
         self.train_model = copy.deepcopy(self.model).to(device)  # before a sampler freezes it
         for module in (self.official, self.official_vae, self.model, self.codec):
             module.to(device).eval()
-        self.sampler = self.ccalign_family.sampler(self.model)
+        self.sampler = family.sampler(self.model)
         self.seq_len, self.vocab = self.model.seq_len, 4096
         self._last_fhat: torch.Tensor | None = None
 
@@ -554,12 +559,13 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} CPU"
 
 
-def child_argv(args: argparse.Namespace, family: str, out: Path) -> list[str]:
-    argv = [a for a in sys.argv[1:]]
+def child_argv(argv: list[str], family: str, out: Path) -> list[str]:
+    """This script again on the parent's arguments, for one family, its rows to ``out``."""
     return [sys.executable, __file__, *argv, "--family", family, "--child-out", str(out)]
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -573,7 +579,7 @@ def main(argv=None) -> None:
         for family in wanted:
             print(f"{family}:", flush=True)
             out = Path(tmp) / f"{family}.json"
-            subprocess.run(child_argv(args, family, out), check=True)
+            subprocess.run(child_argv(argv, family, out), check=True)
             rows += json.loads(out.read_text())
     rows = with_images_rows(rows)
     saving = free_vs_official_guided(rows)
