@@ -250,10 +250,68 @@ def test_models_lists_the_registry_with_cached_flags(cache, capsys):
     assert rows["var-d16"][1:6] == ["var", "model", "VAR-d16", "16", "var-vae"]
     assert rows["var-vae"][1:3] == ["var", "tokenizer"]
     assert main(["models", "--family", "var"]) == 0
-    shown = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]]
+    lines = capsys.readouterr().out.splitlines()[1:-1]
+    shown = [line.split()[0] for line in lines if not line.startswith(" ")]
     assert "var-vae" in shown and all(n.startswith(("var", "cca-var", "ddo-var")) for n in shown)
+    protocols = [line.strip() for line in lines if line.startswith(" ")]
+    assert "protocol: 50k balanced, cfg 1 (0 official), top-k 900, top-p 0.96, 256, fp32+fp16 " \
+        "autocast, FID 4.03" in protocols
     assert main(["models", "--family", "dit"]) == 1
     assert "--family 'dit': choose one of" in one_line_error(capsys)
+
+
+def test_models_json_carries_every_release_and_its_protocol(cache, capsys):
+    put(cache, "ChenDRAG/CCA_VAR", "CCA_VAR_Guidance_Free/VAR_d16_CCA.pth", b"var")
+    assert main(["models", "--json"]) == 0
+    records = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(records) == set(hub.REGISTRY)
+    keys = {"labels", "num_samples", "cfg_scale", "top_k", "top_p", "temperature",
+            "weights_dtype", "autocast_dtype", "image_size", "resize", "published", "source"}
+    for name, record in records.items():
+        assert {"name", "family", "preset", "grid", "tokenizer", "file", "cached",
+                "protocol"} <= record.keys()
+        if hub.REGISTRY[name].kind == "model":
+            assert keys <= record["protocol"].keys() and record["protocol"]["published"]["fid"]
+        else:
+            assert record["protocol"] is None
+    assert records["cca-var-d16"]["cached"] and not records["cca-var-d20"]["cached"]
+
+
+# the CCA releases' protocols, as thu-ml/CCA's sampling scripts run them (docs/protocols.md)
+CCA_LLAMAGEN = dict(labels="random", num_samples=50000, cfg_scale=1.0, top_k=0, top_p=1.0,
+                    temperature=1.0, weights_dtype="bfloat16", autocast_dtype=None,
+                    image_size=384, resize=256, uint8="round")
+CCA_VAR = dict(labels="balanced", num_samples=50000, cfg_scale=1.0, official_cfg=0.0, top_k=900,
+               top_p=0.96, weights_dtype="float32", autocast_dtype="float16", image_size=256,
+               resize=None, uint8="floor")
+
+
+@pytest.mark.parametrize("name, expected, fid", [
+    ("cca-llamagen-B-384", CCA_LLAMAGEN, 7.04), ("cca-llamagen-L-384", CCA_LLAMAGEN, 3.43),
+    ("cca-llamagen-XL-384", CCA_LLAMAGEN, 3.10), ("cca-llamagen-XXL-384", CCA_LLAMAGEN, 3.12),
+    ("cca-llamagen-3B-384", CCA_LLAMAGEN, 2.69), ("cca-var-d16", CCA_VAR, 4.03),
+    ("cca-var-d20", CCA_VAR, 3.02), ("cca-var-d24", CCA_VAR, 2.63), ("cca-var-d30", CCA_VAR, 2.54),
+])
+def test_cca_protocols_are_the_official_scripts(name, expected, fid):
+    protocol = hub.REGISTRY[name].protocol.to_dict()
+    assert {key: protocol[key] for key in expected} == expected
+    assert protocol["published"] == {"fid": fid} and protocol["tf32"]
+    assert protocol["source"].startswith("thu-ml/CCA@7d5a0730 ")
+
+
+def test_base_and_gft_protocols():
+    var = hub.REGISTRY["var-d16"].protocol
+    assert (var.cfg_scale, var.official_cfg) == (2.5, 1.5)
+    assert dict(var.settings) == {"official_cfg": 1.5}
+    assert [hub.REGISTRY[f"llamagen-{s}-384"].protocol.cfg_scale
+            for s in ("B", "L", "XL", "XXL", "3B")] == [2.0, 2.0, 1.75, 1.75, 1.65]
+    gft = hub.REGISTRY["gft-llamagen-L-384"]
+    assert dict(gft.protocol.settings) == {"gft_beta": 0.66}
+    assert dict(gft.find_protocol("released-sampler").settings) == {
+        "gft_beta": 0.66, "gft_numerics": "released"}
+    with pytest.raises(hub.UserError, match="cca-var-d16 has no sampling protocol "
+                       "'released-sampler'; it has paper"):
+        hub.REGISTRY["cca-var-d16"].find_protocol("released-sampler")
 
 
 # ---- export ----

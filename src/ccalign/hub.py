@@ -9,10 +9,14 @@ existing file wins over a registry name of the same spelling).
 Repos and file names are those the projects publish in their READMEs (FoundationVision/LlamaGen,
 thu-ml/CCA, FoundationVision/VAR, NVlabs/DDO, thu-ml/GFT); none was read from the Hub itself.
 Each release names its model family and kind; the family loads it (``ccalign.models.families``).
+Each model release also carries the sampling protocol its published numbers were measured with
+(``Release.protocols``), read from the official sampling scripts (docs/protocols.md cites every
+fact by file and line).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -48,30 +52,229 @@ class Release:
     grid: int | None = None  # tokens per side (VAR: of the last scale); None for a tokenizer
     tokenizer: str | None = None  # registry name of the tokenizer its tokens belong to
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: protocol name ("paper", "released-sampler") -> how the published numbers were sampled
+    protocols: Mapping[str, SamplingProtocol] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
         return f"{HF_SCHEME}{self.repo}/{self.file}"
 
+    @property
+    def protocol(self) -> SamplingProtocol | None:
+        """The paper's protocol (None for tokenizers)."""
+        return self.protocols.get(PAPER)
+
+    def find_protocol(self, name: str) -> SamplingProtocol:
+        """The protocol ``name`` of this release, or a one-line error listing those it has."""
+        if name in self.protocols:
+            return self.protocols[name]
+        have = ", ".join(self.protocols) or "none (it is not a model)"
+        raise UserError(f"{self.name} has no sampling protocol {name!r}; it has {have}")
+
+
+PAPER = "paper"
+RELEASED_SAMPLER = "released-sampler"
+PROTOCOL_NAMES = (PAPER, RELEASED_SAMPLER)
+
+
+@dataclass(frozen=True)
+class SamplingProtocol:
+    """How a release's published numbers were sampled and measured, as the official script does.
+
+    Guidance is in ccalign's convention (``cfg_scale`` 1.0 = guidance-free); ``official_cfg`` is
+    the official script's own number where its convention differs (VAR: cfg 0 is guidance-free,
+    cfg c ramps ccalign's scale from 1 to 1 + c over the scales, and ``cfg_scale`` then holds
+    the last scale's). ``settings`` are the family's own ``generate`` settings that the protocol
+    fixes (VAR's ramp: ``official_cfg``; GFT: ``gft_beta``). ``uint8``: how the official script
+    turns decoded images into 8 bits ("round": LlamaGen's 127.5 x + 128; "floor": VAR's 255 (x +
+    1) / 2 truncated). ``published``: metric -> value, as ``published_in`` prints them.
+    """
+
+    labels: str  # "random": uniform draws (LlamaGen's samplers); "balanced": 50 per class
+    num_samples: int
+    cfg_scale: float
+    source: str  # the official sampling script, with the lines each setting is read from
+    published: Mapping[str, float]
+    published_in: str
+    official_cfg: float | None = None
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    temperature: float = 1.0
+    weights_dtype: str = "bfloat16"
+    autocast_dtype: str | None = None
+    tf32: bool = True
+    image_size: int = 256
+    resize: int | None = None
+    uint8: str = "round"
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (``ccalign models --json``, run.json)."""
+        return {
+            **{key: getattr(self, key) for key in self.__dataclass_fields__},
+            "published": dict(self.published),
+            "settings": dict(self.settings),
+        }
+
+    def short(self) -> str:
+        """A few words for the ``ccalign models`` table."""
+        guidance = (f"cfg {self.cfg_scale:g}" if self.official_cfg is None
+                    else f"cfg {self.cfg_scale:g} ({self.official_cfg:g} official)")
+        filters = [f"top-k {self.top_k}"] * bool(self.top_k) + [f"top-p {self.top_p:g}"] * (
+            self.top_p < 1)
+        extra = [f"{k} {v:g}" for k, v in self.settings.items() if k != "official_cfg"]
+        size = f"{self.image_size}->{self.resize}" if self.resize else str(self.image_size)
+        fid = self.published.get("fid")
+        return ", ".join([
+            f"{self.num_samples // 1000}k {self.labels}", guidance, *filters, *extra, size,
+            _dtypes_words(self.weights_dtype, self.autocast_dtype),
+            *([f"FID {fid:g}"] if fid is not None else []),
+        ])
+
+
+def _dtypes_words(weights: str, autocast: str | None) -> str:
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    return short[weights] + (f"+{short[autocast]} autocast" if autocast else "")
+
+
+_LLAMAGEN_SAMPLER = (
+    "FoundationVision/LlamaGen@ce98ec41 autoregressive/sample/sample_c2i_ddp.py: labels randint "
+    ":130, 50000 :182, bf16 weights :63-71,168, top-k 0 / top-p 1 / T 1 :184-186, TF32 :4-5, "
+    "bicubic resize :141-142, uint8 :143; cfg per model GETTING_STARTED.md:45-53"
+)
+_LLAMAGEN_CFG = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}
+_LLAMAGEN_FID = {("B", 256): 5.46, ("B", 384): 6.09, ("L", 256): 3.80, ("L", 384): 3.07,
+                 ("XL", 384): 2.62, ("XXL", 384): 2.34, ("3B", 384): 2.18}
+_LLAMAGEN_FID_LINE = {("B", 256): 55, ("B", 384): 56, ("L", 256): 57, ("L", 384): 58,
+                      ("XL", 384): 59, ("XXL", 384): 60, ("3B", 384): 61}
+
+
+def _llamagen_protocol(size: str, px: int) -> SamplingProtocol:
+    """The base model's FID protocol: its README table, GETTING_STARTED's command of its size."""
+    return SamplingProtocol(
+        "random", 50_000, _LLAMAGEN_CFG[size], _LLAMAGEN_SAMPLER, {"fid": _LLAMAGEN_FID[size, px]},
+        f"FoundationVision/LlamaGen README.md:{_LLAMAGEN_FID_LINE[size, px]} (AR models, FID "
+        "256x256)", image_size=px, resize=256 if px != 256 else None,
+        note="" if px == 384 else "the repo has no command for the 256-px checkpoints: the cfg "
+        "of the 384-px command of the same size",
+    )
+
+
+_CCA_LLAMAGEN_FID = {"B": (7.04, 65), "L": (3.43, 66), "XL": (3.10, 67), "XXL": (3.12, 68),
+                     "3B": (2.69, 69)}
+
+
+def _cca_llamagen_protocol(size: str, px: int) -> SamplingProtocol:
+    fid, line = _CCA_LLAMAGEN_FID[size]
+    return SamplingProtocol(
+        "random", 50_000, 1.0,
+        "thu-ml/CCA@7d5a0730 LlamaGen_sample_ddp.py: labels randint :140, bf16 weights "
+        ":68,76,178, top-k 0 / top-p 1 / T 1 :194-196, TF32 :9-10, 384 -> 256 bicubic :151-152; "
+        "--cfg-scale=1.0 README.md:144",
+        {"fid": fid}, f"thu-ml/CCA README.md:{line} (FID w/o CFG)", image_size=px, resize=256,
+    )
+
+
+_GFT = {"L": (0.66, 2.52, 12, "LlamaGen/README.md:23"), "3B": (0.7, 2.21, 13, "sample.sh:1-5")}
+
+
+def _gft_protocols(size: str, px: int) -> dict[str, SamplingProtocol]:
+    """The GFT sampler's settings; "released-sampler" also takes its beta numerics (beta and its
+    sinusoid in the weights' bf16, the same beta on CFG's null rows), unlike its training's."""
+    beta, fid, line, command = _GFT[size]
+    paper = SamplingProtocol(
+        "random", 50_000, 1.0,
+        f"thu-ml/GFT@9bf5ee45 LlamaGen/LlamaGen_sample_ddp.py: labels randint :140, bf16 weights "
+        f":68,76,178, top-k 0 / top-p 1 / T 1 :194-196, TF32 :10-11, 384 -> 256 bicubic "
+        f":151-152; --cfg-scale=1.0 --beta={beta:g} {command}",
+        {"fid": fid}, f"thu-ml/GFT LlamaGen/README.md:{line} (FID w/o CFG)", image_size=px,
+        resize=256, settings={"gft_beta": beta},
+    )
+    released = dataclasses.replace(
+        paper, settings={"gft_beta": beta, "gft_numerics": "released"},
+        note="beta and its sinusoid computed in bf16, beta also on CFG's null rows "
+        "(GFT LlamaGen/autoregressive/models/gpt.py:286-291,409-413)",
+    )
+    return {PAPER: paper, RELEASED_SAMPLER: released}
+
 
 def _llamagen(
-    prefix: str, repo: str, pattern: str, sizes: list[tuple[str, int]], title: str = "LlamaGen GPT",
-    **options: Any,
+    prefix: str, repo: str, pattern: str, sizes: list[tuple[str, int]], protocols,
+    title: str = "LlamaGen GPT", **options: Any,
 ) -> list[Release]:
-    """Releases of LlamaGen GPTs: one per (size letter, image size), file from ``pattern``."""
+    """Releases of LlamaGen GPTs: one per (size letter, image size), file from ``pattern``;
+    ``protocols(size, px)`` gives their sampling protocols."""
+    def named(found):
+        return found if isinstance(found, dict) else {PAPER: found}
+
     return [
         Release(f"{prefix}-{size}-{px}", "llamagen", "model", title, repo,
                 pattern.format(size=size, px=px), f"GPT-{size}", px // 16, "llamagen-vq16",
-                options)
+                options, named(protocols(size, px)))
         for size, px in sizes
     ]
 
 
-def _var(prefix: str, repo: str, pattern: str, depths: list[int]) -> list[Release]:
+_VAR_SAMPLING = dict(top_k=900, top_p=0.96, weights_dtype="float32", autocast_dtype="float16",
+                     uint8="floor")
+_VAR_FID = {16: (3.55, 91), 20: (2.95, 92), 24: (2.33, 93), 30: (1.97, 94), 36: (2.63, 96)}
+
+
+def _var_protocol(depth: int) -> SamplingProtocol:
+    """VAR's README FID protocol: cfg 1.5 (its ramp), top-k 900 / top-p 0.96, 50 per class."""
+    fid, line = _VAR_FID[depth]
+    px = 512 if depth == 36 else 256
+    return SamplingProtocol(
+        "balanced", 50_000, 2.5,
+        "FoundationVision/VAR@78b95394 README.md:155-156 (cfg=1.5, top_p=0.96, top_k=900, 50 "
+        "per class), models/var.py:161,172-173 (the ramp); fp32 weights + fp16 autocast, TF32 "
+        "as demo_sample.ipynb:42,84,93; uint8 as thu-ml/CCA VAR_sample.py:93-94",
+        {"fid": fid}, f"FoundationVision/VAR README.md:{line} (VAR zoo, FID)", official_cfg=1.5,
+        image_size=px, settings={"official_cfg": 1.5}, **_VAR_SAMPLING,
+        note="no official FID script (README.md:159): the README's settings" + (
+            "; cfg 1.5 is stated for d16-d30 only" if depth == 36 else ""),
+    )
+
+
+_CCA_VAR_FID = {16: (4.03, 53), 20: (3.02, 54), 24: (2.63, 55), 30: (2.54, 56)}
+
+
+def _cca_var_protocol(depth: int) -> SamplingProtocol:
+    fid, line = _CCA_VAR_FID[depth]
+    return SamplingProtocol(
+        "balanced", 50_000, 1.0,
+        "thu-ml/CCA@7d5a0730 VAR_sample.py: 50 per class :83-86, permuted :109, top-k 900 / "
+        "top-p 0.96 :59,92, fp32 weights + fp16 autocast :39-43,89-90, TF32 :69-72, uint8 "
+        ":93-94; --cfg=0.0 README.md:140",
+        {"fid": fid}, f"thu-ml/CCA README.md:{line} (FID w/o CFG)", official_cfg=0.0,
+        **_VAR_SAMPLING,
+    )
+
+
+_DDO_FID = {16: (3.12, 60), 30: (1.79, 61)}
+
+
+def _ddo_var_protocol(depth: int) -> SamplingProtocol:
+    fid, line = _DDO_FID[depth]
+    return SamplingProtocol(
+        "balanced", 50_000, 1.0,
+        "NVlabs/DDO@d7b366bd VAR_sample.py: 50 per class :100-107, permuted :138, no top-k / "
+        "top-p without --trick :29,114-115, fp32 weights + fp16 autocast :51-61,108-109, TF32 "
+        ":88-91, uint8 :119-120",
+        {"fid": fid}, f"NVlabs/DDO README.md:{line} (FID w/o guidance)", official_cfg=1.0,
+        **{**_VAR_SAMPLING, "top_k": 0, "top_p": 1.0},
+        note="DDO's README calls its cfg 1.0 guidance-free (README.md:135-136), which VAR's "
+        "formula makes a ramp to 2.0; its paper calls w = 0 guidance-free: sampled here "
+        "guidance-free (check --var-cfg 1 too)",
+    )
+
+
+def _var(prefix: str, repo: str, pattern: str, depths: list[int], protocol) -> list[Release]:
     """Releases of 256-px VAR models (last scale 16x16), file from ``pattern``."""
     return [
         Release(f"{prefix}-d{depth}", "var", "model", "VAR", repo, pattern.format(depth=depth),
-                f"VAR-d{depth}", 16, "var-vae")
+                f"VAR-d{depth}", 16, "var-vae", protocols={PAPER: protocol(depth)})
         for depth in depths
     ]
 
@@ -79,35 +282,37 @@ def _var(prefix: str, repo: str, pattern: str, depths: list[int]) -> list[Releas
 _LLAMAGEN_SIZES = [("B", 256), ("B", 384), ("L", 256), ("L", 384), ("XL", 384), ("XXL", 384),
                    ("3B", 384)]
 _CCA_SIZES = [(size, 384) for size in ("B", "L", "XL", "XXL", "3B")]
-_GFT = "GFT LlamaGen GPT (beta embedding)"
+_GFT_TITLE = "GFT LlamaGen GPT (beta embedding)"
 
 _RELEASES: list[Release] = [
     # FoundationVision/LlamaGen README: c2i weights and the VQ tokenizers
-    *_llamagen("llamagen", "FoundationVision/LlamaGen", "c2i_{size}_{px}.pt", _LLAMAGEN_SIZES),
+    *_llamagen("llamagen", "FoundationVision/LlamaGen", "c2i_{size}_{px}.pt", _LLAMAGEN_SIZES,
+               _llamagen_protocol),
     Release("llamagen-vq16", "llamagen", "tokenizer", "LlamaGen VQ tokenizer",
             "FoundationVision/LlamaGen", "vq_ds16_c2i.pt", "VQ-16"),
     Release("llamagen-vq8", "llamagen", "tokenizer", "LlamaGen VQ tokenizer",
             "FoundationVision/LlamaGen", "vq_ds8_c2i.pt", "VQ-8"),
     # thu-ml/CCA README: guidance-free CCA fine-tunes (5000 steps)
     *_llamagen("cca-llamagen", "ChenDRAG/CCA_LlamaGen",
-               "CCA_LlamaGen_Guidance_Free/c2i_{size}_{px}_CCA_0005000.pt", _CCA_SIZES),
+               "CCA_LlamaGen_Guidance_Free/c2i_{size}_{px}_CCA_0005000.pt", _CCA_SIZES,
+               _cca_llamagen_protocol),
     *_var("cca-var", "ChenDRAG/CCA_VAR", "CCA_VAR_Guidance_Free/VAR_d{depth}_CCA.pth",
-          [16, 20, 24, 30]),
+          [16, 20, 24, 30], _cca_var_protocol),
     # FoundationVision/VAR README: the 256-px models, the 512-px d36 and the VQVAE (the README
     # trains d36 with shared AdaLN, "d36-s"; whether var_d36.pth is that model is unconfirmed)
-    *_var("var", "FoundationVision/var", "var_d{depth}.pth", [16, 20, 24, 30]),
+    *_var("var", "FoundationVision/var", "var_d{depth}.pth", [16, 20, 24, 30], _var_protocol),
     Release("var-d36", "var", "model", "VAR", "FoundationVision/var", "var_d36.pth", "VAR-d36",
-            32, "var-vae"),
+            32, "var-vae", protocols={PAPER: _var_protocol(36)}),
     Release("var-vae", "var", "tokenizer", "VAR multi-scale VQVAE", "FoundationVision/var",
             "vae_ch160v4096z32.pth"),
     # NVlabs/DDO README and VAR_sample.py: DDO fine-tunes of VAR
     *_var("ddo-var", "nvidia/DirectDiscriminativeOptimization", "var_d{depth}-ddo.pth",
-          [16, 30]),
+          [16, 30], _ddo_var_protocol),
     # thu-ml/GFT LlamaGen/README: guidance-free training of LlamaGen (a beta embedding added)
     *_llamagen("gft-llamagen", "ChenDRAG/LLamaGen_GF", "LlamaGenL_GF_scratch.pt", [("L", 384)],
-               _GFT, beta_embedding=True),
-    *_llamagen("gft-llamagen", "ChenDRAG/LLamaGen_GF", "LlamaGen3B_GF.pt", [("3B", 384)], _GFT,
-               beta_embedding=True),
+               _gft_protocols, _GFT_TITLE, beta_embedding=True),
+    *_llamagen("gft-llamagen", "ChenDRAG/LLamaGen_GF", "LlamaGen3B_GF.pt", [("3B", 384)],
+               _gft_protocols, _GFT_TITLE, beta_embedding=True),
 ]
 
 #: Every public checkpoint by name.

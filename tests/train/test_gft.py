@@ -443,3 +443,45 @@ def test_two_processes_match_one_process(tmp_path, parallel):
     multi = llamagen.load(tmp_path / "multi" / "final.safetensors").state_dict()
     assert multi["t_embedder.mlp.2.weight"].any()
     assert_same_run(single, multi)
+
+
+def released_sampler_embedding(t_embedder, beta: float, rows: int) -> torch.Tensor:
+    """GFT's released sampler transcribed (thu-ml/GFT LlamaGen/autoregressive/models/gpt.py
+    :286-291,409-411): beta a float, the embedding's dtype throughout, frequencies on the CPU."""
+    dtype = t_embedder.mlp[0].weight.dtype
+    betas = torch.ones(rows).to(dtype) * beta
+    t = betas * 1000
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(start=0, end=half, dtype=t.dtype) / half)
+    args = t[:, None] * freqs[None]
+    return t_embedder.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+def test_released_sampler_numerics_are_gfts_sampler_and_differ_from_training():
+    model = tiny(trained=True).to(torch.bfloat16)
+    labels = torch.tensor([0, NULL, 3])
+    for beta in (0.66, 0.7):
+        got = model.t_embedder.released(beta, 3)
+        assert torch.equal(got, released_sampler_embedding(model.t_embedder, beta, 3))
+    scaled = torch.ones(1).to(torch.bfloat16) * 0.66 * 1000
+    assert scaled.item() == 660.0  # bf16(0.66) = 0.66015625, times 1000 rounds to 660
+    with torch.no_grad():
+        model.setup_kv_cache(3, torch.bfloat16)
+        released = model.prefill(labels, 0.66, "released")
+        training = model.prefill(labels, 0.66)
+    assert not torch.equal(released[0], training[0])  # other numerics
+    assert not torch.equal(released[1], training[1])  # the null row: beta 0.66, not 1
+
+
+def test_cli_gft_numerics_released_is_recorded_and_needs_a_beta(tmp_path, capsys):
+    path = tmp_path / "gft.safetensors"
+    llamagen.save(tiny(trained=True), path)
+    common = ["--device", "cpu", "--quiet", "--classes", "0-2", "--weights-dtype", "bfloat16"]
+    assert main(["sample", str(path), "--out", str(tmp_path / "r"), *common, "--gft-beta",
+                 "0.66", "--gft-numerics", "released"]) == 0
+    recorded = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert recorded["sampling"]["gft_numerics"] == "released"
+    assert main(["sample", str(path), "--out", str(tmp_path / "x"), *common, "--gft-numerics",
+                 "released"]) == 1
+    assert "--gft-numerics: sets how GFT's beta is computed; give --gft-beta too" in \
+        capsys.readouterr().err

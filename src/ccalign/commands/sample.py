@@ -17,7 +17,15 @@ from ccalign.errors import shorten
 HELP = "sample images from a checkpoint (tokens, PNGs, ADM .npz); resumable, multi-GPU via torchrun"
 
 
+#: the weights and autocast dtypes ``ccalign sample`` takes, by name
+DTYPES = ("float32", "bfloat16", "float16")
+#: what a protocol-governed flag means when neither the command line nor a protocol sets it
+DEFAULTS = {"labels": "balanced", "cfg_scale": 1.0, "top_k": 0, "top_p": 1.0,
+            "weights_dtype": None, "autocast": "off", "tf32": None, "uint8": "round"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ccalign import hub
     from ccalign.devices import device_flag
     from ccalign.io import output_folder
     from ccalign.sample.runner import MAX_SAMPLES
@@ -50,10 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--labels",
         choices=("balanced", "random"),
-        default="balanced",
         help="balanced (default): equal counts per class; random: each label uniform over the "
         "classes, drawn from --seed, as LlamaGen's sample_c2i_ddp (the paper's FIDs); needs "
         "--num-samples",
+    )
+    what.add_argument(
+        "--protocol",
+        choices=hub.PROTOCOL_NAMES,
+        help="sample as the release's published numbers were (registry names only; `ccalign "
+        "models --json` shows each): labels, count, guidance, filters, dtypes, TF32, sizes; a "
+        "flag given explicitly overrides the protocol, and run.json records both",
     )
     how = parser.add_argument_group("sampling")
     how.add_argument(
@@ -66,13 +80,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--cfg-scale",
         type=number(float, ge=0, le=1000),
-        default=1.0,
         help="logits = uncond + scale * (cond - uncond): 1.0 = guidance-free (default), > 1 "
         "guides, 0 = the unconditional model, between 0 and 1 interpolates (LlamaGen's sampler "
         "treats any scale <= 1 as guidance-free); at most 1000",
     )
-    how.add_argument("--top-k", type=number(int, ge=0, le=2**24), default=0, help="0 = off")
-    how.add_argument("--top-p", type=number(float, gt=0, le=1), default=1.0, help="1.0 = off")
+    how.add_argument("--top-k", type=number(int, ge=0, le=2**24), help="0 = off (default)")
+    how.add_argument("--top-p", type=number(float, gt=0, le=1), help="1.0 = off (default)")
+    numerics = parser.add_argument_group("numerics")
+    numerics.add_argument(
+        "--weights-dtype", choices=tuple(DTYPES),
+        help="the model's weights while sampling (default: bfloat16 on CUDA, the checkpoint's "
+        "on the CPU)",
+    )
+    numerics.add_argument(
+        "--autocast", choices=("off", *DTYPES),
+        help="autocast the forward to this dtype (VAR's official samplers: float16 over float32 "
+        "weights); default off",
+    )
+    numerics.add_argument(
+        "--tf32", choices=("on", "off"),
+        help="TF32 matrix products and convolutions on CUDA (the official samplers turn it on); "
+        "default: PyTorch's setting",
+    )
+    numerics.add_argument(
+        "--uint8", choices=("round", "floor"),
+        help="decoded images to 8 bits: round (default; LlamaGen's 127.5 x + 128) or floor "
+        "(VAR's samplers: 255 (x + 1) / 2 truncated)",
+    )
     images = parser.add_argument_group("images")
     images.add_argument(
         "--tokenizer",
@@ -241,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
     options = family_model_options(args)
     _, family, _ = model_spec(args, options)
     check_family_options(family, args)
+    protocol = apply_protocol(args, family)
+    fill_defaults(args)
     sampling = family.sampling_settings(args)
     family.check_sampling(None, sampling)
     with _distributed(args.device) as (rank, world_size, device, barrier):
@@ -248,7 +284,9 @@ def run(args: argparse.Namespace) -> int:
         family.check_sampling(model, sampling)
         if isinstance(tokenizer, torch.nn.Module):
             tokenizer.to(device).eval()
-        sampler = family.sampler(model, device=device, inplace=True, **family.sampler_options(args))
+        set_tf32(args.tf32, device)
+        sampler = family.sampler(model, device=device, inplace=True, **numerics_options(args),
+                                 **family.sampler_options(args))
         labels = plan_labels(
             model.num_classes,
             classes=classes,
@@ -264,6 +302,9 @@ def run(args: argparse.Namespace) -> int:
             sampling=sampling,
             resize=args.resize,
             decode=tokenizer is not None,
+            uint8=args.uint8,
+            numerics={"autocast": args.autocast, "tf32": args.tf32},
+            protocol=protocol,
         )
         with torch.no_grad():
             outputs = run_sampling(
@@ -284,6 +325,94 @@ def run(args: argparse.Namespace) -> int:
             if path is not None:
                 print(f"{name}: {path}")
     return 0
+
+
+def apply_protocol(args: argparse.Namespace, family) -> dict | None:
+    """Fill the flags that ``--protocol`` governs and the command line left unset; the record of
+    the protocol and of every flag that overrides it (for run.json), or None without one."""
+    from ccalign import hub
+
+    if args.protocol is None:
+        return None
+    release = hub.find(args.checkpoint)
+    if release is None:
+        raise ValueError(
+            f"--protocol {args.protocol}: {args.checkpoint} is not a registry name; protocols "
+            "belong to the releases (`ccalign models` lists them)"
+        )
+    protocol = release.find_protocol(args.protocol)
+    own = {o.dest: o for o in family.sampling_options}
+    flags = protocol_flags(protocol, family)
+    overrides = {}
+    guidance = next((d for d, o in own.items() if family.own_guidance is not None
+                     and o.setting == family.own_guidance.setting and d in flags), None)
+    if guidance is not None and args.cfg_scale is not None and not own[guidance].given(args):
+        overrides[guidance] = {"protocol": flags.pop(guidance), "given": "--cfg-scale"}
+    counted = args.per_class is not None or (args.classes is not None and args.num_samples is None)
+    if counted and args.labels is None and flags["labels"] == "random":  # no total to draw
+        overrides["labels"] = {"protocol": flags.pop("labels"), "given": "--classes / --per-class"}
+    for dest, value in flags.items():
+        given = own[dest].given(args) if dest in own else getattr(args, dest) is not None
+        if not given:
+            setattr(args, dest, value)
+        elif getattr(args, dest) != value:
+            overrides[dest] = {"protocol": value, "given": getattr(args, dest)}
+    if args.classes is not None or args.per_class is not None:
+        overrides["num_samples"] = {"protocol": protocol.num_samples,
+                                    "given": "--classes / --per-class"}
+    elif args.num_samples is None:
+        args.num_samples = protocol.num_samples
+    elif args.num_samples != protocol.num_samples:
+        overrides["num_samples"] = {"protocol": protocol.num_samples, "given": args.num_samples}
+    return {"name": args.protocol, "release": release.name, "values": protocol.to_dict(),
+            "overrides": overrides}
+
+
+def protocol_flags(protocol, family) -> dict:
+    """Flag destination -> the protocol's value. A family's own guidance setting (VAR's ramp)
+    stands for the guidance in place of --cfg-scale."""
+    flags = {
+        "labels": protocol.labels, "top_k": protocol.top_k, "top_p": protocol.top_p,
+        "weights_dtype": protocol.weights_dtype, "autocast": protocol.autocast_dtype or "off",
+        "tf32": "on" if protocol.tf32 else "off", "uint8": protocol.uint8,
+    }
+    if protocol.resize is not None:
+        flags["resize"] = protocol.resize
+    own = family.own_guidance
+    if own is None or own.setting not in protocol.settings:
+        flags["cfg_scale"] = protocol.cfg_scale
+    for option in family.sampling_options:
+        if option.setting == "temperature":
+            flags[option.dest] = protocol.temperature
+        elif option.setting in protocol.settings:
+            flags[option.dest] = protocol.settings[option.setting]
+    return flags
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The built-in value of every protocol-governed flag still unset."""
+    for dest, value in DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
+def numerics_options(args: argparse.Namespace) -> dict:
+    """The sampler's ``dtype`` and ``autocast`` from --weights-dtype and --autocast."""
+    import torch
+
+    def dtype(name: str | None):
+        return None if name in (None, "off") else getattr(torch, name)
+
+    return {"dtype": dtype(args.weights_dtype), "autocast": dtype(args.autocast)}
+
+
+def set_tf32(tf32: str | None, device) -> None:
+    """--tf32 on / off for CUDA matrix products and convolutions (nothing to set on the CPU)."""
+    import torch
+
+    if tf32 is None or device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32 == "on"
 
 
 @contextmanager

@@ -90,6 +90,7 @@ class Sampler:
     as the rotary table stay float32). ``cuda_graph`` (default: on for CUDA) captures each
     decode step; ``compile`` runs it through ``torch.compile`` first (slower start, fused
     kernels); ``eager=True`` turns both off (one-off calls, batches of changing size).
+    ``autocast`` (a dtype) runs the forward under autocast over the ``dtype`` weights.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class Sampler:
         compile: bool = False,
         inplace: bool = False,
         eager: bool = False,
+        autocast: torch.dtype | None = None,
     ):
         ref = next(model.parameters())
         self.device = resolve_device(device or ref.device)
@@ -113,6 +115,7 @@ class Sampler:
             raise ValueError("eager=True runs the decode step as it is: drop cuda_graph/compile")
         self.cuda_graph = (on_cuda and not eager) if cuda_graph is None else cuda_graph
         self.compile = compile
+        self.autocast = autocast
         self.model = _model_for_sampling(model, self.device, self.dtype, inplace)
         self.setup_seconds = 0.0
         self._cache_rows = 0
@@ -133,6 +136,7 @@ class Sampler:
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         gft_beta: float | None = None,
+        gft_numerics: str = "training",
     ) -> Tensor:
         """Sample one image's tokens per label: (B, N) int64 on the sampler's device.
 
@@ -146,18 +150,22 @@ class Sampler:
 
         ``gft_beta`` (models trained with GFT only): the beta input of the class token, 1 / s for
         a CFG-like scale s (the released GFT models: 0.66 for L, 0.7 for 3B), in one pass per
-        token; 1.0 is the plain conditional model. Null-class rows get beta 1, as in training.
+        token; 1.0 is the plain conditional model. Null-class rows get beta 1, as in training;
+        ``gft_numerics="released"`` computes beta as GFT's released sampler does instead.
         """
         check_sampling_args(temperature, top_k, top_p)
         check_gft_beta(gft_beta, self.model)
         labels = self._check_labels(labels)
         check_generator(generator, self.device)
         scales = guidance_scales(cfg_scale, self.seq_len, cfg_interval)
-        with torch.inference_mode():  # the leanest per-op path; the cache stays inside it
-            tokens = self._sample(labels, scales, temperature, top_k, top_p, generator, gft_beta)
+        with torch.inference_mode(), torch.autocast(  # the leanest per-op path
+            self.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
+        ):
+            tokens = self._sample(labels, scales, temperature, top_k, top_p, generator,
+                                  (gft_beta, gft_numerics))
         return tokens.clone()  # a normal tensor: usable later in autograd (e.g. scoring)
 
-    def _sample(self, labels, scales, temperature, top_k, top_p, generator, gft_beta) -> Tensor:
+    def _sample(self, labels, scales, temperature, top_k, top_p, generator, beta) -> Tensor:
         batch, n = labels.shape[0], self.seq_len
         last_guided = last_guided_token(scales)
         self._ensure_cache(2 * batch if last_guided >= 0 else batch)
@@ -173,10 +181,10 @@ class Sampler:
 
         with eval_mode(self.model):
             prefill_labels = self._prefill_labels(labels, last_guided >= 0)
-            if gft_beta is None:  # models without GFT take the labels alone
+            if beta[0] is None:  # models without GFT take the labels alone
                 logits = self.model.prefill(prefill_labels)
             else:
-                logits = self.model.prefill(prefill_labels, gft_beta)
+                logits = self.model.prefill(prefill_labels, *beta)
             for t in range(n):
                 out[:, t] = pick(logits, t)
                 if t + 1 < n:

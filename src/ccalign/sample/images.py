@@ -35,9 +35,23 @@ def check_tokenizer(tokenizer: ImageTokenizer, seq_len: int, vocab_size: int) ->
         )
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """Images (B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, LlamaGen/ADM's rounding."""
-    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+#: how decoded images become 8 bits (the official samplers differ)
+UINT8_ROUNDING = ("round", "floor")
+
+
+def to_uint8(images: Tensor, rounding: str = "round") -> Tensor:
+    """Images (B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8.
+
+    "round": LlamaGen's samplers, clamp(127.5 x + 128) truncated (x to the nearest level);
+    "floor": VAR's samplers, 255 (clamp(x) + 1) / 2 truncated."""
+    x = images.float()
+    if rounding == "floor":
+        x = (x.clamp(-1.0, 1.0) + 1.0) * 0.5 * 255.0
+    elif rounding == "round":
+        x = torch.clamp(127.5 * x + 128.0, 0, 255)
+    else:
+        raise ValueError(f"rounding {rounding!r}: choose one of {', '.join(UINT8_ROUNDING)}")
+    return x.permute(0, 2, 3, 1).to(torch.uint8)
 
 
 def decode_tokens(
@@ -46,8 +60,10 @@ def decode_tokens(
     *,
     size: int | None = None,
     batch_size: int = 64,
+    rounding: str = "round",
 ) -> np.ndarray:
-    """Tokens (B, N) -> uint8 images (B, H, W, C); ``size`` resizes bicubically (384 -> 256)."""
+    """Tokens (B, N) -> uint8 images (B, H, W, C); ``size`` resizes bicubically (384 -> 256);
+    ``rounding`` as :func:`to_uint8`."""
     device = _tokenizer_device(tokenizer)
     pieces = []
     with torch.no_grad():
@@ -55,7 +71,7 @@ def decode_tokens(
             images = tokenizer.decode(tokens[start : start + batch_size].to(device)).float()
             if size is not None and images.shape[-1] != size:
                 images = F.interpolate(images, size=(size, size), mode="bicubic")
-            pieces.append(to_uint8(images).cpu().numpy())
+            pieces.append(to_uint8(images, rounding).cpu().numpy())
     return np.concatenate(pieces)
 
 

@@ -28,7 +28,7 @@ from ccalign.io import (
     read_json_record,
 )
 from ccalign.models.family import Sampler
-from ccalign.sample.images import check_tokenizer, decode_tokens, to_pil
+from ccalign.sample.images import UINT8_ROUNDING, check_tokenizer, decode_tokens, to_pil
 from ccalign.tokenizers.base import ImageTokenizer
 
 MANIFEST = OUTPUT_KINDS["sampling run"][0]
@@ -132,9 +132,19 @@ class RunConfig:
     sampling: dict = field(default_factory=dict)
     resize: int | None = None
     decode: bool = False
+    uint8: str = "round"  # decoded images to 8 bits: "round" or "floor" (see to_uint8)
+    numerics: dict = field(default_factory=dict)  # autocast, TF32: recorded, applied by the caller
+    protocol: dict | None = None  # the --protocol applied and its overrides
 
     def fingerprint(self) -> dict:
+        """What run.json records; settings at their defaults are left out, so folders of runs
+        made before a setting existed still resume."""
         digest = hashlib.sha256(json.dumps(self.labels).encode()).hexdigest()
+        extra = {
+            "uint8": self.uint8 if self.uint8 != "round" else None,
+            "numerics": {k: v for k, v in self.numerics.items() if v not in (None, "off")} or None,
+            "protocol": self.protocol,
+        }
         return {
             "num_samples": len(self.labels),
             "labels_sha256": digest,
@@ -143,12 +153,15 @@ class RunConfig:
             "sampling": json.loads(json.dumps(self.sampling, default=repr)),
             "resize": self.resize,
             "decode": self.decode,
+            **{key: value for key, value in extra.items() if value is not None},
         }
 
     def check(self) -> None:
         """Raise on settings no run can use (before any model work)."""
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.uint8 not in UINT8_ROUNDING:
+            raise ValueError(f"uint8 {self.uint8!r}: choose one of {', '.join(UINT8_ROUNDING)}")
         if self.resize is not None and self.resize < 1:
             raise ValueError(
                 f"resize must be >= 1 pixel (or None for the decoded size), got {self.resize}"
@@ -297,7 +310,7 @@ def _sample_shard(sampler, config, out, shard, tokenizer, write_png) -> None:
     tokens = sampler.generate(labels, generator=generator, **config.sampling)
     arrays = {"tokens": tokens.cpu().numpy(), "labels": np.asarray(labels, dtype=np.int64)}
     if tokenizer is not None:
-        images = decode_tokens(tokenizer, tokens, size=config.resize)
+        images = decode_tokens(tokenizer, tokens, size=config.resize, rounding=config.uint8)
         arrays["images"] = images
         if write_png:
             first = shard * config.batch_size

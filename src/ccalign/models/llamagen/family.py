@@ -78,6 +78,14 @@ class LlamaGenFamily(BaseFamily):
                  "plain conditional"),
             "gft_beta",
         ),
+        SamplingOption(
+            ("--gft-numerics",),
+            dict(choices=("training", "released"),
+                 help="GFT checkpoints only: 'released' computes beta as GFT's released sampler "
+                 "(beta and its sinusoid in the weights' bf16, the same beta on CFG's null rows); "
+                 "default: as GFT trains (float32, null rows beta 1)"),
+            "gft_numerics",
+        ),
         SamplingOption(("--compile",), dict(action="store_true",
                                             help="torch.compile the decode step")),
         SamplingOption(("--no-cuda-graph",), dict(action="store_true",
@@ -176,6 +184,8 @@ class LlamaGenFamily(BaseFamily):
 
         check_sampling_args(settings.get("temperature", 1.0), settings["top_k"], settings["top_p"])
         check_gft_beta(settings.get("gft_beta"), model)
+        if "gft_numerics" in settings and settings.get("gft_beta") is None:
+            raise ValueError("--gft-numerics: sets how GFT's beta is computed; give --gft-beta too")
 
     # ---- memory ----
     def activations(

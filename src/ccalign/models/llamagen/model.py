@@ -310,6 +310,18 @@ class BetaEmbedding(nn.Module):
         features = sinusoidal_features(BETA_SCALE * beta)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
+    def released(self, beta: float, rows: int) -> Tensor:
+        """(rows, D) embeddings of one ``beta`` as GFT's released sampler computes them: beta,
+        1000 beta and the sinusoid all in the weights' dtype (bf16 there), the frequencies made
+        on the CPU (thu-ml/GFT LlamaGen/autoregressive/models/gpt.py:286-291,409-411)."""
+        weight = self.mlp[0].weight
+        dtype, device = weight.dtype, weight.device
+        scaled = torch.ones(rows, dtype=dtype, device=device) * beta * BETA_SCALE
+        half = BETA_FEATURES // 2
+        exponent = -math.log(BETA_MAX_PERIOD) * torch.arange(half, dtype=dtype) / half
+        args = scaled[:, None] * torch.exp(exponent).to(device)[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
 
 class LlamaGen(ConfigSizes, nn.Module):
     """Class-conditional next-token image model; ``forward`` returns sequence log-likelihoods."""
@@ -349,8 +361,11 @@ class LlamaGen(ConfigSizes, nn.Module):
             self.t_embedder.reset_parameters(self.config.init_std)
 
     # ---- teacher-forced path ----
-    def _class_token(self, labels: Tensor, beta: Beta) -> Tensor:
-        """Class embeddings (B, D), plus the beta embedding when ``beta`` is given (GFT)."""
+    def _class_token(self, labels: Tensor, beta: Beta, beta_numerics: str = "training") -> Tensor:
+        """Class embeddings (B, D), plus the beta embedding when ``beta`` is given (GFT).
+
+        ``beta_numerics`` "released": GFT's released sampler's (see ``BetaEmbedding.released``;
+        null-class rows get the same beta there, not 1)."""
         cls = self.cls_embedding(labels)
         if beta is None:
             return cls
@@ -359,6 +374,10 @@ class LlamaGen(ConfigSizes, nn.Module):
                 "beta was given but this model has no beta embedding (it is not a GFT model): "
                 "pass beta=None, or build/load it with beta_embedding=True"
             )
+        if beta_numerics == "released":
+            return cls + self.t_embedder.released(float(beta), labels.shape[0]).to(cls.dtype)
+        if beta_numerics != "training":
+            raise ValueError(f"beta numerics {beta_numerics!r}: 'training' or 'released'")
         beta = _beta_rows(beta, labels, self.null_class)
         return cls + self.t_embedder(beta).to(cls.dtype)
 
@@ -486,9 +505,9 @@ class LlamaGen(ConfigSizes, nn.Module):
             h = layer(h, rope, positions, mask)
         return self.output(self.norm(h)).float()
 
-    def prefill(self, labels: Tensor, beta: Beta = None) -> Tensor:
+    def prefill(self, labels: Tensor, beta: Beta = None, beta_numerics: str = "training") -> Tensor:
         """Feed the class token at position 0; returns logits (B, V) for image token 0."""
-        x = self._class_token(labels, beta)[:, None, :]
+        x = self._class_token(labels, beta, beta_numerics)[:, None, :]
         positions = torch.zeros(1, dtype=torch.long, device=labels.device)
         return self.forward_cached(x, positions)[:, -1]
 

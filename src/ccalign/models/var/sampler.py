@@ -195,7 +195,9 @@ class VarSampler:
     bf16 on CUDA), its quantiser kept in float32. ``inplace=True`` converts the model itself
     (saves memory). VAR's sampler is always eager (``eager`` is accepted for the common
     interface). With ``retokenize`` (a VQVAE), each sample is decoded to 8-bit pixels and
-    re-encoded (:func:`retokenize`), as NVlabs/DDO's VAR code trains on images it saved."""
+    re-encoded (:func:`retokenize`), as NVlabs/DDO's VAR code trains on images it saved.
+    ``autocast`` (a dtype) runs the whole sampler under autocast, quantiser steps included, as
+    the official VAR samplers run theirs (float16 over float32 weights)."""
 
     def __init__(
         self,
@@ -206,6 +208,7 @@ class VarSampler:
         inplace: bool = False,
         eager: bool = False,
         retokenize: VarVQ | None = None,
+        autocast: torch.dtype | None = None,
     ):
         ref = model.head.weight
         self.device = resolve_device(device or ref.device)
@@ -217,6 +220,7 @@ class VarSampler:
             model.quantizer.float().load_state_dict(quantizer)
         self.model = model.requires_grad_(False)
         self.vae = None if retokenize is None else retokenize.to(self.device, torch.float32)
+        self.autocast = autocast
 
     @property
     def seq_len(self) -> int:
@@ -228,7 +232,7 @@ class VarSampler:
         """(B, L) codes; ``settings`` as :func:`generate` takes them (VAR has no temperature).
 
         Runs outside any autocast (a trainer's, for DDO's online negatives): the quantiser
-        steps stay float32.
+        steps stay float32, unless the sampler was made with ``autocast``.
         """
         if temperature != 1.0:
             raise ValueError(
@@ -236,7 +240,8 @@ class VarSampler:
                 "only): leave it at 1 (method.negatives_temperature for DDO's negatives)"
             )
         labels = torch.as_tensor(labels).to(self.device)
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
             if self.vae is None:
                 return generate(self.model, labels, **settings)
             _, f_hat = generate(self.model, labels, return_fhat=True, **settings)
