@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: CUDA tests, CCA train-step and sampling benchmarks for GPT-B and GPT-L (eager,
+# The GPU check: CUDA tests, `ccalign reproduce` on tiny releases, CCA train-step and sampling benchmarks for GPT-B and GPT-L (eager,
 # CUDA graph, compile), the GPT-3B memory plan and a real 3B CCA step (random weights, bf16
 # weights, activation checkpointing); one JSON and one markdown table in OUT.
 #
@@ -93,6 +93,10 @@ json.dump({"machine": machine, "device": dev, "python": sys.version.split()[0]},
 EOF
 stage cuda_tests 150 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
     --junitxml "$OUT/cuda_tests.xml"
+# ccalign reproduce end to end on tiny random releases, with each family's protocol dtypes on
+# CUDA (bf16 weights for LlamaGen, float16 autocast over float32 weights for VAR)
+stage reproduce_tiny 90 "$PY" -m pytest -q -m cuda tests/commands/test_reproduce.py \
+    -p no:cacheprovider --junitxml "$OUT/reproduce_tiny.xml"
 stage train_GPT-L_mb8 90 "$PY" benchmarks/train_step.py "${TRAIN_L[@]}" --device $DEV \
     --json "$OUT/train_GPT-L_mb8.json"
 stage sample_GPT-L_eager 90 "$PY" benchmarks/sample.py "${SAMPLE_L[@]}" --device $DEV \

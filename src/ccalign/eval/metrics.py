@@ -132,14 +132,17 @@ def precision_recall(
     device: str | torch.device | None = None,
     block_size: int = 1024,
     real_radii: torch.Tensor | None = None,
-) -> tuple[float, float]:
+    masks: bool = False,
+) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
     """Improved precision and recall (Kynkaanniemi et al.), as the ADM evaluator computes them.
 
     Each set's manifold is the union of balls around its points with radius the distance to the
     k-th nearest other point. Precision: fraction of fake points inside the real manifold.
     Recall: fraction of real points inside the fake manifold. Distances in float64, in blocks.
     ``real_radii`` (from ``manifold_radii`` of the same real set and k) skips recomputing the
-    real manifold when one reference serves many sample sets.
+    real manifold when one reference serves many sample sets. ``masks=True`` returns the two
+    boolean masks instead (each fake point in the real manifold, each real point in the fake
+    one), whose means are precision and recall.
     """
     real = _features_tensor(real_features, "real_features", device)
     fake = _features_tensor(fake_features, "fake_features", real.device)
@@ -154,9 +157,11 @@ def precision_recall(
         )
     real_radii = real_radii.to(real.device, torch.float64)
     fake_radii = manifold_radii(fake, k, block_size)
-    precision = _inside_manifold(fake, real, real_radii, block_size).double().mean()
-    recall = _inside_manifold(real, fake, fake_radii, block_size).double().mean()
-    return float(precision), float(recall)
+    fake_in_real = _inside_manifold(fake, real, real_radii, block_size)
+    real_in_fake = _inside_manifold(real, fake, fake_radii, block_size)
+    if masks:
+        return fake_in_real.cpu().numpy(), real_in_fake.cpu().numpy()
+    return float(fake_in_real.double().mean()), float(real_in_fake.double().mean())
 
 
 def _features_tensor(
