@@ -20,6 +20,7 @@ from ccalign.models import llamagen
 from ccalign.sample import generate
 from ccalign.train import TrainConfig, load_config, run_training
 from ccalign.train.ddo import (
+    Precision,
     FileNegatives,
     OnlineNegatives,
     negative_seed,
@@ -33,6 +34,8 @@ from support.numerics import assert_same_run
 from support.processes import Killed, become_rank, free_port, kill_after
 
 GRID, VOCAB, CLASSES = 3, 16, 4
+
+FP32 = Precision(torch.float32, None)  # how the CPU tests score the reference
 
 
 def tiny_model(seed: int = 0, dropout: float = 0.0) -> llamagen.LlamaGen:
@@ -230,7 +233,7 @@ def test_online_negatives_are_keyed_samples_of_the_reference_and_leave_it_untouc
     reference = tiny_model(seed=5, dropout=0.1).train()
     reference.requires_grad_(False)
     labels, rows = torch.tensor([2, 0, 3]), torch.tensor([8, 9, 11])
-    source = OnlineNegatives(seed=7, round_index=2, sampling={"temperature": 1.0})
+    source = OnlineNegatives(seed=7, round_index=2, sampling={"temperature": 1.0}, precision=FP32)
     rng = torch.get_rng_state()
     first = source.draw(reference, labels, rows)
     assert torch.equal(torch.get_rng_state(), rng)  # the dropout stream is not consumed
@@ -238,7 +241,7 @@ def test_online_negatives_are_keyed_samples_of_the_reference_and_leave_it_untouc
     assert torch.equal(first, source.draw(reference, labels, rows))
     key = torch.Generator().manual_seed(negative_seed(7, 2, 8))
     assert torch.equal(first, generate(reference, labels, generator=key))
-    other_round = OnlineNegatives(seed=7, round_index=3, sampling={})
+    other_round = OnlineNegatives(seed=7, round_index=3, sampling={}, precision=FP32)
     assert not torch.equal(first, other_round.draw(reference, labels, rows))
     assert source.draw(reference, labels[:0], rows[:0]).shape == (0, GRID * GRID)
 
@@ -437,3 +440,24 @@ def test_two_processes_draw_the_same_negatives_and_updates(tmp_path, parallel, s
                 for run in ("single", "multi")
             )
             assert torch.equal(x.tokens, y.tokens) and torch.equal(x.rows, y.rows)
+
+
+def test_negatives_are_sampled_at_the_precision_the_loss_scores_them_with(tmp_path):
+    """bf16 autocast scoring: the negatives' forward runs under bf16 autocast over the
+    reference's own float32 weights (no bf16 copy), and the file's manifest says so."""
+    reference = tiny_model(seed=5).eval().requires_grad_(False)
+    seen = []
+    reference.output.register_forward_hook(lambda m, i, o: seen.append((o.dtype, m.weight.dtype)))
+    source = OnlineNegatives(seed=7, round_index=2, sampling={},
+                             precision=Precision(torch.float32, torch.bfloat16))
+    source.draw(reference, torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}
+    assert Precision(torch.float32, torch.bfloat16).record() == "torch.float32 autocast " \
+        "torch.bfloat16"
+    assert FP32.record() is None  # the CPU default: earlier negatives files stay valid
+    init, codes = write_files(tmp_path)
+    config = ddo_config(tmp_path / "run", init, codes)
+    config.train.precision = "bf16"
+    run_training(config)
+    meta = FileNegatives(tmp_path / "run" / "negatives.safetensors").meta
+    assert json.loads(meta["manifest"])["precision"] == "torch.float32 autocast torch.bfloat16"

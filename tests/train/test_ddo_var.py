@@ -17,13 +17,21 @@ from ccalign.models.var import sampler as var_sampler
 from ccalign.models.var.sampler import VarSampler, retokenize
 from ccalign.tokenizers import var_vq
 from ccalign.train import TrainConfig, load_config, run_training
-from ccalign.train.ddo import FileNegatives, OnlineNegatives, negative_seed, step_rows
+from ccalign.train.ddo import (
+    FileNegatives,
+    OnlineNegatives,
+    Precision,
+    negative_seed,
+    step_rows,
+)
 from ccalign.train.distributed import BatchPlan
 from ccalign.train.state import list_checkpoints
 from support import REPO
 from support.processes import Killed, kill_after
 from support.tiny import write_files as write_llamagen_files
 from support.tiny_var import SEQ, tiny_pair, write_var_files
+
+FP32 = Precision(torch.float32, None)  # how the CPU tests score the reference
 
 
 def ddo_var_config(out: Path, files: dict, *, vae: bool = False, **method) -> TrainConfig:
@@ -110,7 +118,8 @@ def test_online_var_negatives_are_keyed_samples_and_leave_the_reference_untouche
     reference, _ = tiny_pair(seed=5)
     reference.train().requires_grad_(False)
     labels, rows = torch.tensor([2, 0, 4]), torch.tensor([8, 9, 11])
-    source = OnlineNegatives(seed=7, round_index=2, sampling={"temperature": 1.0, "top_k": 0})
+    source = OnlineNegatives(seed=7, round_index=2, sampling={"temperature": 1.0, "top_k": 0},
+                             precision=FP32)
     rng = torch.get_rng_state()
     first = source.draw(reference, labels, rows)
     assert torch.equal(torch.get_rng_state(), rng)  # the dropout stream is not consumed
@@ -118,7 +127,8 @@ def test_online_var_negatives_are_keyed_samples_and_leave_the_reference_untouche
     assert torch.equal(first, source.draw(reference, labels, rows))
     key = torch.Generator().manual_seed(negative_seed(7, 2, 8))
     assert torch.equal(first, generate(reference, labels, generator=key))
-    filtered = OnlineNegatives(seed=7, round_index=2, sampling={"top_k": 3, "top_p": 0.9})
+    filtered = OnlineNegatives(seed=7, round_index=2, sampling={"top_k": 3, "top_p": 0.9},
+                               precision=FP32)
     key = torch.Generator().manual_seed(negative_seed(7, 2, 8))
     expected = generate(reference, labels, top_k=3, top_p=0.9, generator=key)
     assert torch.equal(filtered.draw(reference, labels, rows), expected)

@@ -135,10 +135,11 @@ class MethodSection:
     # index of the first of them: keys its negatives and its data order
     round: int = ranged(1, ge=1, le=1_000_000)
     # "file" (default): before training, sample every negative the round will use into
-    # <out>/negatives.safetensors, in large batches with the sampler in inference mode (bf16 on
-    # CUDA), resumable and shared by all processes; "online": sample each micro-batch's
-    # negatives inside the training step (small batches, the sampler's weights copied per
-    # process). Both draw from the same distribution; the file is the cheaper.
+    # <out>/negatives.safetensors, in large batches with the sampler in inference mode,
+    # resumable and shared by all processes; "online": sample each micro-batch's negatives
+    # inside the training step (small batches). Both draw from the same distribution, at the
+    # precision the loss scores them with (reference dtype, trainer autocast); the file is the
+    # cheaper.
     negatives: str = "file"
     # rows per sampling call (file mode), part of the random key
     negatives_batch: int = ranged(256, ge=1, le=2**20)

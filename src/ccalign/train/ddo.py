@@ -7,14 +7,15 @@ drawn guidance-free from the reference with the KV-cache sampler, in one of two 
 - ``file`` (the default): before the round trains, every negative it will use is sampled into
   ``<out>/negatives.safetensors``: the trainer's data order, batch plan and null-row draws are
   replayed to know each step's conditional rows and their labels. Sampling runs in inference
-  mode in large batches (bf16 on CUDA), each process takes every world-th step, each finished
+  mode in large batches, each process takes every world-th step, each finished
   step is one file under ``<out>/negatives/`` (a killed round resumes its sampling), and the
   training steps only look samples up. The result is a ccalign flat code file (``codes``,
   ``labels``) that ``open_codes`` reads, plus ``rows``: the global row each sample belongs to.
 - ``online``: each micro-batch samples its own negatives inside the training step.
 
-Both draw exact samples of the same reference (temperature 1, no top-k / top-p unless set), so
-the loss has the same distribution; the file is the default because it is far cheaper: sampling
+Both draw exact samples of the same reference (temperature 1, no top-k / top-p unless set), at
+the precision the loss scores them with (the reference's weights dtype, ``train.reference_dtype``,
+and the trainer's autocast), so the loss has the same distribution; the file is the default because it is far cheaper: sampling
 is latency-bound at a micro-batch's few rows, and online it repeats for every micro-step, while
 the file samples hundreds of rows per call once per round. The random key of a negative is
 (train.seed, round, step, chunk of ``negatives_batch`` rows) for the file and (train.seed,
@@ -56,6 +57,7 @@ from ccalign.models import families
 from ccalign.train import distributed as D
 from ccalign.train.build import model_from_config, spec_from_section
 from ccalign.train.objectives import DDOObjective
+from ccalign.train.precision import reference_dtype
 from ccalign.train.rundir import check_output_folder
 from ccalign.train.state import tensor_fingerprint
 
@@ -84,12 +86,33 @@ def sampling_settings(method: MethodSection) -> dict:
     }
 
 
-def negative_sampler(reference: nn.Module, *, codec=None, **options):
-    """The reference family's sampler for negatives, eager (each call's batch differs);
-    ``codec``: decode and re-encode every sample with it (the ``retokenize`` capability)."""
+def negative_sampler(reference: nn.Module, precision: Precision, *, codec=None, **options):
+    """The reference family's sampler for negatives, eager (each call's batch differs), at the
+    ``precision`` the loss scores them with; ``codec``: decode and re-encode every sample with it
+    (the ``retokenize`` capability)."""
     if codec is not None:
         options["retokenize"] = codec
-    return families.of(reference).sampler(reference, eager=True, **options)
+    return families.of(reference).sampler(reference, eager=True, dtype=precision.weights,
+                                           autocast=precision.autocast, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How the loss scores the reference: its weights' dtype and the trainer's autocast."""
+
+    weights: torch.dtype
+    autocast: torch.dtype | None
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> Precision:
+        return cls(reference_dtype(trainer.config.train), trainer.autocast_dtype)
+
+    def record(self) -> str | None:
+        """For the negatives' manifest; None for float32 without autocast (the CPU default),
+        so the manifests of files sampled before the precision was recorded stay valid."""
+        if self.weights == torch.float32 and self.autocast is None:
+            return None
+        return f"{self.weights}" + (f" autocast {self.autocast}" if self.autocast else "")
 
 
 def check_negative_settings(method: MethodSection, model: nn.Module) -> None:
@@ -116,15 +139,16 @@ def retokenizer(config: TrainConfig, model: nn.Module):
 class OnlineNegatives:
     """Samples each micro-batch's negatives from the reference inside the training step."""
 
-    def __init__(self, *, seed: int, round_index: int, sampling: dict, codec=None):
+    def __init__(self, *, seed: int, round_index: int, sampling: dict, precision: Precision,
+                 codec=None):
         self.seed, self.round_index, self.sampling = seed, round_index, sampling
-        self.codec = codec
+        self.precision, self.codec = precision, codec
         self._sampler = None
 
     def draw(self, reference: nn.Module, labels: Tensor, row_ids: Tensor) -> Tensor:
         """(K, N) tokens keyed by (seed, round, the micro-batch's first conditional row)."""
-        if self._sampler is None:  # on CUDA: one bf16 copy of the reference, kept for the round
-            self._sampler = negative_sampler(reference, codec=self.codec)
+        if self._sampler is None:  # kept for the round
+            self._sampler = negative_sampler(reference, self.precision, codec=self.codec)
         sampler = self._sampler
         if labels.numel() == 0:
             return torch.empty(0, sampler.seq_len, dtype=torch.long, device=sampler.device)
@@ -201,7 +225,8 @@ def write_negatives(reference: nn.Module, trainer: Trainer, codec=None) -> Path:
     _claim(folder, manifest, trainer.dist)
     labels = trainer.dataset.all_labels()
     started = time.perf_counter()
-    sampler = negative_sampler(reference, codec=codec, device=trainer.device, inplace=True)
+    sampler = negative_sampler(reference, Precision.of(trainer), codec=codec,
+                               device=trainer.device, inplace=True)
     for step in range(1 + trainer.dist.rank, steps + 1, trainer.dist.world_size):
         path = folder / f"step_{step:08d}.npz"
         if not path.exists():
@@ -251,6 +276,9 @@ def _manifest(config: TrainConfig, trainer: Trainer, codec) -> dict:
     }
     if codec is not None:  # only then: manifests of earlier runs stay valid
         manifest["retokenize_vae"] = f"{tensor_fingerprint(codec):.10g}"
+    precision = Precision.of(trainer).record()
+    if precision is not None:
+        manifest["precision"] = precision
     return manifest
 
 
@@ -317,6 +345,7 @@ def attach_negatives(trainer: Trainer) -> None:
             seed=config.train.seed,
             round_index=method.round,
             sampling=sampling_settings(method),
+            precision=Precision.of(trainer),
             codec=codec,
         )
         return
