@@ -20,9 +20,9 @@ from ccalign.models import llamagen
 from ccalign.sample import generate
 from ccalign.train import TrainConfig, load_config, run_training
 from ccalign.train.ddo import (
-    Precision,
     FileNegatives,
     OnlineNegatives,
+    Precision,
     negative_seed,
     step_rows,
 )

@@ -14,10 +14,11 @@ drawn guidance-free from the reference with the KV-cache sampler, in one of two 
 - ``online``: each micro-batch samples its own negatives inside the training step.
 
 Both draw exact samples of the same reference (temperature 1, no top-k / top-p unless set), at
-the precision the loss scores them with (the reference's weights dtype, ``train.reference_dtype``,
-and the trainer's autocast), so the loss has the same distribution; the file is the default because it is far cheaper: sampling
-is latency-bound at a micro-batch's few rows, and online it repeats for every micro-step, while
-the file samples hundreds of rows per call once per round. The random key of a negative is
+the precision the loss scores them with (the reference's weights dtype,
+``train.reference_dtype``, and the trainer's autocast), so the loss has the same distribution;
+the file is the default because it is far cheaper: sampling is latency-bound at a
+micro-batch's few rows, and online it repeats for every micro-step, while the file samples
+hundreds of rows per call once per round. The random key of a negative is
 (train.seed, round, step, chunk of ``negatives_batch`` rows) for the file and (train.seed,
 round, first global row of the micro-batch) online, so neither depends on the number of
 processes and a resumed round is bit-exact on the CPU. Null-masked rows get no negative: their
