@@ -14,7 +14,8 @@ from ccalign.models import llamagen
 
 BASE_MODEL = BUNDLES["llamagen"].base_model  # the default demo's
 
-REQUIRED = {"name", "model", "cfg_scale", "fid", "accuracy", "precision", "recall", "images_per_s"}
+REQUIRED = {"name", "model", "cfg_scale", "fid", "accuracy", "accuracy_mlp", "precision", "recall",
+            "images_per_s"}
 
 
 def test_plan_covers_base_cfg_cca_and_sweeps():
@@ -175,3 +176,12 @@ def test_interleaved_sampling_equals_each_setting_alone_and_times_every_batch():
     rounds = [{"free": [300.0, 100.0], "cfg": [100.0]}, {"free": [200.0], "cfg": [50.0, 150.0]}]
     ratio = speed_ratio([*rounds, {"free": [90.0], "cfg": []}])  # a round without CFG is skipped
     assert ratio == {"median": 2.0, "min": 2.0, "max": 2.0, "rounds": 2}
+
+
+def test_the_tuning_split_evaluates_on_images_and_seeds_the_report_never_uses():
+    report, tune = DemoSettings(), DemoSettings(split="tune")
+    assert report.reference_slice == slice(0, 5000) and tune.reference_slice == slice(5000, 10000)
+    assert report.sample_seed == 0 and tune.sample_seed != 0
+    assert DemoSettings(split="tune", seed=3).sample_seed == tune.sample_seed + 3
+    with pytest.raises(ValueError, match="split 'dev': choose one of report, tune"):
+        DemoSettings(split="dev")

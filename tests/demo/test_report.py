@@ -55,3 +55,24 @@ def test_metrics_json_table_and_plot(tmp_path):
     assert len(table) == 4 and "CFG 3" in table[3] and "| 20.00 |" in table[3]
     plot_tradeoff(runs, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def run(cnn: float, mlp: float) -> dict:
+    return {"accuracy": cnn, "accuracy_mlp": mlp}
+
+
+def test_accuracy_claims_hold_under_both_classifiers_or_are_not_made():
+    from ccalign.demo.report import accuracy_claim
+
+    base, target = run(0.80, 0.85), run(0.94, 0.96)
+    agree = accuracy_claim("CCA", base, run(0.91, 0.94), target, "CFG 2")
+    assert agree == "Of the accuracy gap to CFG 2 CCA closes 79% (CNN) and 82% (MLP)."
+    split = accuracy_claim("CCA", base, run(0.91, 0.90), target, "CFG 2")
+    assert split.endswith("the classifiers disagree on whether it closes most of it; only 45% "
+                          "is claimed.")
+    sign = accuracy_claim("CCA", base, run(0.91, 0.84), target, "CFG 2")
+    assert "disagree on whether it gains accuracy at all, so no accuracy gain is claimed" in sign
+    blind = accuracy_claim("CCA", base, run(0.91, 0.90), run(0.94, 0.84), "CFG 2")
+    assert blind.endswith("the other classifier sees no gap, so no accuracy gain is claimed.")
+    beyond = accuracy_claim("CCA", base, run(0.95, 0.97), target, "CFG 2")
+    assert beyond.endswith("(beyond that setting's accuracy).")

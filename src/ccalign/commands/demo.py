@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=setting("seed", int), default=0)
     parser.add_argument(
+        "--split", choices=("report", "tune"), default="report",
+        help="report (default): the first half of the test images and the run's seeds; tune: "
+        "the other half and other sampling seeds, to choose recipes on data the report never "
+        "shows",
+    )
+    parser.add_argument(
         "--threads", type=number(int, ge=1, le=MAX_THREADS), help="CPU threads (default: all cores)"
     )
     parser.add_argument("--no-progress", action="store_true")
@@ -108,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         "out": out,
         "sweep": args.sweep,
         "seed": args.seed,
+        "split": args.split,
         "progress": not args.no_progress,
     }
     changes["methods"] = parse_methods(args.methods)

@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder with the four Fashion-MNIST idx files (default: "
         "$CCALIGN_FASHION_MNIST, else /usr/share/datasets/fashion-mnist)",
     )
+    parser.add_argument(
+        "--arch", choices=("cnn", "mlp"), default="cnn",
+        help="cnn (the demos' features and first accuracy) or mlp (a pixel MLP: the second, "
+        "independent accuracy); default: %(default)s",
+    )
     parser.add_argument("--epochs", type=number(int, ge=1, le=10_000), default=5)
     parser.add_argument("--batch-size", type=number(int, ge=1, le=60_000), default=128)
     parser.add_argument(
@@ -66,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         progress=not args.no_progress,
+        arch=args.arch,
     )
     notes = {
         "test_accuracy": f"{report.test_accuracy:.4f}",
         "train_seconds": f"{report.seconds:.0f}",
-        "recipe": f"epochs={args.epochs} batch_size={args.batch_size} lr={args.lr} "
-        f"seed={args.seed} device={device} threads={args.threads}",
+        "recipe": f"arch={args.arch} epochs={args.epochs} batch_size={args.batch_size} "
+        f"lr={args.lr} seed={args.seed} device={device} threads={args.threads}",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
     save_classifier(report.model, args.out, extra=notes)

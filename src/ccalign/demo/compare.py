@@ -113,7 +113,9 @@ def method_sentence(row: dict, meta: dict, base: dict, curve: list[dict]) -> str
             if abs(change) < 2 * noise
             else f"FID {change:+.2f} vs the base model"
         )
-        + f", accuracy {row['accuracy'] - base['accuracy']:+.3f})"
+        + f", accuracy {row['accuracy'] - base['accuracy']:+.3f}"
+        + _second_accuracy(row, base)
+        + ")"
     )
     peer = cfg_fid_at(row["accuracy"], curve)
     if peer is None:
@@ -125,6 +127,15 @@ def method_sentence(row: dict, meta: dict, base: dict, curve: list[dict]) -> str
         text + f"; the CFG curve reaches that accuracy at FID {peer:.2f} (interpolated), so it "
         f"lies {where} the curve ({gap:+.2f})."
     )
+
+
+def _second_accuracy(row: dict, base: dict) -> str:
+    """The MLP classifier's accuracy change beside the CNN's, flagged where the two disagree."""
+    if "accuracy_mlp" not in row:
+        return ""
+    cnn, mlp = row["accuracy"] - base["accuracy"], row["accuracy_mlp"] - base["accuracy_mlp"]
+    text = f"; by the MLP classifier {mlp:+.3f}"
+    return text + (", which disagrees: no accuracy change is claimed" if cnn * mlp < 0 else "")
 
 
 def ranking(heads: list[dict]) -> str:

@@ -7,7 +7,9 @@ of a small multi-scale VQ). The pipeline below is the same for both, and for eve
 Stages (each with its own progress bar): encode the training images with the bundled VQ (cached
 in the output folder), fine-tuning through the project's trainer (resumable), sampling every
 setting with the same labels and seeds, and evaluation with the bundled classifier against the
-10k test images: domain FID, conditional accuracy, precision/recall, IS analogue and images/s.
+10k test images: domain FID, conditional accuracy, precision/recall, IS analogue and images/s;
+and the conditional accuracy again under the second bundled classifier (a pixel MLP trained
+apart), so that no claim rests on one classifier.
 With ``methods`` (``--methods cca,gft,ddo``) each method fine-tunes from the same base model and
 codes at a matched budget (``ccalign.demo.recipes``) and one report compares them all
 (``ccalign.demo.compare``); one method gets its own report (``ccalign.demo.single``).
@@ -33,6 +35,7 @@ from ccalign.data.codes import write_flat_codes
 from ccalign.demo import compare, recipes, report, single
 from ccalign.demo.settings import DemoSettings
 from ccalign.eval import (
+    bundled_classifier_path,
     conditional_accuracy,
     feature_statistics,
     fid_from_features,
@@ -54,8 +57,9 @@ def run_demo(settings: DemoSettings) -> dict:
     tokenizer = load_tokenizer(bundle.tokenizer).eval()
     codes_path = encode_training_set(tokenizer, settings, out)
     extractor = load_classifier_extractor(progress=False)
+    second = load_classifier_extractor(bundled_classifier_path("mlp"), progress=False)
     test_images, _ = fashion_mnist.load("test")
-    reference = extractor.extract(test_images[: settings.reference_images])
+    reference = extractor.extract(test_images[settings.reference_slice])
     reference_radii = manifold_radii(reference.features, k=3)  # once, not per setting
 
     base = bundle.load_model(settings.base_model)
@@ -70,6 +74,7 @@ def run_demo(settings: DemoSettings) -> dict:
         metrics = score(
             images, labels, reference, reference_radii, extractor, settings.curve_samples
         )
+        metrics["accuracy_mlp"] = conditional_accuracy(second.extract(images).logits, labels)
         record = {**row, **metrics, "images_per_s": speed}
         runs.append(record)
         grid = report.class_grid(images, labels, per_row=settings.grid_columns)
@@ -77,13 +82,15 @@ def run_demo(settings: DemoSettings) -> dict:
         _say(
             settings,
             f"{row['name']}: FID {record['fid']:.2f} ± {record['fid_std']:.2f}, acc "
-            f"{record['accuracy']:.3f}, {speed:.0f} images/s",
+            f"{record['accuracy']:.3f} (MLP {record['accuracy_mlp']:.3f}), {speed:.0f} images/s",
         )
 
     meta = {
         "family": bundle.name,
         "family_title": bundle.title,
         "seed": settings.seed,
+        "split": settings.split,
+        "sample_seed": settings.sample_seed,
         "samples_per_setting": settings.samples,
         "curve_samples_per_setting": settings.curve_samples,
         "reference_images": settings.reference_images,
@@ -248,8 +255,8 @@ class _Draw:
 def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -> dict:
     """Tokens of every setting, drawn batch by batch in rounds over the settings.
 
-    Each setting keeps its own generator seeded with ``settings.seed`` (its samples do not depend
-    on the interleaving) and is timed on every batch. Returns ``{name: (labels, tokens,
+    Each setting keeps its own generator seeded with ``settings.sample_seed`` (its samples do not
+    depend on the interleaving) and is timed on every batch. Returns ``{name: (labels, tokens,
     images/s)}`` with the median speed over its batches, and ``"speed_ratio"``: the median over
     rounds of (mean guidance-free speed) / (mean CFG speed) within the round, with its range.
     """
@@ -259,7 +266,7 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
     draws = []
     for row in rows:
         count = settings.samples if row.get("headline") else settings.curve_samples
-        generator = torch.Generator().manual_seed(settings.seed)
+        generator = torch.Generator().manual_seed(settings.sample_seed)
         draws.append(_Draw(row, samplers[model_key(row)], balanced_labels(count), generator))
     longest = max(len(d.labels) for d in draws)
     rounds: list[dict[str, list[float]]] = []

@@ -14,7 +14,8 @@ from ccalign.io import atomic_write
 METRIC_COLUMNS = (
     ("fid", "FID ↓", "{:.2f}"),
     ("fid_std", "± (bootstrap)", "{:.2f}"),
-    ("accuracy", "acc ↑", "{:.3f}"),
+    ("accuracy", "acc CNN ↑", "{:.3f}"),
+    ("accuracy_mlp", "acc MLP ↑", "{:.3f}"),
     ("precision", "prec ↑", "{:.3f}"),
     ("recall", "recall ↑", "{:.3f}"),
     ("inception_score", "IS ↑", "{:.2f}"),
@@ -61,6 +62,43 @@ def cfg_curve(runs: Sequence[dict]) -> list[dict]:
 def own_guidance_runs(runs: Sequence[dict]) -> list[dict]:
     """The base model's rows under its family's own guidance number (VAR's cfg ramp)."""
     return [r for r in runs if r["model"] == "base" and "sampler_settings" in r]
+
+
+#: the two bundled classifiers' accuracies: every accuracy claim must hold under both
+ACCURACIES = (("accuracy", "CNN"), ("accuracy_mlp", "MLP"))
+
+
+def gap_closed(base: dict, tuned: dict, target: dict) -> dict[str, float | None]:
+    """Per classifier, the share of the accuracy gap from ``base`` to ``target`` that ``tuned``
+    closes (None where ``target`` is not more accurate than ``base`` by that classifier)."""
+    shares = {}
+    for key, name in ACCURACIES:
+        if key not in base:
+            continue
+        gap = target[key] - base[key]
+        shares[name] = (tuned[key] - base[key]) / gap if gap > 0 else None
+    return shares
+
+
+def accuracy_claim(title: str, base: dict, tuned: dict, target: dict, what: str) -> str:
+    """What ``tuned`` does to the accuracy gap from ``base`` to ``target`` (``what`` names it),
+    as both classifiers see it; a share is claimed only where both classifiers agree."""
+    shares = gap_closed(base, tuned, target)
+    known = {name: share for name, share in shares.items() if share is not None}
+    if not known:
+        return f"{what} is not more accurate than the base model, by either classifier."
+    said = " and ".join(f"{share:.0%} ({name})" for name, share in known.items())
+    text = f"Of the accuracy gap to {what} {title} closes {said}"
+    if len(known) < len(shares):
+        return text + "; the other classifier sees no gap, so no accuracy gain is claimed."
+    low, high = min(known.values()), max(known.values())
+    if low <= 0 < high:
+        return text + ": the classifiers disagree on whether it gains accuracy at all, so no " \
+            "accuracy gain is claimed."
+    if low < 0.5 <= high:
+        return text + f": the classifiers disagree on whether it closes most of it; only " \
+            f"{low:.0%} is claimed."
+    return text + (" (beyond that setting's accuracy)." if low >= 1 else ".")
 
 
 def metrics_table(runs: Sequence[dict]) -> str:

@@ -17,6 +17,13 @@ def supported_methods(bundle: bundles.DemoBundle) -> list[str]:
     return [name for name in recipes.RECIPES if methods.get(name).refusal(family) is None]
 
 
+#: the two evaluation splits, each with its half of the 10k Fashion-MNIST test images
+SPLITS = ("report", "tune")
+SPLIT_IMAGES = 5000
+#: added to the seed for the tuning split's samples (far from any seed a report uses)
+TUNE_SEED_OFFSET = 1_000_003
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """Everything the demo does; ``quick()`` shrinks it to a smoke run of about a minute.
@@ -32,8 +39,11 @@ class DemoSettings:
     seed: int = ranged(0, ge=0, le=MAX_SEED)
     # training images encoded for fine-tuning (150 x 64 use 9600)
     train_images: int = ranged(10000, ge=1, le=60000)
-    # test images the samples are compared with
-    reference_images: int = ranged(10000, ge=2, le=10000)
+    # test images the samples are compared with: the first of the split's half of the test set
+    reference_images: int = ranged(5000, ge=2, le=SPLIT_IMAGES)
+    # "report": the first half of the test images and the run's seed, what reports show;
+    # "tune": the other half and other sampling seeds, where recipes are chosen
+    split: str = "report"
     # per headline row (base, base + CFG, CCA): FID spread <= 1
     samples: int = ranged(10000, ge=2, le=1_000_000)
     # per other row (CFG scales, CCA + CFG, sweeps)
@@ -70,6 +80,8 @@ class DemoSettings:
 
     def __post_init__(self):
         check_fields(self)
+        if self.split not in SPLITS:
+            raise ValueError(f"split {self.split!r}: choose one of {', '.join(SPLITS)}")
         known = bundles.bundle(self.family)
         usable = supported_methods(known)
         unsupported = set(self.methods) - set(usable)
@@ -102,6 +114,17 @@ class DemoSettings:
     @property
     def bundle(self) -> bundles.DemoBundle:
         return bundles.bundle(self.family)
+
+    @property
+    def reference_slice(self) -> slice:
+        """The test images of the split: the first half for reports, the second for tuning."""
+        start = SPLITS.index(self.split) * SPLIT_IMAGES
+        return slice(start, start + self.reference_images)
+
+    @property
+    def sample_seed(self) -> int:
+        """The samplers' seed: the run's own for reports, a disjoint stream for tuning."""
+        return self.seed + SPLITS.index(self.split) * TUNE_SEED_OFFSET
 
     @property
     def rows_per_step(self) -> int:

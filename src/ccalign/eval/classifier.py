@@ -1,8 +1,10 @@
-"""The small Fashion-MNIST CNN whose penultimate features and logits give domain metrics.
+"""The small Fashion-MNIST classifiers whose penultimate features and logits give domain metrics.
 
-Its 128-d features replace Inception's for a domain FID, its logits give an Inception Score
-analogue and the conditional accuracy of class-conditional samples. Stored as safetensors with
-the architecture in the metadata; the trained network ships in ``ccalign/assets``.
+The CNN's 128-d features replace Inception's for a domain FID, its logits give an Inception Score
+analogue and the conditional accuracy of class-conditional samples. A pixel MLP, trained apart
+with another seed, gives a second accuracy, so that no claim hangs on one classifier. Stored as
+safetensors with the architecture in the metadata; both trained networks ship in
+``ccalign/assets``.
 """
 
 from __future__ import annotations
@@ -19,18 +21,23 @@ from torch import nn
 from ccalign.io import atomic_save_safetensors
 
 FORMAT_NAME = "ccalign-fmnist-classifier"
-BUNDLED_NAME = "fmnist_classifier.safetensors"
+#: the bundled classifiers by architecture: the CNN (features and accuracy), the MLP (accuracy)
+BUNDLED = {"cnn": "fmnist_classifier.safetensors", "mlp": "fmnist_mlp_classifier.safetensors"}
+ARCHITECTURES = tuple(BUNDLED)
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Architecture: two conv stages of the given widths, then the feature layer and the head."""
+    """Architecture: "cnn" (two conv stages of widths ``channels``) or "mlp" (a hidden layer of
+    ``hidden`` units on the pixels), then the ReLU feature layer and the head."""
 
     channels: tuple[int, int] = (32, 64)
     feature_dim: int = 128
     num_classes: int = 10
     image_size: int = 28
     dropout: float = 0.3
+    arch: str = "cnn"
+    hidden: int = 256
 
 
 def _conv_stage(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -43,16 +50,28 @@ def _conv_stage(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def _mlp_stage(pixels: int, hidden: int) -> nn.Sequential:
+    """Flatten, linear, ReLU: the MLP's hidden layer on the raw pixels."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(pixels, hidden), nn.ReLU(inplace=True))
+
+
 class FashionClassifier(nn.Module):
-    """CNN on grey images scaled to [-1, 1]: conv stages -> ReLU feature layer -> class logits."""
+    """A classifier of grey images scaled to [-1, 1]: conv stages (or the MLP's hidden layer) ->
+    ReLU feature layer -> class logits."""
 
     def __init__(self, config: ClassifierConfig | None = None) -> None:
         super().__init__()
         self.config = config or ClassifierConfig()
-        width1, width2 = self.config.channels
-        side = self.config.image_size // 4
-        self.stages = nn.Sequential(_conv_stage(1, width1), _conv_stage(width1, width2))
-        self.feature_layer = nn.Linear(width2 * side * side, self.config.feature_dim)
+        if self.config.arch not in ARCHITECTURES:
+            raise ValueError(f"classifier arch {self.config.arch!r}: one of {ARCHITECTURES}")
+        if self.config.arch == "mlp":
+            self.stages = _mlp_stage(self.config.image_size**2, self.config.hidden)
+            width = self.config.hidden
+        else:
+            width1, width2 = self.config.channels
+            self.stages = nn.Sequential(_conv_stage(1, width1), _conv_stage(width1, width2))
+            width = width2 * (self.config.image_size // 4) ** 2
+        self.feature_layer = nn.Linear(width, self.config.feature_dim)
         self.dropout = nn.Dropout(self.config.dropout)
         self.head = nn.Linear(self.config.feature_dim, self.config.num_classes)
 
@@ -85,9 +104,9 @@ def save_classifier(
     return atomic_save_safetensors(model.state_dict(), path, metadata=metadata)
 
 
-def bundled_classifier_path() -> Path:
-    """Where the trained classifier shipped with ccalign lives."""
-    return Path(str(resources.files("ccalign") / "assets" / BUNDLED_NAME))
+def bundled_classifier_path(arch: str = "cnn") -> Path:
+    """Where the trained classifier of ``arch`` shipped with ccalign lives."""
+    return Path(str(resources.files("ccalign") / "assets" / BUNDLED[arch]))
 
 
 def classifier_metadata(path: str | Path) -> dict[str, str]:

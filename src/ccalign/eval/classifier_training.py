@@ -59,8 +59,10 @@ def train_classifier(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    arch: str = "cnn",
 ) -> TrainingReport:
-    """Train a fresh classifier on the 60k training images (AdamW, one-cycle lr, flips).
+    """Train a fresh classifier of ``arch`` on the 60k training images (AdamW, one-cycle lr,
+    flips).
 
     ``data_dir`` holds the idx files (default: see :func:`ccalign.data.fashion_mnist.find_folder`).
     """
@@ -68,7 +70,7 @@ def train_classifier(
     generator = torch.Generator().manual_seed(seed)
     train_images, train_labels = fashion_mnist.load("train", data_dir)
     test_images, test_labels = fashion_mnist.load("test", data_dir)
-    model = FashionClassifier(ClassifierConfig()).to(device)
+    model = FashionClassifier(ClassifierConfig(arch=arch)).to(device)
     x, y = _to_input(train_images), torch.from_numpy(train_labels)
     steps_per_epoch = -(-len(y) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
