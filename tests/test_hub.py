@@ -270,7 +270,9 @@ def test_models_json_carries_every_release_and_its_protocol(cache, capsys):
     for name, record in records.items():
         assert {"name", "family", "preset", "grid", "tokenizer", "file", "cached",
                 "protocol"} <= record.keys()
-        if hub.REGISTRY[name].kind == "model":
+        if hub.REGISTRY[name].family == "llamagen-t2i" and record["kind"] == "model":
+            assert record["protocol"]["published"] == {} and record["protocol"]["cfg_scale"] == 7.5
+        elif hub.REGISTRY[name].kind == "model":
             assert keys <= record["protocol"].keys() and record["protocol"]["published"]["fid"]
         else:
             assert record["protocol"] is None

@@ -3,8 +3,10 @@
 A condition kind says how a batch of conditions is masked to the unconditional input, paired
 with negatives (each row gets the next row's condition, the official roll), compared, joined
 and moved. Class labels are int64 tensors (B,) whose null condition is the extra class
-``num_classes``; a text family brings its own kind (caption features and their mask) with the
-same operations, and the objectives in ``ccalign.train`` work unchanged.
+``num_classes``. Captions are text-encoder features with their token mask (:class:`CaptionBatch`)
+whose null condition is a flag per row: the model puts its learned null caption there, and the
+row keeps its own mask, as LlamaGen's T2I sampler does. The objectives in ``ccalign.train`` work
+on either unchanged.
 """
 
 from __future__ import annotations
@@ -83,3 +85,75 @@ class ClassLabels:
 
     def to(self, conds: Tensor, device: torch.device | str) -> Tensor:
         return conds.to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class CaptionBatch:
+    """B captions as a text encoder saw them: ``features`` (B, L, C) float, ``mask`` (B, L) bool
+    (True on real tokens; LlamaGen's T2I models take them left-padded: real tokens last) and
+    ``null`` (B,) bool: rows whose caption the model replaces by its learned null caption."""
+
+    features: Tensor
+    mask: Tensor
+    null: Tensor
+
+    def __post_init__(self):
+        b, length = self.features.shape[:2]
+        if self.features.dim() != 3 or self.mask.shape != (b, length) or self.null.shape != (b,):
+            raise ValueError(
+                f"caption features must be (B, L, C) with mask (B, L) and null (B,); got "
+                f"{tuple(self.features.shape)}, {tuple(self.mask.shape)}, {tuple(self.null.shape)}"
+            )
+
+    @classmethod
+    def of(cls, features: Tensor, mask: Tensor) -> CaptionBatch:
+        """Real captions (no null rows); the mask as bool."""
+        null = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+        return cls(features, mask.to(torch.bool), null)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass(frozen=True)
+class Captions:
+    """Caption batches of ``length`` tokens of ``dim`` features (LlamaGen T2I: 120 x 2048)."""
+
+    length: int
+    dim: int
+    name: str = "caption"
+
+    def size(self, conds: CaptionBatch) -> int:
+        return len(conds)
+
+    def null_like(self, conds: CaptionBatch) -> CaptionBatch:
+        return CaptionBatch(conds.features, conds.mask, torch.ones_like(conds.null))
+
+    def where(self, rows: Tensor, a: CaptionBatch, b: CaptionBatch) -> CaptionBatch:
+        return CaptionBatch(
+            torch.where(rows[:, None, None], a.features, b.features),
+            torch.where(rows[:, None], a.mask, b.mask),
+            torch.where(rows, a.null, b.null),
+        )
+
+    def roll(self, conds: CaptionBatch) -> CaptionBatch:
+        return CaptionBatch(*(torch.roll(t, shifts=-1, dims=0) for t in _parts(conds)))
+
+    def same(self, a: CaptionBatch, b: CaptionBatch) -> Tensor:
+        """Equal masks and null flags, and equal features unless both rows are null (the model
+        ignores a null row's features)."""
+        features = (a.features == b.features).flatten(1).all(1) | (a.null & b.null)
+        return features & (a.mask == b.mask).all(1) & (a.null == b.null)
+
+    def cat(self, parts: Sequence[CaptionBatch]) -> CaptionBatch:
+        return CaptionBatch(*(torch.cat(list(ts)) for ts in zip(*map(_parts, parts), strict=True)))
+
+    def take(self, conds: CaptionBatch, rows: Tensor) -> CaptionBatch:
+        return CaptionBatch(*(t[rows] for t in _parts(conds)))
+
+    def to(self, conds: CaptionBatch, device: torch.device | str) -> CaptionBatch:
+        return CaptionBatch(*(t.to(device, non_blocking=True) for t in _parts(conds)))
+
+
+def _parts(conds: CaptionBatch) -> tuple[Tensor, Tensor, Tensor]:
+    return conds.features, conds.mask, conds.null

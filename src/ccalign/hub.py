@@ -7,7 +7,8 @@ A registry name (``llamagen-L-384``, ``cca-llamagen-L-384``, ``llamagen-vq16``, 
 existing file wins over a registry name of the same spelling).
 
 Repos and file names are those the projects publish in their READMEs (FoundationVision/LlamaGen,
-thu-ml/CCA, FoundationVision/VAR, NVlabs/DDO, thu-ml/GFT); none was read from the Hub itself.
+its T2I models at peizesun/llamagen_t2i, thu-ml/CCA, FoundationVision/VAR, NVlabs/DDO,
+thu-ml/GFT); none was read from the Hub itself.
 Each release names its model family and kind; the family loads it (``ccalign.models.families``).
 Each model release also carries the sampling protocol its published numbers were measured with
 (``Release.protocols``), read from the official sampling scripts (docs/protocols.md cites every
@@ -90,7 +91,9 @@ class SamplingProtocol:
     1) / 2 truncated). ``published``: metric -> value, as ``published_in`` prints them.
     """
 
-    labels: str  # "random": uniform draws (LlamaGen's samplers); "balanced": 50 per class
+    # "random": uniform draws (LlamaGen's samplers); "balanced": 50 per class; "captions": the
+    # user's captions (text-to-image: the protocol fixes how they are sampled, not which)
+    labels: str
     num_samples: int
     cfg_scale: float
     source: str  # the official sampling script, with the lines each setting is read from
@@ -123,11 +126,13 @@ class SamplingProtocol:
                     else f"cfg {self.cfg_scale:g} ({self.official_cfg:g} official)")
         filters = [f"top-k {self.top_k}"] * bool(self.top_k) + [f"top-p {self.top_p:g}"] * (
             self.top_p < 1)
-        extra = [f"{k} {v:g}" for k, v in self.settings.items() if k != "official_cfg"]
+        extra = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                 for k, v in self.settings.items() if k != "official_cfg"]
         size = f"{self.image_size}->{self.resize}" if self.resize else str(self.image_size)
         fid = self.published.get("fid")
+        count = f"{self.num_samples // 1000}k " if self.num_samples else ""
         return ", ".join([
-            f"{self.num_samples // 1000}k {self.labels}", guidance, *filters, *extra, size,
+            f"{count}{self.labels}", guidance, *filters, *extra, size,
             _dtypes_words(self.weights_dtype, self.autocast_dtype),
             *([f"FID {fid:g}"] if fid is not None else []),
         ])
@@ -313,6 +318,31 @@ _RELEASES: list[Release] = [
                _gft_protocols, _GFT_TITLE, beta_embedding=True),
     *_llamagen("gft-llamagen", "ChenDRAG/LLamaGen_GF", "LlamaGen3B_GF.pt", [("3B", 384)],
                _gft_protocols, _GFT_TITLE, beta_embedding=True),
+]
+
+def _t2i_protocol(px: int) -> SamplingProtocol:
+    """LlamaGen's T2I sampler (sample_t2i.py): no published metric, its sampling settings."""
+    return SamplingProtocol(
+        "captions", 0, 7.5,
+        "FoundationVision/LlamaGen@ce98ec41 autoregressive/sample/sample_t2i.py: cfg 7.5 :150, "
+        "top-k 1000 / top-p 1 / T 1 :152-154, bf16 :141, left-padded FLAN-T5-XL captions of 120 "
+        "tokens :133-136,89-101, TF32 :2-3; README.md:98-100",
+        {}, "none: the LlamaGen README reports no metric for its T2I models", top_k=1000,
+        image_size=px, note="captions come from the user (--prompts or "
+        "--caption-features); the protocol fixes how they are sampled",
+    )
+
+
+_RELEASES += [
+    # FoundationVision/LlamaGen README.md:85-91: the T2I models (GPT-XL) and their VQ
+    Release("llamagen-t2i-XL-256", "llamagen-t2i", "model", "LlamaGen T2I GPT",
+            "peizesun/llamagen_t2i", "t2i_XL_stage1_256.pt", "GPT-XL", 16, "llamagen-vq16-t2i",
+            protocols={PAPER: _t2i_protocol(256)}),
+    Release("llamagen-t2i-XL-512", "llamagen-t2i", "model", "LlamaGen T2I GPT",
+            "peizesun/llamagen_t2i", "t2i_XL_stage2_512.pt", "GPT-XL", 32, "llamagen-vq16-t2i",
+            protocols={PAPER: _t2i_protocol(512)}),
+    Release("llamagen-vq16-t2i", "llamagen-t2i", "tokenizer", "LlamaGen VQ tokenizer (T2I)",
+            "peizesun/llamagen_t2i", "vq_ds16_t2i.pt", "VQ-16"),
 ]
 
 #: Every public checkpoint by name.

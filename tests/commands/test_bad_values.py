@@ -61,6 +61,8 @@ def base_invocations(files) -> dict[str, list[str]]:
         "pretrain": ["pretrain", "--config", str(REPO / "configs" / "fmnist_pretrain.toml"),
                      "--data", files["codes"], "--out", str(scratch / "run"), "--dry-run"],
         "sample": ["sample", missing, "--out", str(scratch / "samples")],
+        "reproduce": ["reproduce", "cca-var-d16", "--ref", missing, "--out",
+                      str(scratch / "repro")],
         "theory": ["theory", "--betas", "1", "--lambdas", "1", "--out", str(scratch / "t.json")],
         "train-classifier": ["train-classifier", "--data-dir", missing, "--out",
                              str(scratch / "c.safetensors")],

@@ -17,6 +17,8 @@ from ccalign.errors import shorten
 HELP = "sample images from a checkpoint (tokens, PNGs, ADM .npz); resumable, multi-GPU via torchrun"
 
 
+#: a protocol whose conditions are the user's captions
+CAPTIONS = "captions"
 #: the weights and autocast dtypes ``ccalign sample`` takes, by name
 DTYPES = ("float32", "bfloat16", "float16")
 #: what a protocol-governed flag means when neither the command line nor a protocol sets it
@@ -61,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="balanced (default): equal counts per class; random: each label uniform over the "
         "classes, drawn from --seed, as LlamaGen's sample_c2i_ddp (the paper's FIDs); needs "
         "--num-samples",
+    )
+    what.add_argument(
+        "--caption-features",
+        help="text-to-image models: a .safetensors of caption features (features (N, L, C), "
+        "mask (N, L) bool, left-padded; ccalign encode-captions writes one): one image per "
+        "caption, or --num-samples cycling through them",
     )
     what.add_argument(
         "--protocol",
@@ -269,7 +277,7 @@ def load_checkpoint(args: argparse.Namespace, family_options: dict):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ccalign.sample.runner import RunConfig, plan_labels, run_sampling
+    from ccalign.sample.runner import RunConfig, run_sampling
 
     classes = parse_classes(args.classes) if args.classes is not None else None
     options = family_model_options(args)
@@ -287,14 +295,7 @@ def run(args: argparse.Namespace) -> int:
         set_tf32(args.tf32, device)
         sampler = family.sampler(model, device=device, inplace=True, **numerics_options(args),
                                  **family.sampler_options(args))
-        labels = plan_labels(
-            model.num_classes,
-            classes=classes,
-            per_class=args.per_class,
-            num_samples=args.num_samples,
-            mode=args.labels,
-            seed=args.seed,
-        )
+        labels, source = plan_conditions(family.condition(model), model, args, classes)
         config = RunConfig(
             labels=labels,
             batch_size=args.batch_size,
@@ -305,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
             uint8=args.uint8,
             numerics={"autocast": args.autocast, "tf32": args.tf32},
             protocol=protocol,
+            conditions=source,
         )
         with torch.no_grad():
             outputs = run_sampling(
@@ -327,6 +329,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_conditions(kind, model, args: argparse.Namespace, classes: list[int] | None) -> tuple:
+    """Each image's condition as an int, and the source that turns them into conditions:
+    class labels as planned by --classes / --per-class / --num-samples / --labels, or the rows
+    of --caption-features for a caption-conditioned model."""
+    from ccalign.conditions import Captions
+    from ccalign.sample.runner import ClassLabelSource, plan_labels
+
+    if isinstance(kind, Captions):
+        return plan_captions(kind, args, classes)
+    if args.caption_features is not None:
+        raise ValueError(
+            "--caption-features: this model is class-conditional; give --classes, --per-class "
+            "or --num-samples"
+        )
+    labels = plan_labels(model.num_classes, classes=classes, per_class=args.per_class,
+                         num_samples=args.num_samples, mode=args.labels, seed=args.seed)
+    return labels, ClassLabelSource()
+
+
+def plan_captions(kind, args: argparse.Namespace, classes: list[int] | None) -> tuple:
+    """One image per caption row (``--num-samples N``: N images cycling through the rows)."""
+    from ccalign.data.captions import CaptionFile
+
+    given = {"--classes": classes is not None, "--per-class": args.per_class is not None,
+             "--labels random": args.labels == "random"}
+    for flag, used in given.items():
+        if used:
+            raise ValueError(f"{flag}: a text-to-image model samples from captions, not classes; "
+                             "give --caption-features")
+    if args.caption_features is None:
+        raise ValueError(
+            "a text-to-image model samples from captions: give --caption-features "
+            "FILE.safetensors (ccalign encode-captions writes one)"
+        )
+    source = CaptionFile(args.caption_features, kind.length, kind.dim)
+    count = args.num_samples or len(source)
+    return [i % len(source) for i in range(count)], source
+
+
 def apply_protocol(args: argparse.Namespace, family) -> dict | None:
     """Fill the flags that ``--protocol`` governs and the command line left unset; the record of
     the protocol and of every flag that overrides it (for run.json), or None without one."""
@@ -343,6 +384,8 @@ def apply_protocol(args: argparse.Namespace, family) -> dict | None:
     protocol = release.find_protocol(args.protocol)
     own = {o.dest: o for o in family.sampling_options}
     flags = protocol_flags(protocol, family)
+    if protocol.labels == CAPTIONS:  # the user's captions: which and how many are theirs
+        flags.pop("labels")
     overrides = {}
     guidance = next((d for d, o in own.items() if family.own_guidance is not None
                      and o.setting == family.own_guidance.setting and d in flags), None)
@@ -357,7 +400,9 @@ def apply_protocol(args: argparse.Namespace, family) -> dict | None:
             setattr(args, dest, value)
         elif getattr(args, dest) != value:
             overrides[dest] = {"protocol": value, "given": getattr(args, dest)}
-    if args.classes is not None or args.per_class is not None:
+    if protocol.labels == CAPTIONS:
+        pass
+    elif args.classes is not None or args.per_class is not None:
         overrides["num_samples"] = {"protocol": protocol.num_samples,
                                     "given": "--classes / --per-class"}
     elif args.num_samples is None:

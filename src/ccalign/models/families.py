@@ -1,8 +1,9 @@
 """The registry of model families: which family a model, a file, a preset or a spec belongs to.
 
-LlamaGen and VAR register here on import; a family of your own joins with :func:`register` (see
-``examples/own_family.py``). The generic layers ask :func:`of`, :func:`get` or :func:`identify`
-and hold the answer through the :class:`~ccalign.models.family.ModelFamily` interface.
+LlamaGen (class-conditional and T2I) and VAR register here on import; a family of your own joins
+with :func:`register` (see ``examples/own_family.py``). The generic layers ask :func:`of`,
+:func:`get` or :func:`identify` and hold the answer through the
+:class:`~ccalign.models.family.ModelFamily` interface.
 """
 
 from __future__ import annotations
@@ -157,4 +158,5 @@ def save(model: nn.Module, path: PathLike, *, official: bool = False) -> None:
 
 
 register(llamagen.FAMILY)
+register(llamagen.T2I_FAMILY)
 register(var.FAMILY)

@@ -2,7 +2,9 @@
 
 The model offers ``setup_kv_cache(batch, dtype, device)``, ``clear_kv_cache()``,
 ``prefill(conditions) -> logits`` (B, V) of the first token and ``decode(tokens, position) ->
-logits`` of the next (LlamaGen does; so can a family of your own). On CPU the decode step runs
+logits`` of the next (LlamaGen does; so can a family of your own); optionally
+``condition_kind`` (default: class labels) and ``prefix_len``, the positions the condition fills
+(default 1: a class token; LlamaGen T2I: its 120 caption tokens). On CPU the decode step runs
 eagerly. On CUDA the weights are bf16 and each decode step (one per row count) is captured once
 in a CUDA graph, optionally after ``torch.compile`` fuses it; the capture (and compile) time is
 recorded in ``Sampler.setup_seconds``. Guidance-free sampling runs only the B conditional rows.
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ccalign.conditions import CaptionBatch, ClassLabels, ConditionKind
 from ccalign.models.filtering import check_sampling_args, filter_logits, sample_categorical
 from ccalign.models.generation import FiniteCheck, check_generator, eval_mode, resolve_device
 from ccalign.models.guidance import (
@@ -127,7 +130,7 @@ class Sampler:
 
     def generate(
         self,
-        labels: Tensor | Sequence[int],
+        conditions: Tensor | Sequence[int] | CaptionBatch,
         *,
         cfg_scale: GuidanceScale = 1.0,
         cfg_interval: int = -1,
@@ -138,7 +141,8 @@ class Sampler:
         gft_beta: float | None = None,
         gft_numerics: str = "training",
     ) -> Tensor:
-        """Sample one image's tokens per label: (B, N) int64 on the sampler's device.
+        """Sample one image's tokens per condition (class labels, or captions for a
+        caption-conditioned model): (B, N) int64 on the sampler's device.
 
         Guidance mixes uncond + (cond - uncond) * scale on raw logits, then temperature, top-k,
         top-p and a categorical draw. ``cfg_scale`` (a number, one per token, or a function of
@@ -155,18 +159,18 @@ class Sampler:
         """
         check_sampling_args(temperature, top_k, top_p)
         check_gft_beta(gft_beta, self.model)
-        labels = self._check_labels(labels)
+        conditions = self._check_conditions(conditions)
         check_generator(generator, self.device)
         scales = guidance_scales(cfg_scale, self.seq_len, cfg_interval)
         with torch.inference_mode(), torch.autocast(  # the leanest per-op path
             self.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
         ):
-            tokens = self._sample(labels, scales, temperature, top_k, top_p, generator,
+            tokens = self._sample(conditions, scales, temperature, top_k, top_p, generator,
                                   (gft_beta, gft_numerics))
         return tokens.clone()  # a normal tensor: usable later in autograd (e.g. scoring)
 
-    def _sample(self, labels, scales, temperature, top_k, top_p, generator, beta) -> Tensor:
-        batch, n = labels.shape[0], self.seq_len
+    def _sample(self, conditions, scales, temperature, top_k, top_p, generator, beta) -> Tensor:
+        batch, n = self.kind.size(conditions), self.seq_len
         last_guided = last_guided_token(scales)
         self._ensure_cache(2 * batch if last_guided >= 0 else batch)
         out = torch.empty(batch, n, dtype=torch.long, device=self.device)
@@ -180,16 +184,17 @@ class Sampler:
             return sample_categorical(filter_logits(cond, temperature, top_k, top_p), generator)
 
         with eval_mode(self.model):
-            prefill_labels = self._prefill_labels(labels, last_guided >= 0)
-            if beta[0] is None:  # models without GFT take the labels alone
-                logits = self.model.prefill(prefill_labels)
+            rows = self._with_null_rows(conditions, last_guided >= 0)
+            if beta[0] is None:  # models without GFT take the conditions alone
+                logits = self.model.prefill(rows)
             else:
-                logits = self.model.prefill(prefill_labels, *beta)
+                logits = self.model.prefill(rows, *beta)
+            prefix = self.prefix_len
             for t in range(n):
                 out[:, t] = pick(logits, t)
                 if t + 1 < n:
                     rows = 2 * batch if t + 1 <= last_guided else batch
-                    logits = self._step(rows)(out[:, t], t + 1)
+                    logits = self._step(rows)(out[:, t], prefix + t)
         finite.check(f"largest scale {max(scales):g}")
         return out
 
@@ -199,13 +204,29 @@ class Sampler:
         self._steps.clear()
         self._cache_rows = 0
 
-    def _prefill_labels(self, labels: Tensor, guided: bool) -> Tensor:
-        if not guided:
-            return labels
-        return torch.cat([labels, torch.full_like(labels, self.model.null_class)])
+    @property
+    def kind(self) -> ConditionKind:
+        """The model's condition kind (class labels unless the model says otherwise)."""
+        return getattr(self.model, "condition_kind", None) or ClassLabels(self.model.num_classes)
 
-    def _check_labels(self, labels: Tensor | Sequence[int]) -> Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long).to(self.device).reshape(-1)
+    @property
+    def prefix_len(self) -> int:
+        """Positions before the first image token's input (1: the class token)."""
+        return getattr(self.model, "prefix_len", 1)
+
+    def _with_null_rows(self, conditions, guided: bool):
+        """The conditions, followed for CFG by their unconditional rows."""
+        if not guided:
+            return conditions
+        return self.kind.cat([conditions, self.kind.null_like(conditions)])
+
+    def _check_conditions(self, conditions):
+        """Class labels checked and as a tensor on the device; other kinds moved there."""
+        if not isinstance(self.kind, ClassLabels):
+            if self.kind.size(conditions) == 0:
+                raise ValueError("no conditions given: pass at least one")
+            return self.kind.to(conditions, self.device)
+        labels = torch.as_tensor(conditions, dtype=torch.long).to(self.device).reshape(-1)
         if labels.numel() == 0:
             raise ValueError("no labels given: pass at least one class index")
         low, high = int(labels.min()), int(labels.max())
@@ -236,7 +257,8 @@ class Sampler:
         if self.compile:
             forward = torch.compile(forward, dynamic=False)
         with eval_mode(self.model):
-            step = _DecodeStep(forward, rows, self.seq_len, self.device, self.cuda_graph)
+            scratch = self.prefix_len + self.seq_len - 1  # a cache slot sampling never writes
+            step = _DecodeStep(forward, rows, scratch, self.device, self.cuda_graph)
             if self.compile and not self.cuda_graph:
                 step.warm_up()  # so the compile time is counted in setup_seconds
         if self.cuda_graph:

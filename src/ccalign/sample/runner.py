@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -121,10 +122,36 @@ class RunOutputs:
     seconds: float = 0.0
 
 
+class ConditionSource(Protocol):
+    """Where a run's conditions come from: each image has an int (``RunConfig.labels``) that
+    ``batch`` turns into the sampler's conditions; ``key`` names those ints in the npz files."""
+
+    key: str
+
+    def batch(self, indices: Sequence[int]) -> Any:
+        """The conditions of these images, as the sampler takes them."""
+
+    def fingerprint(self) -> str | None:
+        """What identifies the source's contents (None: the ints are the conditions)."""
+
+
+class ClassLabelSource:
+    """Class labels: each image's int is its class."""
+
+    key = "labels"
+
+    def batch(self, indices: Sequence[int]) -> list[int]:
+        return list(indices)
+
+    def fingerprint(self) -> None:
+        return None
+
+
 @dataclass
 class RunConfig:
     """The settings that determine a run's output; stored in ``run.json`` (with fingerprints of
-    the model and tokenizer, see ``run_sampling``) to guard resumes."""
+    the model and tokenizer, see ``run_sampling``) to guard resumes. ``labels`` holds each
+    image's condition as an int: its class, or its row in ``conditions`` (captions)."""
 
     labels: list[int]
     batch_size: int
@@ -135,6 +162,7 @@ class RunConfig:
     uint8: str = "round"  # decoded images to 8 bits: "round" or "floor" (see to_uint8)
     numerics: dict = field(default_factory=dict)  # autocast, TF32: recorded, applied by the caller
     protocol: dict | None = None  # the --protocol applied and its overrides
+    conditions: ConditionSource = field(default_factory=ClassLabelSource)
 
     def fingerprint(self) -> dict:
         """What run.json records; settings at their defaults are left out, so folders of runs
@@ -144,6 +172,7 @@ class RunConfig:
             "uint8": self.uint8 if self.uint8 != "round" else None,
             "numerics": {k: v for k, v in self.numerics.items() if v not in (None, "off")} or None,
             "protocol": self.protocol,
+            "conditions": self.conditions.fingerprint(),
         }
         return {
             "num_samples": len(self.labels),
@@ -307,7 +336,8 @@ def _sample_missing_shards(
 def _sample_shard(sampler, config, out, shard, tokenizer, write_png) -> None:
     labels = config.shard_labels(shard)
     generator = torch.Generator(sampler.device).manual_seed(shard_seed(config.seed, shard))
-    tokens = sampler.generate(labels, generator=generator, **config.sampling)
+    conditions = config.conditions.batch(labels)
+    tokens = sampler.generate(conditions, generator=generator, **config.sampling)
     arrays = {"tokens": tokens.cpu().numpy(), "labels": np.asarray(labels, dtype=np.int64)}
     if tokenizer is not None:
         images = decode_tokens(tokenizer, tokens, size=config.resize, rounding=config.uint8)
@@ -350,8 +380,9 @@ def _assemble(out: Path, config: RunConfig, with_images: bool) -> RunOutputs:
             yield _read_shard(shard_path(out, s), key)
 
     labels = np.asarray(config.labels, dtype=np.int64)
+    key = config.conditions.key
     tokens = np.concatenate(list(shards("tokens")))
-    token_members = {"tokens": _whole(tokens), "labels": _whole(labels)}
+    token_members = {"tokens": _whole(tokens), key: _whole(labels)}
     tokens_path = atomic_write(out / TOKENS_FILE, lambda tmp: _write_npz(tmp, token_members))
     outputs = RunOutputs(tokens=tokens_path)
     if with_images:
@@ -359,7 +390,7 @@ def _assemble(out: Path, config: RunConfig, with_images: bool) -> RunOutputs:
         images = ((len(labels), *first.shape[1:3], 3), np.uint8, map(_as_rgb, shards("images")))
         outputs.samples = atomic_write(
             out / SAMPLES_FILE,
-            lambda tmp: _write_npz(tmp, {"arr_0": images, "labels": _whole(labels)}),
+            lambda tmp: _write_npz(tmp, {"arr_0": images, key: _whole(labels)}),
         )
     return outputs
 

@@ -205,7 +205,7 @@ class LlamaGenFamily(BaseFamily):
         is recomputed at a time.
         """
         cfg = model.config
-        dim, ffn, heads, seq = cfg.dim, cfg.ffn_hidden, cfg.n_head, cfg.seq_len
+        dim, ffn, heads, seq = cfg.dim, cfg.ffn_hidden, cfg.n_head, model.positions
         r, c = dtypes.weight_bytes, dtypes.compute_bytes
         dropout = model.training
         resid_mask = dtypes.mask_bytes(c) if dropout and cfg.resid_dropout > 0 else 0

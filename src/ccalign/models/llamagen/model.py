@@ -19,12 +19,43 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ccalign.conditions import ClassLabels
 from ccalign.models.family import ConfigSizes, LogitMix, at_least_float32
 from ccalign.settings import check_fields, ranged
 
 
+class TransformerShape:
+    """Sizes derived from a LlamaGen config's fields (dim, n_head, multiple_of, grid), shared by
+    the class- and the text-conditional configs."""
+
+    dim: int
+    n_head: int
+    multiple_of: int
+    grid: int
+
+    def check_heads(self) -> None:
+        if self.dim % self.n_head or (self.dim // self.n_head) % 2:
+            raise ValueError(
+                f"dim {self.dim} must be n_head ({self.n_head}) times an even head width (RoPE "
+                "rotates pairs of channels); e.g. dim 768 with 12 heads"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid * self.grid
+
+
 @dataclass(frozen=True)
-class LlamaGenConfig:
+class LlamaGenConfig(TransformerShape):
     """Hyper-parameters of one LlamaGen GPT (defaults: the released c2i models' shared values)."""
 
     dim: int = ranged(768, ge=1, le=65536)
@@ -45,24 +76,7 @@ class LlamaGenConfig:
 
     def __post_init__(self):
         check_fields(self)
-        if self.dim % self.n_head or (self.dim // self.n_head) % 2:
-            raise ValueError(
-                f"dim {self.dim} must be n_head ({self.n_head}) times an even head width (RoPE "
-                "rotates pairs of channels); e.g. dim 768 with 12 heads"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def ffn_hidden(self) -> int:
-        hidden = int(2 * 4 * self.dim / 3)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid * self.grid
+        self.check_heads()
 
     @property
     def null_class(self) -> int:
@@ -230,9 +244,14 @@ class Attention(nn.Module):
 
 def _few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v as three batched products: on CPU much cheaper than
-    SDPA's kernel for the one or few queries of a decoding step."""
+    SDPA's kernel for the one or few queries of a decoding step. ``mask`` is (1, 1, S, keys),
+    or (B, 1, S, keys) for masks that differ per row (captions)."""
     b, h, s, hd = q.shape
     keys = k.shape[2]
+    if mask.shape[0] > 1:  # per-row masks broadcast over the heads
+        scores = torch.matmul(q, k.mT) * hd**-0.5 + mask
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        return torch.matmul(weights, v)
     scores = torch.baddbmm(
         mask.reshape(-1, s, keys), q.reshape(b * h, s, hd), k.reshape(b * h, keys, hd).mT,
         alpha=hd**-0.5,
@@ -345,6 +364,20 @@ class LlamaGen(ConfigSizes, nn.Module):
         self.reset_parameters()
 
     @property
+    def condition_kind(self) -> ClassLabels:
+        return ClassLabels(self.config.num_classes)
+
+    @property
+    def prefix_len(self) -> int:
+        """Positions before the first image token's input: the class token."""
+        return 1
+
+    @property
+    def positions(self) -> int:
+        """Sequence positions of a teacher-forced pass: the class token and N - 1 tokens."""
+        return self.seq_len
+
+    @property
     def accepts_beta(self) -> bool:
         """Whether the model takes GFT's beta input (it has the beta embedding)."""
         return self.t_embedder is not None
@@ -447,9 +480,9 @@ class LlamaGen(ConfigSizes, nn.Module):
             args = (flat_h[rows], flat_t[rows], self.output.weight, *(x[rows] for x in extra),
                     *combine)
             if torch.is_grad_enabled() and args[0].requires_grad:
-                pieces.append(checkpoint(_chunk_logprob, *args, use_reentrant=False))
+                pieces.append(checkpoint(chunk_logprob, *args, use_reentrant=False))
             else:
-                pieces.append(_chunk_logprob(*args))
+                pieces.append(chunk_logprob(*args))
         return torch.cat(pieces).view(b, n)
 
     def _check_inputs(self, labels: Tensor, tokens: Tensor) -> None:
@@ -538,7 +571,7 @@ def causal_mask_table(max_len: int, dtype: torch.dtype, device=None) -> Tensor:
     return zeros.masked_fill(~visible, float("-inf"))
 
 
-def _chunk_logprob(
+def chunk_logprob(
     h: Tensor,
     targets: Tensor,
     weight: Tensor,

@@ -1,0 +1,109 @@
+"""Caption features in one safetensors file, as text-to-image models take them.
+
+``features`` (N, L, C) float (FLAN-T5-XL for LlamaGen T2I: L = 120, C = 2048) and ``mask``
+(N, L) bool, left-padded: each row's real tokens are its last ones (LlamaGen's T2I sampler and
+training data put them there) and its padded features are zero. Rows are read lazily, a
+contiguous range at a time, so files of many captions never sit in memory whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ccalign.conditions import CaptionBatch
+from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors
+
+FEATURES, MASK = "features", "mask"
+FORMAT = "ccalign-captions"
+
+
+def check_left_padded(mask: Tensor, where: str) -> None:
+    """Every row holds at least one real token, all after its padding (left padding)."""
+    mask = mask.to(torch.bool)
+    empty = ~mask.any(dim=1)
+    if bool(empty.any()):
+        raise ValueError(f"{where}: caption {int(empty.nonzero()[0])} has no token in its mask")
+    later = mask.int().cummax(dim=1).values.bool()  # True from a row's first real token on
+    if not torch.equal(later, mask):
+        row = int((later != mask).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"{where}: caption {row} is not left-padded (a padded slot follows a real token); "
+            "LlamaGen's T2I models take the real tokens last: flip each row's tokens there "
+            "(ccalign encode-captions writes them so)"
+        )
+
+
+def write_caption_file(path: PathLike, features: Tensor, mask: Tensor) -> Path:
+    """Write captions atomically, checked; padded features are zeroed as LlamaGen's data are."""
+    if features.dim() != 3 or mask.shape != features.shape[:2]:
+        raise ValueError(f"caption features (N, L, C) and mask (N, L) expected; got "
+                         f"{tuple(features.shape)} and {tuple(mask.shape)}")
+    mask = mask.to(torch.bool)
+    check_left_padded(mask, str(path))
+    features = features * mask[..., None].to(features.dtype)
+    return atomic_save_safetensors({FEATURES: features, MASK: mask}, path,
+                                   metadata={"format": FORMAT})
+
+
+class CaptionFile:
+    """The captions of a file, by row: ``batch(indices)`` gives a :class:`CaptionBatch`.
+
+    ``length`` and ``dim`` (the model's caption length and width) are checked when given.
+    """
+
+    key = "caption_index"  # what the sampling run's npz files call the row of each image
+
+    def __init__(self, path: PathLike, length: int | None = None, dim: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"caption features not found: {self.path}")
+        with open_safetensors(self.path) as f:
+            keys = set(f.keys())
+            if not {FEATURES, MASK} <= keys:
+                raise ValueError(
+                    f"{self.path} holds {sorted(keys)}, not caption features: expected "
+                    f"'{FEATURES}' (N, L, C) and '{MASK}' (N, L) (ccalign encode-captions "
+                    "writes them)"
+                )
+            shape = tuple(f.get_slice(FEATURES).get_shape())
+            mask_shape = tuple(f.get_slice(MASK).get_shape())
+            mask = f.get_tensor(MASK)
+        if len(shape) != 3 or mask_shape != shape[:2]:
+            raise ValueError(f"{self.path}: features {shape} and mask {mask_shape} do not "
+                             "describe (N, L, C) captions with an (N, L) mask")
+        if length is not None and (shape[1], shape[2]) != (length, dim):
+            raise ValueError(
+                f"{self.path} holds captions of {shape[1]} tokens x {shape[2]} features but the "
+                f"model takes {length} x {dim}: encode them with the model's text encoder"
+            )
+        check_left_padded(mask, str(self.path))
+        self.count, self.length, self.dim = shape
+
+    def __len__(self) -> int:
+        return self.count
+
+    def batch(self, indices: Sequence[int]) -> CaptionBatch:
+        """The captions of rows ``indices`` (read as one contiguous range)."""
+        if not len(indices):
+            raise ValueError("no caption rows asked for")
+        low, high = min(indices), max(indices) + 1
+        if low < 0 or high > self.count:
+            raise ValueError(f"caption rows {low}..{high - 1} outside {self.path}'s {self.count}")
+        with open_safetensors(self.path) as f:
+            features = f.get_slice(FEATURES)[low:high]
+            mask = f.get_slice(MASK)[low:high]
+        rows = torch.as_tensor(list(indices)) - low
+        return CaptionBatch.of(features[rows].float(), mask[rows])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the file's bytes (a run's samples belong to these captions)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        return digest.hexdigest()
