@@ -92,7 +92,8 @@ def reference_logits(model: LlamaGenT2I, conds: CaptionBatch, prefix: torch.Tens
                                              attn_mask=mask)
         h = h + out.transpose(1, 2).reshape(h.shape) @ sd[p + "attention.wo.weight"].T
         f = norm(h, sd[p + "ffn_norm.weight"])
-        gate = F.silu(f @ sd[p + "feed_forward.w1.weight"].T) * (f @ sd[p + "feed_forward.w3.weight"].T)
+        w1, w3 = sd[p + "feed_forward.w1.weight"], sd[p + "feed_forward.w3.weight"]
+        gate = F.silu(f @ w1.T) * (f @ w3.T)
         h = h + gate @ sd[p + "feed_forward.w2.weight"].T
     return norm(h, sd["norm.weight"]) @ sd["output.weight"].T
 
