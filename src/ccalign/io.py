@@ -105,6 +105,15 @@ def output_folder(text: str) -> Path:
     return _output_flag(text, folder=True)
 
 
+def output_path(text: str) -> Path:
+    """argparse ``type`` of a file or a folder to write, as the command decides: every folder
+    above it must be a folder."""
+    problem = _output_problem(Path(text).parent, folder=True)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{shorten(text, 200)}{problem}")
+    return Path(text)
+
+
 def _output_flag(text: str, *, folder: bool) -> Path:
     problem = _output_problem(Path(text), folder)
     if problem:

@@ -17,7 +17,7 @@ import pytest
 
 from ccalign.cli import build_parser, main
 from ccalign.demo.settings import DemoSettings
-from ccalign.io import output_file, output_folder
+from ccalign.io import output_file, output_folder, output_path
 from ccalign.models import llamagen
 from ccalign.models.llamagen.model import LlamaGenConfig
 from ccalign.models.var.model import VARConfig
@@ -61,6 +61,7 @@ def base_invocations(files) -> dict[str, list[str]]:
         "pretrain": ["pretrain", "--config", str(REPO / "configs" / "fmnist_pretrain.toml"),
                      "--data", files["codes"], "--out", str(scratch / "run"), "--dry-run"],
         "sample": ["sample", missing, "--out", str(scratch / "samples")],
+        "encode-captions": ["encode-captions", missing, "--out", str(scratch / "c.safetensors")],
         "reproduce": ["reproduce", "cca-var-d16", "--ref", missing, "--out",
                       str(scratch / "repro")],
         "theory": ["theory", "--betas", "1", "--lambdas", "1", "--out", str(scratch / "t.json")],
@@ -76,7 +77,7 @@ def test_an_output_under_a_file_gets_the_same_line_from_every_command(files, cap
     blocker = str(files["blocked"].parent)
     for name, base in base_invocations(files).items():
         for action in options(commands()[name]):
-            if action.type not in (output_file, output_folder):
+            if action.type not in (output_file, output_folder, output_path):
                 continue
             flag = action.option_strings[0]
             code, err = run_one_line(capsys, [*base, flag, str(files["blocked"] / "x")])

@@ -246,3 +246,66 @@ def test_cli_samples_from_caption_features(tmp_path, capsys):
     assert "--classes: a text-to-image model samples from captions" in capsys.readouterr().err
     assert main(["sample", str(model_path), "--out", str(tmp_path / "y"), *common]) == 1
     assert "give --caption-features FILE.safetensors" in capsys.readouterr().err
+
+
+# ---- captions encoded with a transformers T5 encoder ----
+def test_text_encoder_left_pads_as_llamagens_sampler(tmp_path):
+    from ccalign.data.text_encoder import TextEncoder, left_pad
+    from support.text import save_tiny_text_encoder
+
+    encoder = TextEncoder(save_tiny_text_encoder(tmp_path / "t5", C), length=L)
+    got = encoder.encode(["A sneaker to the left of a bag", "  Boot  "])
+    assert got.features.shape == (2, L, C) and got.mask.sum(1).tolist() == [L, 2]  # truncated
+    assert got.mask[1].tolist() == [False] * (L - 2) + [True, True]
+    tokens = encoder.tokenizer(["boot"], max_length=L, padding="max_length",
+                               return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder.model(**tokens).last_hidden_state[0]
+    torch.testing.assert_close(got.features[1, L - 2 :], hidden[:2])  # "boot </s>", lower-cased
+    assert not got.features[1, : L - 2].any()
+    features = torch.arange(2 * 4, dtype=torch.float32).view(2, 4, 1)
+    moved, mask = left_pad(features, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    assert moved[:, :, 0].tolist() == [[0, 0, 0, 1], [4, 5, 6, 7]]
+    assert mask.tolist() == [[False, False, True, True], [True] * 4]
+
+
+@pytest.mark.slow
+def test_encode_captions_writes_both_layouts_and_sample_takes_prompts(tmp_path, capsys):
+    from support.text import save_tiny_text_encoder
+
+    t5 = str(save_tiny_text_encoder(tmp_path / "t5", C))
+    (tmp_path / "lists").mkdir()
+    lines = [{"image_path": "a.png", "caption": "a red shirt"},
+             {"image_path": "b.png", "caption": "a boot on the right of a bag"}]
+    (tmp_path / "lists" / "part0.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    (tmp_path / "prompts.txt").write_text("a red shirt\na boot on the right of a bag\n")
+    common = ["--text-encoder", t5, "--length", str(L), "--device", "cpu", "--quiet"]
+    assert main(["encode-captions", str(tmp_path / "lists"), "--out",
+                 str(tmp_path / "caps.safetensors"), *common]) == 0
+    assert main(["encode-captions", str(tmp_path / "lists"), "--format", "llamagen", "--out",
+                 str(tmp_path / "t5_feat"), *common]) == 0
+    source = CaptionFile(tmp_path / "caps.safetensors", L, C)
+    batch = source.batch([0, 1])
+    npy = np.load(tmp_path / "t5_feat" / "part0" / "1.npy")
+    assert npy.shape == (1, int(batch.mask[1].sum()), C)
+    np.testing.assert_array_equal(npy[0], batch.features[1][batch.mask[1]].numpy())
+    assert main(["encode-captions", str(tmp_path / "lists"), "--out",
+                 str(tmp_path / "caps.safetensors"), *common]) == 1
+    assert "exists already" in capsys.readouterr().err
+
+    model_path, vq_path = tmp_path / "t2i.safetensors", tmp_path / "vq.safetensors"
+    T2I_FAMILY.save(tiny(std=0.08), model_path)
+    tokenizers.save(tiny_vq(), vq_path)
+    sample = ["sample", str(model_path), "--tokenizer", str(vq_path), "--device", "cpu",
+              "--quiet", "--no-png", "--top-k", "1"]
+    by_prompts, by_file = tmp_path / "p", tmp_path / "f"
+    assert main([*sample, "--prompts", str(tmp_path / "prompts.txt"), "--text-encoder", t5,
+                 "--out", str(by_prompts)]) == 0
+    assert main([*sample, "--caption-features", str(tmp_path / "caps.safetensors"),
+                 "--out", str(by_file)]) == 0
+    np.testing.assert_array_equal(np.load(by_prompts / "tokens.npz")["tokens"],
+                                  np.load(by_file / "tokens.npz")["tokens"])
+    (tmp_path / "prompts.txt").write_text("a boot\n")
+    assert main([*sample, "--prompts", str(tmp_path / "prompts.txt"), "--text-encoder", t5,
+                 "--out", str(by_prompts)]) == 1
+    assert "holds a run of other captions" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import argparse
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from ccalign.errors import shorten
 
@@ -69,6 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="text-to-image models: a .safetensors of caption features (features (N, L, C), "
         "mask (N, L) bool, left-padded; ccalign encode-captions writes one): one image per "
         "caption, or --num-samples cycling through them",
+    )
+    what.add_argument(
+        "--prompts",
+        help="text-to-image models: a text file of captions, one per line, encoded with "
+        "--text-encoder into <out>/captions.safetensors",
+    )
+    what.add_argument(
+        "--text-encoder",
+        help="transformers T5 folder or Hub name for --prompts (default: the model family's, "
+        "google/flan-t5-xl for LlamaGen T2I)",
     )
     what.add_argument(
         "--protocol",
@@ -295,7 +306,10 @@ def run(args: argparse.Namespace) -> int:
         set_tf32(args.tf32, device)
         sampler = family.sampler(model, device=device, inplace=True, **numerics_options(args),
                                  **family.sampler_options(args))
-        labels, source = plan_conditions(family.condition(model), model, args, classes)
+        kind = family.condition(model)
+        if args.prompts is not None:
+            args.caption_features = encode_prompts(args, family, kind, device, rank, barrier)
+        labels, source = plan_conditions(kind, model, args, classes)
         config = RunConfig(
             labels=labels,
             batch_size=args.batch_size,
@@ -346,6 +360,43 @@ def plan_conditions(kind, model, args: argparse.Namespace, classes: list[int] | 
     labels = plan_labels(model.num_classes, classes=classes, per_class=args.per_class,
                          num_samples=args.num_samples, mode=args.labels, seed=args.seed)
     return labels, ClassLabelSource()
+
+
+def encode_prompts(args: argparse.Namespace, family, kind, device, rank: int, barrier):
+    """<out>/captions.safetensors: --prompts encoded (rank 0); a file from an earlier run must
+    hold the same captions, so a resumed run cannot pair old samples with new prompts."""
+    from ccalign.conditions import Captions
+    from ccalign.data.captions import CaptionFile, write_caption_file
+    from ccalign.data.text_encoder import TextEncoder
+
+    if not isinstance(kind, Captions):
+        raise ValueError("--prompts: this model is class-conditional; give --classes, "
+                         "--per-class or --num-samples")
+    if args.caption_features is not None:
+        raise ValueError("give either --prompts or --caption-features, not both")
+    path = args.out / "captions.safetensors"
+    if rank == 0:
+        text = Path(args.prompts).read_text(encoding="utf-8")
+        prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts}: no captions in the file")
+        source = args.text_encoder or family.text_encoder
+        encoded = TextEncoder(source, length=kind.length, device=device).encode(prompts)
+        if path.exists():
+            old = CaptionFile(path).batch(range(len(CaptionFile(path))))
+            same = old.features.shape == encoded.features.shape and torch_equal(old, encoded)
+            if not same:
+                raise ValueError(f"{args.out} holds a run of other captions; give a new --out")
+        else:
+            write_caption_file(path, encoded.features, encoded.mask)
+    barrier()
+    return str(path)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.features, b.features) and torch.equal(a.mask, b.mask)
 
 
 def plan_captions(kind, args: argparse.Namespace, classes: list[int] | None) -> tuple:

@@ -186,6 +186,7 @@ class ModelFamily(Protocol):
     lora_excluded: tuple[str, ...]  # linear layers the forward applies by weight
     sampling_options: tuple[SamplingOption, ...]  # its own flags of ``ccalign sample``
     own_guidance: OwnGuidance | None  # its own guidance number, where it has one
+    text_encoder: str | None  # captioned families: the encoder of their captions (Hub name)
 
     def recognizes(self, path: PathLike) -> bool:
         """Whether a file holds a model of this family (ccalign metadata or official keys)."""
@@ -288,6 +289,7 @@ class BaseFamily:
     lora_excluded: tuple[str, ...] = ()
     sampling_options: tuple[SamplingOption, ...] = ()
     own_guidance: OwnGuidance | None = None
+    text_encoder: str | None = None
     #: capability -> why this family lacks it (the default reason is generic)
     lacks: Mapping[str, str] = {}
 

@@ -32,6 +32,7 @@ class LlamaGenT2IFamily(LlamaGenFamily):
 
     name = "llamagen-t2i"
     title = "LlamaGen T2I"
+    text_encoder = "google/flan-t5-xl"  # the encoder of its captions (LlamaGen's language/t5.py)
     model_class = LlamaGenT2I
     config_class = LlamaGenT2IConfig
     capabilities = frozenset()

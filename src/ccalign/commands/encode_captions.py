@@ -1,0 +1,138 @@
+"""`ccalign encode-captions`: captions to text-encoder features for text-to-image models.
+
+Reads captions from ``.txt`` files (one per line) or LlamaGen's ``.jsonl`` lists (the caption
+under ``--caption-key``; a folder of lists is read in name order), encodes them with a
+transformers T5 encoder (FLAN-T5-XL by default: LlamaGen T2I's) and writes either one
+safetensors file (``features`` (N, 120, 2048), ``mask`` (N, 120) bool, left-padded; what
+``ccalign sample --caption-features`` reads) or LlamaGen's layout: one ``.npy`` (1, n, 2048) of
+the n real tokens per caption, under a folder named after its list, file ``<line index>.npy``
+(``language/extract_t5_feature.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "encode captions with a T5 text encoder (one safetensors file, or LlamaGen's .npy layout)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ccalign.data.text_encoder import CAPTION_TOKENS, DEFAULT_ENCODER
+    from ccalign.devices import device_flag
+    from ccalign.io import output_path
+    from ccalign.settings import number
+
+    parser.add_argument("inputs", nargs="+", type=Path,
+                        help=".txt (a caption per line), .jsonl lists, or folders of .jsonl lists")
+    parser.add_argument("--out", type=output_path, required=True,
+                        help="a new .safetensors file, or a new folder with --format llamagen")
+    parser.add_argument("--format", choices=("safetensors", "llamagen"), default="safetensors",
+                        help="one file (default) or LlamaGen's <list>/<line>.npy layout")
+    parser.add_argument("--caption-key", default="caption",
+                        help="where a .jsonl line holds its caption; dots go deeper (text.blip)")
+    parser.add_argument("--text-encoder", default=DEFAULT_ENCODER,
+                        help="transformers T5 folder or Hub name (default: %(default)s)")
+    parser.add_argument("--length", type=number(int, ge=1, le=4096), default=CAPTION_TOKENS,
+                        help="tokens per caption (default: %(default)s, LlamaGen's)")
+    parser.add_argument("--batch-size", type=number(int, ge=1, le=65536), default=32)
+    parser.add_argument("--device", type=device_flag, help="cuda or cpu (default: cuda when "
+                        "available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ccalign.data.text_encoder import TextEncoder
+    from ccalign.devices import pick_device
+
+    check_new_output(args.out, args.format)
+    items = read_captions(args.inputs, args.caption_key)
+    encoder = TextEncoder(args.text_encoder, length=args.length, device=pick_device(args.device))
+    captions = [caption for _, _, caption in items]
+    batches = []
+    with tqdm(total=len(captions), unit="caption", disable=args.quiet) as bar:
+        for batch in encoder.encode_batches(captions, args.batch_size):
+            batches.append(batch)
+            bar.update(len(batch))
+    written = (write_llamagen_layout if args.format == "llamagen" else write_one_file)(
+        args.out, items, batches)
+    print(f"{len(captions)} captions encoded by {args.text_encoder}: {written}")
+    return 0
+
+
+def check_new_output(out: Path, form: str) -> None:
+    """Nothing the user has is written over: the file (or folder) must not exist yet."""
+    if form == "safetensors" and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the .safetensors file to write")
+    if out.exists() and (form == "safetensors" or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists already; give a new path (or delete it)")
+
+
+def read_captions(inputs: list[Path], key: str) -> list[tuple[str, int, str]]:
+    """(list name, line index, caption) of every caption, in file and line order."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix == ".jsonl")
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"captions not found: {path}")
+    items = []
+    for path in files:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for index, line in enumerate(lines):
+            if path.suffix == ".jsonl":
+                items.append((path.stem, index, _caption_of(json.loads(line), key, path, index)))
+            elif line.strip():
+                items.append((path.stem, index, line))
+    if not items:
+        raise ValueError(f"no captions in {', '.join(map(str, inputs))}")
+    return items
+
+
+def _caption_of(record: dict, key: str, path: Path, index: int) -> str:
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"{path} line {index + 1} has no caption under {key!r}; set "
+                             "--caption-key (dots go deeper, e.g. text.blip)")
+        value = value[part]
+    if not isinstance(value, str):
+        raise ValueError(f"{path} line {index + 1}: the caption under {key!r} is not text")
+    return value
+
+
+def write_one_file(out: Path, items, batches) -> Path:
+    import torch
+
+    from ccalign.data.captions import write_caption_file
+
+    features = torch.cat([b.features for b in batches])
+    mask = torch.cat([b.mask for b in batches])
+    return write_caption_file(out, features, mask)
+
+
+def write_llamagen_layout(out: Path, items, batches) -> Path:
+    """<out>/<list>/<line>.npy (1, n, C) float32 of each caption's real tokens, atomically."""
+    import numpy as np
+
+    from ccalign.io import atomic_write
+
+    rows = [(f, m) for b in batches for f, m in zip(b.features, b.mask, strict=True)]
+    for (name, index, _), (features, mask) in zip(items, rows, strict=True):
+        real = features[mask].numpy().astype(np.float32)[None]
+        path = out / name / f"{index}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp, a=real: _save_npy(tmp, a))
+    return out
+
+
+def _save_npy(path: str, array) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(f, array)
