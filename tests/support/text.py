@@ -13,8 +13,9 @@ WORDS = ["<pad>", "</s>", "<unk>", "a", "an", "sneaker", "bag", "shirt", "boot",
 
 def save_tiny_text_encoder(folder: Path, dim: int, seed: int = 0) -> Path:
     """T5 encoder of width ``dim`` (2 layers) and its tokenizer in ``folder``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {word: i for i, word in enumerate(WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
