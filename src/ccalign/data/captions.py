@@ -107,3 +107,46 @@ class CaptionFile:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
         return digest.hexdigest()
+
+
+class CaptionedCodes:
+    """Training data of a text-to-image model: the codes of a code data set, each with the
+    caption in the same row of a caption file. Items are (tokens, (features, mask)); ``collate``
+    stacks them into (tokens (M, N), CaptionBatch)."""
+
+    def __init__(self, codes, captions: CaptionFile):
+        if len(codes) != len(captions):
+            raise ValueError(
+                f"{len(codes)} images of codes but {len(captions)} captions in "
+                f"{captions.path}: give one caption per image, in the same order"
+            )
+        self.codes, self.captions = codes, captions
+        self.seq_len, self.num_views = codes.seq_len, codes.num_views
+        self.vocab_size = codes.vocab_size
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.codes.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        tokens, _ = self.codes[index]
+        caption = self.captions.batch([index])
+        return tokens, (caption.features[0], caption.mask[0])
+
+    @staticmethod
+    def collate(items) -> tuple[Tensor, CaptionBatch]:
+        tokens = torch.stack([tokens for tokens, _ in items])
+        features = torch.stack([features for _, (features, _) in items])
+        mask = torch.stack([mask for _, (_, mask) in items])
+        return tokens, CaptionBatch.of(features, mask)
+
+    def all_labels(self):
+        """No class labels: the conditions are the captions."""
+        import numpy as np
+
+        return np.zeros(0, dtype=np.int64)
+
+    def token_range(self) -> tuple[int, int]:
+        return self.codes.token_range()

@@ -48,6 +48,24 @@ def model_from_config(section: ModelSection, method: Method | None = None) -> nn
     return families.create(spec)
 
 
+def with_captions(dataset: CodeDataset, captions: str | None, model: nn.Module):
+    """The data set with its captions for a caption-conditioned model (data.captions); the
+    plain codes otherwise. A mismatch between the model's condition and the data is refused."""
+    from ccalign.conditions import Captions
+    from ccalign.data.captions import CaptionedCodes, CaptionFile
+
+    kind = families.of(model).condition(model)
+    if not isinstance(kind, Captions):
+        if captions is not None:
+            raise ValueError("data.captions: the model is class-conditional; remove it (the "
+                             "codes' labels are its conditions)")
+        return dataset
+    if captions is None:
+        raise ValueError("a text-to-image model trains on captions: set data.captions to the "
+                         "caption features of the images (ccalign encode-captions writes them)")
+    return CaptionedCodes(dataset, CaptionFile(captions, kind.length, kind.dim))
+
+
 def open_training_data(config: TrainConfig, model: nn.Module) -> CodeDataset:
     """The code data set (or images encoded by ``data.tokenizer``), checked against the model.
 
@@ -70,6 +88,7 @@ def open_training_data(config: TrainConfig, model: nn.Module) -> CodeDataset:
         dataset.require_seq_len(model.seq_len)
     else:
         dataset = open_codes(data.path, seed=data.seed)
+    dataset = with_captions(dataset, data.captions, model)
     if data.validate:
         validate_codes(
             dataset,

@@ -79,6 +79,8 @@ class DataSection:
     """The training data: pre-extracted codes, or images encoded on the fly by ``tokenizer``."""
 
     path: str | None = None  # codes; with tokenizer: an image folder or fashion-mnist:<split>
+    # text-to-image models: caption features (ccalign encode-captions), one per image of path
+    captions: str | None = None
     tokenizer: str | None = None  # tokenizer file or "fmnist-vq"; None: path holds codes
     # with tokenizer: "center" crop, "flip" (a random mirror per item) or "var-crop" (VAR's view:
     # short side to 1.125x the size, a random crop each epoch)

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ccalign.conditions import ClassLabels
 from ccalign.data.codes import FLAT_FORMAT
 from ccalign.io import atomic_save_safetensors, atomic_write, open_safetensors, read_json_record
 from ccalign.models import families
@@ -339,6 +340,11 @@ def attach_negatives(trainer: Trainer) -> None:
     if not isinstance(objective, DDOObjective):
         raise TypeError(f"a DDO round needs a DDOObjective, got {type(objective).__name__}")
     method = config.method
+    if not isinstance(trainer.condition, ClassLabels):
+        raise ValueError(
+            f"method ddo: its negatives are keyed by class labels; {trainer.condition.name} "
+            "conditions are not supported yet: use cca, dpo or unlearning"
+        )
     check_negative_settings(method, trainer.model)
     codec = retokenizer(config, trainer.model)
     if method.negatives == "online":

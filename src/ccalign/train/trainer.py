@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +63,7 @@ from ccalign.train.state import (
     tensor_fingerprint,
 )
 
-MicroBatch = tuple[Tensor, Tensor]  # (tokens (M, N) int64, labels (M,) int64)
+MicroBatch = tuple[Tensor, Any]  # (tokens (M, N) int64, conditions: labels (M,) or captions)
 Callback = Callable[["Trainer", dict], None]
 
 
@@ -315,11 +316,12 @@ class Trainer:
         first_row = (step - 1) * self.plan.global_batch
         sums: dict[str, Tensor] = {}
         for m, (tokens, labels) in enumerate(micro_batches):
-            rows = slice(offsets[m], offsets[m] + labels.shape[0])
+            count = self.condition.size(labels)
+            rows = slice(offsets[m], offsets[m] + count)
             extra = {} if draws is None else {"row_draws": draws[rows].to(self.device)}
             if self.objective.needs_row_ids:  # global positions: (step - 1) * G + offset
                 start = first_row + offsets[m]
-                extra["row_ids"] = torch.arange(start, start + labels.shape[0])
+                extra["row_ids"] = torch.arange(start, start + count)
             with self._gradient_sync(last=m == accum - 1):
                 with self._autocast():
                     out = self.objective(
@@ -360,6 +362,7 @@ class Trainer:
             batch_sampler=index_lists,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
+            collate_fn=getattr(self.dataset, "collate", None),
             generator=torch.Generator().manual_seed(self.config.data.seed),  # spares global RNG
         )
         group: list[MicroBatch] = []
