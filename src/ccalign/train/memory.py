@@ -99,7 +99,7 @@ class MemoryPlan:
         )
         lines = [
             f"memory plan: {self.model}, {self.parameters:,} parameters{trains}, micro-batch "
-            f"{self.micro_batch} ({self.rows} sequences x {self.seq_len} tokens), weights "
+            f"{self.micro_batch} ({self.rows} sequences x {self.seq_len} positions), weights "
             f"{self.weights_dtype}, reference {self.reference_dtype}, {self.optimizer_name}, "
             f"activation checkpointing {ac}",
             _line("weights", self.weights),
@@ -208,7 +208,7 @@ def _plan(model, estimate, micro_batch, dtypes, optimizer, checkpointing, worklo
         parameters=sum(p.numel() for p in model.parameters()),
         micro_batch=micro_batch,
         rows=rows,
-        seq_len=model.seq_len,
+        seq_len=_positions(model),
         weights=parameter_bytes(model, dtypes.weights),
         gradients=sum(p.numel() * dtypes.weights.itemsize for p in trainable),
         optimizer=optimizer_state_bytes(trainable, optimizer, dtypes.weights),
@@ -238,8 +238,13 @@ def _extra_saved(model, rows: int, nograd: int, dtypes: Dtypes, workload: Worklo
             per_token = workload.lora_rank * c
             if workload.lora_dropout:
                 per_token += module.in_features * c + dtypes.mask_bytes(c) * module.in_features
-            extra += rows * model.seq_len * per_token
+            extra += rows * _positions(model) * per_token
     return extra
+
+
+def _positions(model: nn.Module) -> int:
+    """Sequence positions of a teacher-forced pass (a T2I model's caption included)."""
+    return getattr(model, "positions", model.seq_len)
 
 
 def _width(model: nn.Module) -> int:
