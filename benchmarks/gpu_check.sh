@@ -61,6 +61,7 @@ if [ "$SMOKE" = 1 ]; then
     TRAIN_3B=("${TINY_TRAIN[@]}")
     SAMPLE_B=(--model custom --grid 4 --threads 1)
     SAMPLE_L=("${SAMPLE_B[@]}")
+    SAMPLE_T2I=("${SAMPLE_B[@]}")
     B_BATCHES=8 L_BATCHES=4,8 L_BIG=8
     MODES_GRAPH=eager # no CUDA graph on the CPU
     MODES_COMPILE=eager # torch.compile costs minutes on small CPUs: the smoke run skips it
@@ -72,6 +73,7 @@ else
     TRAIN_3B=(--model GPT-3B --grid 24 --micro-batch 8 --steps 2)
     SAMPLE_B=(--model GPT-B --grid 24)
     SAMPLE_L=(--model GPT-L --grid 24)
+    SAMPLE_T2I=(--model GPT-XL --grid 16)  # LlamaGen's T2I XL at 256 px
     B_BATCHES=256 L_BATCHES=8,256 L_BIG=256
     MODES_GRAPH=graph
     MODES_COMPILE=compile
@@ -120,6 +122,8 @@ stage train_GPT-L_mb32_ac 60 "$PY" benchmarks/train_step.py "${TRAIN_L32[@]}" --
 stage sample_GPT-B_eager_graph 60 "$PY" benchmarks/sample.py "${SAMPLE_B[@]}" --device $DEV \
     --batch-sizes $B_BATCHES --modes "eager,$MODES_GRAPH" --repeats 1 \
     --json "$OUT/sample_GPT-B_eager_graph.json"
+stage sample_T2I_graph 90 "$PY" benchmarks/sample.py --t2i "${SAMPLE_T2I[@]}" --device $DEV \
+    --batch-sizes 8,64 --modes $MODES_GRAPH --repeats 1 --json "$OUT/sample_T2I_graph.json"
 stage sample_GPT-L_compile 150 "$PY" benchmarks/sample.py "${SAMPLE_L[@]}" --device $DEV \
     --batch-sizes $L_BIG --modes $MODES_COMPILE --repeats 1 \
     --json "$OUT/sample_GPT-L_compile.json"

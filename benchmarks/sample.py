@@ -4,10 +4,14 @@ CPU (default): the demo-sized model (~1.9M parameters, 7x7 = 49 tokens, vocab 25
 GPU: ``--device cuda --model GPT-L --grid 24`` (576 tokens, bf16) at batch 8 and 256; modes
 ``eager`` (no graph: the official sampler's way of running), ``graph`` (CUDA graph) and
 ``compile`` (torch.compile + CUDA graph; on CPU torch.compile alone). Random weights: speed does
-not depend on them.
+not depend on them. ``--t2i``: LlamaGen's text-to-image GPT instead, conditioned on random
+left-padded captions of 120 tokens (2048 features for a preset, as FLAN-T5-XL's; 64 for the small
+model), at CFG 7.5 (sample_t2i.py's) unless --cfg-scale says.
 
     python benchmarks/sample.py                       # CPU
     python benchmarks/sample.py --device cuda --model GPT-L --grid 24 --batch-sizes 8,256
+    python benchmarks/sample.py --t2i --batch-sizes 8,64                        # CPU, small T2I
+    python benchmarks/sample.py --t2i --device cuda --model GPT-XL --grid 16 --batch-sizes 8,64
 """
 
 from __future__ import annotations
@@ -18,19 +22,36 @@ import time
 
 import torch
 
+from ccalign.conditions import CaptionBatch
 from ccalign.models import llamagen
+from ccalign.models.llamagen import t2i
 from ccalign.sample import Sampler
 
 SMALL = dict(dim=192, n_layer=4, n_head=6, vocab_size=256, num_classes=10)
+SMALL_T2I = dict(dim=192, n_layer=4, n_head=6, vocab_size=256, caption_dim=64)
 
 
-def build_model(name: str, grid: int, device: torch.device) -> llamagen.LlamaGen:
+def build_model(name: str, grid: int, device: torch.device, text: bool = False):
     """Random-weight model (output head random too, so the logits are not all equal)."""
     torch.manual_seed(0)
-    sizes = SMALL if name == "custom" else {}
-    model = llamagen.build(name, grid=grid, **sizes)
+    if text:
+        model = t2i.build(name, grid=grid, **(SMALL_T2I if name == "custom" else {}))
+    else:
+        model = llamagen.build(name, grid=grid, **(SMALL if name == "custom" else {}))
     torch.nn.init.normal_(model.output.weight, std=0.02)
     return model.to(device).eval()
+
+
+def conditions(model, batch: int, device: torch.device):
+    """Class labels, or random captions with 1..L real tokens (left-padded) for a T2I model."""
+    if not isinstance(model, t2i.LlamaGenT2I):
+        return torch.arange(batch) % model.num_classes
+    g = torch.Generator().manual_seed(0)
+    length, dim = model.config.caption_len, model.config.caption_dim
+    counts = torch.randint(1, length + 1, (batch,), generator=g)
+    mask = torch.arange(length)[None, :] >= (length - counts)[:, None]
+    features = torch.randn(batch, length, dim, generator=g) * mask[..., None]
+    return CaptionBatch.of(features.to(device), mask.to(device))
 
 
 def synchronize(device: torch.device) -> None:
@@ -45,7 +66,7 @@ def time_generate(
 
     CPU seconds tell the cost on a shared machine, where wall time depends on the neighbours.
     """
-    labels = torch.arange(batch) % sampler.model.num_classes
+    labels = conditions(sampler.model, batch, sampler.device)
     generator = torch.Generator(sampler.device).manual_seed(0)
     walls, cpus = [], []
     for _ in range(repeats + 1):
@@ -106,7 +127,8 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--batch-sizes", default=None, help="default 16,64,256 (CPU) / 8,256")
     parser.add_argument("--modes", default=None, help="default eager (CPU) / eager,graph,compile")
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--cfg-scale", type=float, default=None, help="default 2 (7.5 with --t2i)")
+    parser.add_argument("--t2i", action="store_true", help="LlamaGen's text-to-image GPT")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -118,9 +140,11 @@ def main() -> None:
     default_batches = "8,256" if on_cuda else "16,64,256"
     batches = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
     modes = (args.modes or ("eager,graph,compile" if on_cuda else "eager")).split(",")
-    model = build_model(args.model, args.grid, device)
+    model = build_model(args.model, args.grid, device, args.t2i)
+    args.cfg_scale = args.cfg_scale or (7.5 if args.t2i else 2.0)
+    kind = "T2I, 120 caption tokens + " if args.t2i else ""
     print(
-        f"{args.model} grid {args.grid} ({model.seq_len} tokens), "
+        f"{args.model} grid {args.grid} ({kind}{model.seq_len} tokens), "
         f"{model.num_parameters() / 1e6:.1f}M parameters, {device}"
         f"{'' if on_cuda else f', {torch.get_num_threads()} threads'}, CFG scale {args.cfg_scale}; "
         "setup = graph capture / compile time paid on the first batch"
@@ -131,7 +155,8 @@ def main() -> None:
         rows += bench_mode(model, device, mode, batches, args.cfg_scale, args.repeats)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"model": args.model, "grid": args.grid, **r} for r in rows], f, indent=2)
+            json.dump([{"model": args.model, "grid": args.grid, "t2i": args.t2i, **r}
+                       for r in rows], f, indent=2)
 
 
 if __name__ == "__main__":
