@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check: CUDA tests, `ccalign reproduce` on tiny releases, CCA train-step and sampling benchmarks for GPT-B and GPT-L (eager,
-# CUDA graph, compile), the GPT-3B memory plan and a real 3B CCA step (random weights, bf16
-# weights, activation checkpointing); one JSON and one markdown table in OUT.
+# The GPU check: CUDA tests, `ccalign reproduce` on tiny releases, CCA train-step and sampling
+# benchmarks for GPT-B and GPT-L (eager, CUDA graph, compile) and the T2I XL, the GPT-3B memory
+# plan and a real 3B CCA step (random weights, bf16 weights, activation checkpointing); one JSON
+# and one markdown table in OUT.
 #
 #   bash benchmarks/gpu_check.sh OUT               # a CUDA machine: <= 8 minutes on one H200
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUT   # every stage with tiny sizes on the CPU
