@@ -44,6 +44,7 @@ class LlamaGenFamily(BaseFamily):
     model_class = LlamaGen
     config_class = LlamaGenConfig
     presets = PRESETS
+    default_preset = "GPT-L"  # of an official file given without --model
     official_suffix = ".pt"
     options = ("grid",)
     capabilities = frozenset({"beta_embedding"})
@@ -121,18 +122,16 @@ class LlamaGenFamily(BaseFamily):
                 spec.init, "pass the preset name (e.g. 'GPT-L') and the grid (16 for 256 px, "
                 "24 for 384 px)"
             )
-        sizes = {**PRESETS.get(name, {}), **_release_options(spec), **spec.arch}
-        if name != "custom" and name not in PRESETS:
+        sizes = {**self.presets.get(name, {}), **_release_options(spec), **spec.arch}
+        if name != "custom" and name not in self.presets:
             raise ValueError(
-                f"unknown LlamaGen model {name!r}; choose one of {sorted(PRESETS)} or 'custom'"
+                f"unknown LlamaGen model {name!r}; choose one of {sorted(self.presets)} or "
+                "'custom'"
             )
         missing = {"dim", "n_layer", "n_head"} - sizes.keys()
         if missing:
             raise ValueError(f"a custom LlamaGen model needs {sorted(missing)} in model.arch")
         return self.make_config({**sizes, "grid": grid})
-
-    def build(self, spec: ModelSpec) -> LlamaGen:
-        return LlamaGen(self.config_for(spec))
 
     def load(self, spec: ModelSpec, *, codec=None) -> LlamaGen:
         """The model of ``spec.init``: a ccalign file carries its architecture, a registry name
@@ -153,7 +152,7 @@ class LlamaGenFamily(BaseFamily):
         release = spec_release(spec)
         if release is not None:
             return release.preset, release.grid
-        return spec.preset or "GPT-L", spec.options.get("grid", DEFAULT_GRID)
+        return spec.preset or self.default_preset, spec.options.get("grid", DEFAULT_GRID)
 
     # ---- tokens and sampling ----
     def load_tokenizer(self, source: PathLike, config: LlamaGenConfig):

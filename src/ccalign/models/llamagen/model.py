@@ -470,20 +470,7 @@ class LlamaGen(ConfigSizes, nn.Module):
     ) -> Tensor:
         """Per-token log-probabilities (B, N) of the given tokens, computed chunk by chunk."""
         hidden = self.hidden_states(labels, tokens, beta)
-        b, n, d = hidden.shape
-        flat_h, flat_t = hidden.reshape(b * n, d), tokens.reshape(b * n)
-        extra = () if mix is None else mix.flat(b, n)
-        combine = () if mix is None else (mix.combine,)
-        pieces = []
-        for start in range(0, b * n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            args = (flat_h[rows], flat_t[rows], self.output.weight, *(x[rows] for x in extra),
-                    *combine)
-            if torch.is_grad_enabled() and args[0].requires_grad:
-                pieces.append(checkpoint(chunk_logprob, *args, use_reentrant=False))
-            else:
-                pieces.append(chunk_logprob(*args))
-        return torch.cat(pieces).view(b, n)
+        return chunked_logprobs(hidden, tokens, self.output.weight, chunk_rows, mix)
 
     def _check_inputs(self, labels: Tensor, tokens: Tensor) -> None:
         if tokens.dim() != 2 or labels.dim() != 1 or labels.shape[0] != tokens.shape[0]:
@@ -508,13 +495,8 @@ class LlamaGen(ConfigSizes, nn.Module):
         is padded to a multiple of 16 (masked keys) so attention kernels get aligned rows.
         """
         ref = self.output.weight
-        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
-        multiple = 16 if device.type == "cuda" else 1
-        max_len = -(-(self.seq_len + 1) // multiple) * multiple
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
-                batch, self.config.n_head, max_len, self.config.head_dim, dtype, device
-            )
+        device = torch.device(device or ref.device)
+        max_len = install_kv_cache(self, batch, self.prefix_len + self.seq_len, dtype, device)
         self.kv_mask = causal_mask_table(max_len, ref.dtype, device)
         self.kv_rope = interleaved_rope(self.rope).to(device)
 
@@ -569,6 +551,40 @@ def causal_mask_table(max_len: int, dtype: torch.dtype, device=None) -> Tensor:
     visible = keys[None, :] <= keys[:, None]
     zeros = torch.zeros(max_len, max_len, dtype=dtype, device=device)
     return zeros.masked_fill(~visible, float("-inf"))
+
+
+def install_kv_cache(model: nn.Module, batch: int, length: int, dtype, device) -> int:
+    """Give every block of ``model`` a KV cache of ``batch`` rows for ``length`` positions
+    (padded to a multiple of 16 on GPU: aligned rows for the attention kernels, the padding
+    masked); returns the cache length."""
+    cfg, ref = model.config, model.output.weight
+    multiple = 16 if device.type == "cuda" else 1
+    max_len = -(-length // multiple) * multiple
+    for layer in model.layers:
+        layer.attention.kv_cache = KVCache(batch, cfg.n_head, max_len, cfg.head_dim,
+                                           dtype or ref.dtype, device)
+    return max_len
+
+
+def chunked_logprobs(
+    hidden: Tensor, tokens: Tensor, weight: Tensor, chunk_rows: int, mix: LogitMix | None = None
+) -> Tensor:
+    """Per-token log-probabilities (B, N) of ``tokens`` under the head ``weight`` applied to
+    ``hidden`` (B, N, D), ``chunk_rows`` positions at a time, each chunk recomputed in backward
+    (GFT's ``mix``: its mixed logits instead)."""
+    b, n, d = hidden.shape
+    flat_h, flat_t = hidden.reshape(b * n, d), tokens.reshape(b * n)
+    extra = () if mix is None else mix.flat(b, n)
+    combine = () if mix is None else (mix.combine,)
+    pieces = []
+    for start in range(0, b * n, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        args = (flat_h[rows], flat_t[rows], weight, *(x[rows] for x in extra), *combine)
+        if torch.is_grad_enabled() and args[0].requires_grad:
+            pieces.append(checkpoint(chunk_logprob, *args, use_reentrant=False))
+        else:
+            pieces.append(chunk_logprob(*args))
+    return torch.cat(pieces).view(b, n)
 
 
 def chunk_logprob(

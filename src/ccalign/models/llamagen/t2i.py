@@ -18,17 +18,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ccalign.conditions import CaptionBatch, Captions
 from ccalign.models.family import ConfigSizes, at_least_float32
 from ccalign.models.llamagen.model import (
     Block,
-    KVCache,
     RMSNorm,
     TransformerShape,
     causal_mask_table,
-    chunk_logprob,
+    chunked_logprobs,
+    install_kv_cache,
     interleaved_rope,
     rope_2d_table,
 )
@@ -175,17 +174,7 @@ class LlamaGenT2I(ConfigSizes, nn.Module):
                        chunk_rows: int = 4096) -> Tensor:
         """Per-token log-probabilities (B, N) of the given tokens, computed chunk by chunk."""
         hidden = self.hidden_states(captions, tokens)
-        b, n, d = hidden.shape
-        flat_h, flat_t = hidden.reshape(b * n, d), tokens.reshape(b * n)
-        pieces = []
-        for start in range(0, b * n, chunk_rows):
-            args = (flat_h[start : start + chunk_rows], flat_t[start : start + chunk_rows],
-                    self.output.weight)
-            if torch.is_grad_enabled() and args[0].requires_grad:
-                pieces.append(checkpoint(chunk_logprob, *args, use_reentrant=False))
-            else:
-                pieces.append(chunk_logprob(*args))
-        return torch.cat(pieces).view(b, n)
+        return chunked_logprobs(hidden, tokens, self.output.weight, chunk_rows)
 
     def _check_inputs(self, captions: CaptionBatch, tokens: Tensor) -> None:
         cfg = self.config
@@ -207,13 +196,8 @@ class LlamaGenT2I(ConfigSizes, nn.Module):
     ) -> None:
         """Allocate a static KV cache for ``batch`` rows and the whole sequence (caption + N)."""
         ref = self.output.weight
-        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
-        multiple = 16 if device.type == "cuda" else 1
-        max_len = -(-(self.prefix_len + self.seq_len) // multiple) * multiple
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
-                batch, self.config.n_head, max_len, self.config.head_dim, dtype, device
-            )
+        device = torch.device(device or ref.device)
+        max_len = install_kv_cache(self, batch, self.prefix_len + self.seq_len, dtype, device)
         self.kv_mask = causal_mask_table(max_len, ref.dtype, device)
         self.kv_caption = torch.zeros(batch, max_len, dtype=ref.dtype, device=device)
         self.kv_rope = interleaved_rope(self.rope).to(device)
