@@ -139,3 +139,46 @@ def test_two_processes_match_one_with_captions(tmp_path):
     single, multi = (read_safetensors(tmp_path / r / "final.safetensors")
                      for r in ("single", "multi"))
     assert_same_run(single, multi)
+
+
+@pytest.mark.slow
+def test_llamagen_t2i_lists_with_t5_feature_folders_train(tmp_path):
+    """LlamaGen's T2I data: .jsonl lists naming images (encoded on the fly) and one .npy of
+    real-token features per line under <features>/<list>/<line>.npy."""
+    from PIL import Image
+
+    from ccalign import tokenizers
+    from ccalign.data.captions import CaptionFolder
+
+    torch.manual_seed(0)
+    vq = tokenizers.build("VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1,
+                          codebook_size=VOCAB, usage_window=0, image_size=2 * GRID).eval()
+    tokenizers.save(vq, tmp_path / "vq.safetensors")
+    rng = np.random.default_rng(0)
+    (tmp_path / "lists").mkdir()
+    lines, counts = [], [1, 3, 5, 7, 2, 4, 6, 5]  # 7 > L: cut to the first L, as LlamaGen does
+    for i, n in enumerate(counts):
+        image = tmp_path / "images" / f"{i}.png"
+        image.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (2 * GRID, 2 * GRID, 3), dtype=np.uint8)).save(image)
+        lines.append(json.dumps({"image_path": str(image), "caption": f"caption {i}"}))
+        feature = tmp_path / "t5" / "part0" / f"{i}.npy"
+        feature.parent.mkdir(parents=True, exist_ok=True)
+        np.save(feature, rng.normal(size=(1, n, C)).astype(np.float32))
+    (tmp_path / "lists" / "part0.jsonl").write_text("\n".join(lines))
+    folder = CaptionFolder(tmp_path / "t5", [("part0", i) for i in range(8)], L, C)
+    batch = folder.batch([1, 3])
+    first = np.load(tmp_path / "t5" / "part0" / "1.npy")[0]
+    np.testing.assert_array_equal(batch.features[0, L - 3 :].numpy(), first)
+    assert batch.mask[0].tolist() == [False, False, True, True, True] and batch.mask[1].all()
+    np.testing.assert_array_equal(batch.features[1].numpy(),
+                                  np.load(tmp_path / "t5" / "part0" / "3.npy")[0, :L])
+    init = str(tmp_path / "init.safetensors")
+    T2I_FAMILY.save(tiny_t2i(), init)
+    vq_path, features = json.dumps(str(tmp_path / "vq.safetensors")), json.dumps(str(tmp_path /
+                                                                                    "t5"))
+    assert main(["finetune", "--config", "configs/tiny_cpu.toml", "--init", init, "--data",
+                 str(tmp_path / "lists"), "--set", f"data.tokenizer={vq_path}", "--set",
+                 f"data.captions={features}", "--set", "train.steps=1", "--out",
+                 str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "final.safetensors").exists()

@@ -88,17 +88,20 @@ class CaptionFile:
         return self.count
 
     def batch(self, indices: Sequence[int]) -> CaptionBatch:
-        """The captions of rows ``indices`` (read as one contiguous range)."""
+        """The captions of rows ``indices``: a contiguous run is read in one slice, scattered
+        rows (a shuffled training batch) one by one, so a batch never reads the whole file."""
         if not len(indices):
             raise ValueError("no caption rows asked for")
         low, high = min(indices), max(indices) + 1
         if low < 0 or high > self.count:
             raise ValueError(f"caption rows {low}..{high - 1} outside {self.path}'s {self.count}")
         with open_safetensors(self.path) as f:
-            features = f.get_slice(FEATURES)[low:high]
-            mask = f.get_slice(MASK)[low:high]
-        rows = torch.as_tensor(list(indices)) - low
-        return CaptionBatch.of(features[rows].float(), mask[rows])
+            features, mask = f.get_slice(FEATURES), f.get_slice(MASK)
+            if high - low <= 2 * len(indices):
+                rows = torch.as_tensor(list(indices)) - low
+                return CaptionBatch.of(features[low:high][rows].float(), mask[low:high][rows])
+            return CaptionBatch.of(torch.cat([features[i : i + 1] for i in indices]).float(),
+                                   torch.cat([mask[i : i + 1] for i in indices]))
 
     def fingerprint(self) -> str:
         """SHA-256 of the file's bytes (a run's samples belong to these captions)."""
@@ -109,12 +112,53 @@ class CaptionFile:
         return digest.hexdigest()
 
 
+class CaptionFolder:
+    """Caption features in LlamaGen's layout: ``<root>/<list>/<line>.npy``, (1, n, C) float32
+    of a caption's n real tokens (``language/extract_t5_feature.py``), for the images of its
+    ``.jsonl`` lists; ``entries`` names each item's (list, line). Rows are cut to ``length``
+    tokens and left-padded, as LlamaGen's T2I dataset does (``dataset/t2i.py``)."""
+
+    key = "caption_index"
+
+    def __init__(self, root: PathLike, entries, length: int, dim: int):
+        self.root, self.entries = Path(root), list(entries)
+        self.length, self.dim = length, dim
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"caption feature folder not found: {self.root}")
+        missing = [e for e in self.entries[:1] if not self._path(e).is_file()]
+        if missing:
+            raise ValueError(f"{self._path(missing[0])} is missing: the feature folder holds one "
+                             ".npy per listed image (ccalign encode-captions --format llamagen)")
+
+    def _path(self, entry) -> Path:
+        listing, line = entry
+        return self.root / listing / f"{line}.npy"
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def batch(self, indices: Sequence[int]) -> CaptionBatch:
+        import numpy as np
+
+        features = torch.zeros(len(indices), self.length, self.dim)
+        mask = torch.zeros(len(indices), self.length, dtype=torch.bool)
+        for row, index in enumerate(indices):
+            path = self._path(self.entries[index])
+            array = np.load(path)
+            if array.ndim != 3 or array.shape[0] != 1 or array.shape[2] != self.dim:
+                raise ValueError(f"{path}: features {array.shape}, expected (1, n, {self.dim})")
+            n = min(self.length, array.shape[1])
+            features[row, self.length - n :] = torch.from_numpy(array[0, :n])
+            mask[row, self.length - n :] = True
+        return CaptionBatch.of(features, mask)
+
+
 class CaptionedCodes:
     """Training data of a text-to-image model: the codes of a code data set, each with the
     caption in the same row of a caption file. Items are (tokens, (features, mask)); ``collate``
     stacks them into (tokens (M, N), CaptionBatch)."""
 
-    def __init__(self, codes, captions: CaptionFile):
+    def __init__(self, codes, captions: CaptionFile | CaptionFolder):
         if len(codes) != len(captions):
             raise ValueError(
                 f"{len(codes)} images of codes but {len(captions)} captions in "
@@ -131,9 +175,15 @@ class CaptionedCodes:
         self.codes.set_epoch(epoch)
 
     def __getitem__(self, index: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        tokens, _ = self.codes[index]
-        caption = self.captions.batch([index])
-        return tokens, (caption.features[0], caption.mask[0])
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """Several items with one caption read (and one encoder call for images)."""
+        fetch = getattr(self.codes, "__getitems__", None)
+        pairs = fetch(indices) if fetch is not None else [self.codes[i] for i in indices]
+        caption = self.captions.batch(indices)
+        return [(tokens, (caption.features[k], caption.mask[k]))
+                for k, (tokens, _) in enumerate(pairs)]
 
     @staticmethod
     def collate(items) -> tuple[Tensor, CaptionBatch]:

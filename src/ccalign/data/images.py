@@ -7,6 +7,7 @@ LlamaGen code extraction. Crops follow ADM's ``center_crop_arr`` and torchvision
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,11 +241,44 @@ class FashionMNISTSource:
         return Image.fromarray(self.images[index]).convert(mode)
 
 
+class ListSource:
+    """Images named by LlamaGen's T2I ``.jsonl`` lists (``image_path`` per line): one list, or
+    a folder of lists read in name order. ``entries`` gives each image's (list name, line), which
+    names its caption features in LlamaGen's layout (``<features>/<list>/<line>.npy``)."""
+
+    def __init__(self, path):
+        path = Path(path)
+        lists = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        self.items, self.entries = [], []
+        for listing in lists:
+            for line, text in enumerate(listing.read_text(encoding="utf-8").splitlines()):
+                record = json.loads(text)
+                if "image_path" not in record:
+                    raise ValueError(f"{listing} line {line + 1} names no image_path")
+                self.items.append(Item(str(record["image_path"]), 0))
+                self.entries.append((listing.stem, line))
+        if not self.items:
+            raise ValueError(f"{path}: no images listed (LlamaGen's .jsonl lists: one JSON "
+                             "object with image_path per line)")
+        self.classes: list[str] = []
+        self.skipped_links: list = []
+
+    def image(self, index: int, mode: str):
+        return open_image(self.items[index].name, mode)
+
+
+def is_list_source(path: Path) -> bool:
+    """A ``.jsonl`` list, or a folder holding such lists."""
+    return path.suffix == ".jsonl" or (path.is_dir() and any(path.glob("*.jsonl")))
+
+
 def open_source(spec: str, fashion_folder=None):
-    """An image folder, or "fashion-mnist:<split>"."""
+    """An image folder, LlamaGen's T2I ``.jsonl`` lists, or "fashion-mnist:<split>"."""
     if spec.startswith("fashion-mnist"):
         split = spec.partition(":")[2] or "train"
         return FashionMNISTSource(split, fashion_folder)
+    if is_list_source(Path(spec)):
+        return ListSource(spec)
     return FolderSource(spec)
 
 

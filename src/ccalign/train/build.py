@@ -8,6 +8,7 @@ checking that the family has it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -52,7 +53,7 @@ def with_captions(dataset: CodeDataset, captions: str | None, model: nn.Module):
     """The data set with its captions for a caption-conditioned model (data.captions); the
     plain codes otherwise. A mismatch between the model's condition and the data is refused."""
     from ccalign.conditions import Captions
-    from ccalign.data.captions import CaptionedCodes, CaptionFile
+    from ccalign.data.captions import CaptionedCodes, CaptionFile, CaptionFolder
 
     kind = families.of(model).condition(model)
     if not isinstance(kind, Captions):
@@ -63,6 +64,15 @@ def with_captions(dataset: CodeDataset, captions: str | None, model: nn.Module):
     if captions is None:
         raise ValueError("a text-to-image model trains on captions: set data.captions to the "
                          "caption features of the images (ccalign encode-captions writes them)")
+    if Path(captions).is_dir():  # LlamaGen's <list>/<line>.npy, for the images of its lists
+        entries = getattr(getattr(dataset, "source", None), "entries", None)
+        if entries is None:
+            raise ValueError(
+                f"data.captions {captions} is a folder of LlamaGen's .npy features: it pairs "
+                "with LlamaGen's .jsonl lists as data.path (images encoded by data.tokenizer); "
+                "for a code file give a caption file (ccalign encode-captions)"
+            )
+        return CaptionedCodes(dataset, CaptionFolder(captions, entries, kind.length, kind.dim))
     return CaptionedCodes(dataset, CaptionFile(captions, kind.length, kind.dim))
 
 
