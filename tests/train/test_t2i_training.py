@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,48 @@ def test_llamagen_t2i_lists_with_t5_feature_folders_train(tmp_path):
                  f"data.captions={features}", "--set", "train.steps=1", "--out",
                  str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "final.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_an_image_folder_with_caption_sidecars_trains(tmp_path, capsys):
+    """encode-captions reads photo.txt beside photo.png in the order training reads the images,
+    so the caption file's row i is image i of the folder."""
+    from PIL import Image
+
+    from ccalign import tokenizers
+    from ccalign.data.images import list_image_folder
+    from support.text import save_tiny_text_encoder
+
+    torch.manual_seed(0)
+    vq = tokenizers.build("VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1,
+                          codebook_size=VOCAB, usage_window=0, image_size=2 * GRID).eval()
+    tokenizers.save(vq, tmp_path / "vq.safetensors")
+    rng = np.random.default_rng(0)
+    words = ["a red shirt", "a boot", "a bag on the left of a sneaker", "the shirt"]
+    for i in range(8):
+        image = tmp_path / "images" / f"class{i % 2}" / f"{i}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (2 * GRID, 2 * GRID, 3), dtype=np.uint8)).save(image)
+        image.with_suffix(".txt").write_text(words[i % 4])
+    t5 = str(save_tiny_text_encoder(tmp_path / "t5", C))
+    assert main(["encode-captions", str(tmp_path / "images"), "--out",
+                 str(tmp_path / "caps.safetensors"), "--text-encoder", t5, "--length", str(L),
+                 "--device", "cpu", "--quiet"]) == 0
+    order = [Path(p).stem for p, _ in list_image_folder(tmp_path / "images").samples]
+    from ccalign.data.text_encoder import TextEncoder
+
+    expected = TextEncoder(t5, length=L).encode([words[int(s) % 4] for s in order])
+    got = CaptionFile(tmp_path / "caps.safetensors", L, C).batch(range(8))
+    torch.testing.assert_close(got.features, expected.features)
+    init = str(tmp_path / "init.safetensors")
+    T2I_FAMILY.save(tiny_t2i(), init)
+    vq_path = json.dumps(str(tmp_path / "vq.safetensors"))
+    captions = json.dumps(str(tmp_path / "caps.safetensors"))
+    assert main(["finetune", "--config", "configs/tiny_cpu.toml", "--init", init, "--data",
+                 str(tmp_path / "images"), "--set", f"data.tokenizer={vq_path}", "--set",
+                 f"data.captions={captions}", "--set", "train.steps=1", "--out",
+                 str(tmp_path / "run")]) == 0
+    (tmp_path / "images" / "class0" / "0.txt").unlink()
+    assert main(["encode-captions", str(tmp_path / "images"), "--out",
+                 str(tmp_path / "again.safetensors"), "--text-encoder", t5, "--quiet"]) == 1
+    assert "0.png has no caption beside it (0.txt)" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """`ccalign encode-captions`: captions to text-encoder features for text-to-image models.
 
-Reads captions from ``.txt`` files (one per line) or LlamaGen's ``.jsonl`` lists (the caption
-under ``--caption-key``; a folder of lists is read in name order), encodes them with a
+Reads captions from ``.txt`` files (one per line), LlamaGen's ``.jsonl`` lists (the caption
+under ``--caption-key``; a folder of lists is read in name order) or an image folder's sidecar
+files (``photo.jpg`` -> ``photo.txt``, in the order training reads the images), encodes them with a
 transformers T5 encoder (FLAN-T5-XL by default: LlamaGen T2I's) and writes either one
 safetensors file (``features`` (N, 120, 2048), ``mask`` (N, 120) bool, left-padded; what
 ``ccalign sample --caption-features`` reads) or LlamaGen's layout: one ``.npy`` (1, n, 2048) of
@@ -25,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ccalign.settings import number
 
     parser.add_argument("inputs", nargs="+", type=Path,
-                        help=".txt (a caption per line), .jsonl lists, or folders of .jsonl lists")
+                        help=".txt (a caption per line), .jsonl lists, folders of .jsonl lists, or "
+                        "image folders with a .txt caption beside each image")
     parser.add_argument("--out", type=output_path, required=True,
                         help="a new .safetensors file, or a new folder with --format llamagen")
     parser.add_argument("--format", choices=("safetensors", "llamagen"), default="safetensors",
@@ -72,16 +74,21 @@ def check_new_output(out: Path, form: str) -> None:
 
 
 def read_captions(inputs: list[Path], key: str) -> list[tuple[str, int, str]]:
-    """(list name, line index, caption) of every caption, in file and line order."""
+    """(list name, line index, caption) of every caption, in file and line order; an image
+    folder gives its images' sidecar captions in the folder's image order."""
+    from ccalign.data.images import is_list_source
+
     files: list[Path] = []
+    items = []
     for path in inputs:
-        if path.is_dir():
+        if path.is_dir() and not is_list_source(path):
+            items += sidecar_captions(path)
+        elif path.is_dir():
             files += sorted(p for p in path.iterdir() if p.suffix == ".jsonl")
         elif path.is_file():
             files.append(path)
         else:
             raise FileNotFoundError(f"captions not found: {path}")
-    items = []
     for path in files:
         lines = path.read_text(encoding="utf-8").splitlines()
         for index, line in enumerate(lines):
@@ -91,6 +98,21 @@ def read_captions(inputs: list[Path], key: str) -> list[tuple[str, int, str]]:
                 items.append((path.stem, index, line))
     if not items:
         raise ValueError(f"no captions in {', '.join(map(str, inputs))}")
+    return items
+
+
+def sidecar_captions(root: Path) -> list[tuple[str, int, str]]:
+    """The caption beside each image of a class-per-folder tree (``photo.jpg`` -> ``photo.txt``),
+    in the order training reads the images (ImageFolder's), so row i captions image i."""
+    from ccalign.data.images import list_image_folder
+
+    items = []
+    for index, (image, _) in enumerate(list_image_folder(root).samples):
+        sidecar = Path(image).with_suffix(".txt")
+        if not sidecar.is_file():
+            raise ValueError(f"{image} has no caption beside it ({sidecar.name}): every image "
+                             "of the folder needs its .txt")
+        items.append((root.name, index, sidecar.read_text(encoding="utf-8").strip()))
     return items
 
 
