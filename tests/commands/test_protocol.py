@@ -122,3 +122,17 @@ def test_protocol_names_a_release_lacks_are_refused(name, tmp_path, capsys):
                  str(tmp_path / "s")]) == 1
     assert f"{name} has no sampling protocol 'released-sampler'; it has paper" in \
         capsys.readouterr().err
+
+
+def test_classes_with_a_count_record_the_count_and_autocast_float32_is_refused(
+        cache, monkeypatch, tmp_path, capsys):
+    tiny_llamagen_release("llamagen-L-384", cache, monkeypatch, tmp_path)
+    out = tmp_path / "s"
+    assert main(["sample", "llamagen-L-384", "--protocol", "paper", "--classes", "1,2",
+                 "--num-samples", "4", "--out", str(out), *QUIET]) == 0
+    overrides = run_json(out)["protocol"]["overrides"]
+    assert overrides["num_samples"] == {"protocol": 50000, "given": 4}
+    assert "labels" not in overrides  # random labels over the given classes, as the protocol
+    assert main(["sample", "llamagen-L-384", "--autocast", "float32", "--classes", "1",
+                 "--out", str(tmp_path / "x"), *QUIET]) == 2
+    assert "invalid choice: 'float32'" in capsys.readouterr().err

@@ -130,3 +130,10 @@ def test_reproduce_refuses_what_it_cannot_measure_in_one_line(cache, tmp_path, i
     np.savez(tmp_path / "images_only.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     assert reproduce("cca-var-d16", tmp_path / "images_only.npz", tmp_path / "c", inception) == 1
     assert "holds no mu/sigma statistics" in capsys.readouterr().err
+
+
+def test_reproduce_refuses_a_release_without_published_metrics(cache, tmp_path, inception,
+                                                                capsys):
+    ref, *_ = reference(tmp_path, inception, 8)
+    assert reproduce("llamagen-t2i-XL-256", ref, tmp_path / "t", inception) == 1
+    assert "has no published metric to reproduce" in capsys.readouterr().err

@@ -305,7 +305,18 @@ def test_encode_captions_writes_both_layouts_and_sample_takes_prompts(tmp_path, 
                  "--out", str(by_file)]) == 0
     np.testing.assert_array_equal(np.load(by_prompts / "tokens.npz")["tokens"],
                                   np.load(by_file / "tokens.npz")["tokens"])
+    assert main([*sample, "--prompts", str(tmp_path / "prompts.txt"), "--text-encoder", t5,
+                 "--out", str(by_prompts)]) == 0  # resumed: the same prompts and encoder
+    assert "(0 batches sampled now)" in capsys.readouterr().out
     (tmp_path / "prompts.txt").write_text("a boot\n")
     assert main([*sample, "--prompts", str(tmp_path / "prompts.txt"), "--text-encoder", t5,
                  "--out", str(by_prompts)]) == 1
     assert "holds a run of other captions" in capsys.readouterr().err
+    wide = str(save_tiny_text_encoder(tmp_path / "t5wide", 2 * C))
+    assert main([*sample, "--prompts", str(tmp_path / "prompts.txt"), "--text-encoder", wide,
+                 "--out", str(tmp_path / "w")]) == 1
+    assert "gives 24-wide features but the model takes 12" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "captions.safetensors").exists()
+    assert main([*sample, "--caption-features", str(tmp_path / "caps.safetensors"),
+                 "--text-encoder", t5, "--out", str(tmp_path / "e")]) == 1
+    assert "--text-encoder encodes --prompts" in capsys.readouterr().err

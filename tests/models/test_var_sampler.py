@@ -147,3 +147,23 @@ def test_non_finite_logits_are_refused_before_the_draw():
         model.head.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="weights may be damaged"):
         var_sample.generate(model, [0, 1])
+
+
+def test_autocast_scope_blocks_keeps_the_scale_inputs_float32():
+    """DDO's negatives ("blocks", the default): the word embedding of every scale input runs in
+    float32 as the teacher-forced forward builds it; ``ccalign sample`` ("all") autocasts it
+    too, as the official VAR samplers do. The head runs autocast either way."""
+    from ccalign.models.var.sampler import VarSampler
+    from support.tiny_var import random_var
+
+    model = random_var()
+    for scope, embedded in (("blocks", torch.float32), ("all", torch.bfloat16)):
+        seen = {"word": set(), "head": set()}
+        hooks = [model.word_embed.register_forward_hook(
+                     lambda m, i, o: seen["word"].add(o.dtype)),
+                 model.head.register_forward_hook(lambda m, i, o: seen["head"].add(o.dtype))]
+        sampler = VarSampler(model, autocast=torch.bfloat16, autocast_scope=scope)
+        sampler.generate([0, 1], generator=torch.Generator().manual_seed(0))
+        for hook in hooks:
+            hook.remove()
+        assert seen["word"] == {embedded} and seen["head"] == {torch.bfloat16}, scope

@@ -58,16 +58,34 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.name} is not a registry name: `ccalign reproduce` measures "
                          "releases by name (`ccalign models` lists them)")
     protocol = release.find_protocol(args.protocol)
-    reference = load_reference(args.ref)  # a bad reference fails before hours of sampling
-    if reference.mu is None:
-        raise ValueError(f"{args.ref} holds no mu/sigma statistics; an ADM reference batch "
-                         "(VIRTUAL_imagenet256_labeled.npz) stores them")
+    if not protocol.published or protocol.labels == "captions":
+        raise ValueError(f"{release.name} has no published metric to reproduce (its protocol "
+                         "samples the user's captions); sample it with ccalign sample")
+    check_reference(args.ref)  # a bad reference fails before hours of sampling
     _sample(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    report = _evaluate(args, reference)
+    report = _evaluate(args, load_reference(args.ref))
     _write(args, release, protocol, report)
     return 0
+
+
+def check_reference(path: Path) -> None:
+    """The reference is an .npz holding mu and sigma (its arrays are not read yet)."""
+    import zipfile
+
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(f"reference batch not found: {path}")
+    try:
+        with np.load(path) as npz:
+            names = set(npz.files)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
+    if not {"mu", "sigma"} <= names:
+        raise ValueError(f"{path} holds no mu/sigma statistics; an ADM reference batch "
+                         "(VIRTUAL_imagenet256_labeled.npz) stores them")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -85,6 +103,8 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace, reference):
+    import torch
+
     from ccalign.devices import pick_device
     from ccalign.eval.adm import adm_metrics
     from ccalign.eval.extractors import load_inception
@@ -93,6 +113,8 @@ def _evaluate(args: argparse.Namespace, reference):
 
     weights = None if args.inception_weights is None else resolve(args.inception_weights)
     device = pick_device(args.device)
+    # the metrics in float32, whatever the sampling protocol set for TF32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     extractor = load_inception(weights, device=device, progress=not args.quiet)
     samples = load_samples(args.out / "samples" / "samples.npz")
     fake = extractor.extract(samples.images)

@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "on the CPU)",
     )
     numerics.add_argument(
-        "--autocast", choices=("off", *DTYPES),
+        "--autocast", choices=("off", *DTYPES[1:]),
         help="autocast the forward to this dtype (VAR's official samplers: float16 over float32 "
         "weights); default off",
     )
@@ -307,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
         sampler = family.sampler(model, device=device, inplace=True, **numerics_options(args),
                                  **family.sampler_options(args))
         kind = family.condition(model)
+        if args.text_encoder is not None and args.prompts is None:
+            raise ValueError("--text-encoder encodes --prompts: give the prompts too")
         if args.prompts is not None:
             args.caption_features = encode_prompts(args, family, kind, device, rank, barrier)
         labels, source = plan_conditions(kind, model, args, classes)
@@ -363,10 +365,16 @@ def plan_conditions(kind, model, args: argparse.Namespace, classes: list[int] | 
 
 
 def encode_prompts(args: argparse.Namespace, family, kind, device, rank: int, barrier):
-    """<out>/captions.safetensors: --prompts encoded (rank 0); a file from an earlier run must
-    hold the same captions, so a resumed run cannot pair old samples with new prompts."""
+    """<out>/captions.safetensors: --prompts encoded by rank 0, in batches, with the encoder in
+    the weights' dtype (the official T2I sampler encodes in its precision). The file records a
+    digest of the prompts and the encoder: a resumed run must give the same ones (its samples
+    belong to those captions), and then nothing is encoded again."""
+    import hashlib
+
+    import torch
+
     from ccalign.conditions import Captions
-    from ccalign.data.captions import CaptionFile, write_caption_file
+    from ccalign.data.captions import caption_file_metadata, write_caption_file
     from ccalign.data.text_encoder import TextEncoder
 
     if not isinstance(kind, Captions):
@@ -374,29 +382,35 @@ def encode_prompts(args: argparse.Namespace, family, kind, device, rank: int, ba
                          "--per-class or --num-samples")
     if args.caption_features is not None:
         raise ValueError("give either --prompts or --caption-features, not both")
+    text = Path(args.prompts).read_text(encoding="utf-8")
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {args.prompts}: no captions in the file")
+    source = args.text_encoder or family.text_encoder
+    dtype = getattr(torch, args.weights_dtype or "float32")
+    record = {"prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+              "text_encoder": str(source), "encoder_dtype": str(dtype).removeprefix("torch.")}
     path = args.out / "captions.safetensors"
-    if rank == 0:
-        text = Path(args.prompts).read_text(encoding="utf-8")
-        prompts = [line for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"--prompts {args.prompts}: no captions in the file")
-        source = args.text_encoder or family.text_encoder
-        encoded = TextEncoder(source, length=kind.length, device=device).encode(prompts)
-        if path.exists():
-            old = CaptionFile(path).batch(range(len(CaptionFile(path))))
-            same = old.features.shape == encoded.features.shape and torch_equal(old, encoded)
-            if not same:
-                raise ValueError(f"{args.out} holds a run of other captions; give a new --out")
-        else:
-            write_caption_file(path, encoded.features, encoded.mask)
+    if path.exists():
+        found = {key: caption_file_metadata(path).get(key) for key in record}
+        if found != record:
+            raise ValueError(f"{args.out} holds a run of other captions (prompts, encoder or its "
+                             "dtype differ); give a new --out")
+    elif rank == 0:
+        encoder = TextEncoder(source, length=kind.length, device=device, dtype=dtype)
+        if encoder.dim != kind.dim:
+            raise ValueError(f"--text-encoder {source} gives {encoder.dim}-wide features but the "
+                             f"model takes {kind.dim}: use the model's encoder")
+        batches = list(encoder.encode_batches(prompts, PROMPT_BATCH))
+        features = torch.cat([b.features for b in batches])
+        mask = torch.cat([b.mask for b in batches])
+        write_caption_file(path, features, mask, metadata=record)
     barrier()
     return str(path)
 
 
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return torch.equal(a.features, b.features) and torch.equal(a.mask, b.mask)
+#: prompts encoded at once by ``--prompts``
+PROMPT_BATCH = 64
 
 
 def plan_captions(kind, args: argparse.Namespace, classes: list[int] | None) -> tuple:
@@ -443,7 +457,7 @@ def apply_protocol(args: argparse.Namespace, family) -> dict | None:
     if guidance is not None and args.cfg_scale is not None and not own[guidance].given(args):
         overrides[guidance] = {"protocol": flags.pop(guidance), "given": "--cfg-scale"}
     counted = args.per_class is not None or (args.classes is not None and args.num_samples is None)
-    if counted and args.labels is None and flags["labels"] == "random":  # no total to draw
+    if counted and args.labels is None and flags.get("labels") == "random":  # no total to draw
         overrides["labels"] = {"protocol": flags.pop("labels"), "given": "--classes / --per-class"}
     for dest, value in flags.items():
         given = own[dest].given(args) if dest in own else getattr(args, dest) is not None
@@ -453,7 +467,7 @@ def apply_protocol(args: argparse.Namespace, family) -> dict | None:
             overrides[dest] = {"protocol": value, "given": getattr(args, dest)}
     if protocol.labels == CAPTIONS:
         pass
-    elif args.classes is not None or args.per_class is not None:
+    elif args.num_samples is None and (args.classes is not None or args.per_class is not None):
         overrides["num_samples"] = {"protocol": protocol.num_samples,
                                     "given": "--classes / --per-class"}
     elif args.num_samples is None:

@@ -38,7 +38,15 @@ def check_left_padded(mask: Tensor, where: str) -> None:
         )
 
 
-def write_caption_file(path: PathLike, features: Tensor, mask: Tensor) -> Path:
+def caption_file_metadata(path: PathLike) -> dict[str, str]:
+    """The strings a caption file records (its format; for ``--prompts``, their digest and
+    encoder)."""
+    with open_safetensors(path) as f:
+        return dict(f.metadata() or {})
+
+
+def write_caption_file(path: PathLike, features: Tensor, mask: Tensor,
+                       metadata: dict[str, str] | None = None) -> Path:
     """Write captions atomically, checked; padded features are zeroed as LlamaGen's data are."""
     if features.dim() != 3 or mask.shape != features.shape[:2]:
         raise ValueError(f"caption features (N, L, C) and mask (N, L) expected; got "
@@ -47,7 +55,7 @@ def write_caption_file(path: PathLike, features: Tensor, mask: Tensor) -> Path:
     check_left_padded(mask, str(path))
     features = features * mask[..., None].to(features.dtype)
     return atomic_save_safetensors({FEATURES: features, MASK: mask}, path,
-                                   metadata={"format": FORMAT})
+                                   metadata={**(metadata or {}), "format": FORMAT})
 
 
 class CaptionFile:
@@ -125,10 +133,11 @@ class CaptionFolder:
         self.length, self.dim = length, dim
         if not self.root.is_dir():
             raise FileNotFoundError(f"caption feature folder not found: {self.root}")
-        missing = [e for e in self.entries[:1] if not self._path(e).is_file()]
+        missing = [e for e in self.entries if not self._path(e).is_file()]
         if missing:
-            raise ValueError(f"{self._path(missing[0])} is missing: the feature folder holds one "
-                             ".npy per listed image (ccalign encode-captions --format llamagen)")
+            raise ValueError(f"{self._path(missing[0])} is missing ({len(missing)} of "
+                             f"{len(self.entries)}): the feature folder holds one .npy per "
+                             "listed image (ccalign encode-captions --format llamagen)")
 
     def _path(self, entry) -> Path:
         listing, line = entry
@@ -145,8 +154,10 @@ class CaptionFolder:
         for row, index in enumerate(indices):
             path = self._path(self.entries[index])
             array = np.load(path)
-            if array.ndim != 3 or array.shape[0] != 1 or array.shape[2] != self.dim:
-                raise ValueError(f"{path}: features {array.shape}, expected (1, n, {self.dim})")
+            if array.ndim != 3 or array.shape[:1] != (1,) or array.shape[2] != self.dim or \
+                    array.shape[1] == 0:
+                raise ValueError(f"{path}: features {array.shape}, expected (1, n >= 1, "
+                                 f"{self.dim})")
             n = min(self.length, array.shape[1])
             features[row, self.length - n :] = torch.from_numpy(array[0, :n])
             mask[row, self.length - n :] = True

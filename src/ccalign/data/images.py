@@ -268,8 +268,18 @@ class ListSource:
 
 
 def is_list_source(path: Path) -> bool:
-    """A ``.jsonl`` list, or a folder holding such lists."""
-    return path.suffix == ".jsonl" or (path.is_dir() and any(path.glob("*.jsonl")))
+    """A ``.jsonl`` list, or a folder holding such lists: .jsonl files whose first record names
+    an ``image_path`` (an image folder's own metadata.jsonl does not make it one)."""
+    lists = [path] if path.suffix == ".jsonl" else sorted(path.glob("*.jsonl")) if \
+        path.is_dir() else []
+    for listing in lists[:1]:
+        with open(listing, encoding="utf-8") as f:
+            first = f.readline()
+        try:
+            return "image_path" in json.loads(first)
+        except (ValueError, TypeError):
+            return False
+    return False
 
 
 def open_source(spec: str, fashion_folder=None):

@@ -39,7 +39,7 @@ def setup_text(meta: dict) -> str:
     return (
         f"{meta['samples_per_setting']} samples per headline row (base, base + CFG, each "
         f"method guidance-free) and {meta['curve_samples_per_setting']} per other row "
-        f"(balanced over the 10 classes, seed {meta['seed']}), compared with "
+        f"(balanced over the 10 classes, {report.split_words(meta)}), compared with "
         f"{meta['reference_images']} test images through the bundled classifier's features; "
         "the ± column is the bootstrap spread of FID (sample noise only: one fine-tune per "
         "method, so fine-tune-to-fine-tune variance is not in it). Every method fine-tunes the "

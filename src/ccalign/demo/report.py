@@ -64,6 +64,14 @@ def own_guidance_runs(runs: Sequence[dict]) -> list[dict]:
     return [r for r in runs if r["model"] == "base" and "sampler_settings" in r]
 
 
+def split_words(meta: dict) -> str:
+    """Which samples and test images a report's figures come from (``--split``)."""
+    split = meta.get("split", "report")
+    half = "second" if split == "tune" else "first"
+    return (f"sampling seed {meta.get('sample_seed', meta['seed'])}, the {split} split: the "
+            f"{half} half of the test images")
+
+
 #: the two bundled classifiers' accuracies: every accuracy claim must hold under both
 ACCURACIES = (("accuracy", "CNN"), ("accuracy_mlp", "MLP"))
 

@@ -25,7 +25,7 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
             f"# {recipe.title} on Fashion-MNIST ({meta.get('family_title', 'LlamaGen')})",
             f"{meta['samples_per_setting']} samples per headline row (base, base + CFG, "
             f"{recipe.title}) and {meta['curve_samples_per_setting']} per other row (balanced "
-            f"over the 10 classes, seed {meta['seed']}), compared with "
+            f"over the 10 classes, {report.split_words(meta)}), compared with "
             f"{meta['reference_images']} test images through the bundled classifier's features; "
             f"precision and recall on the first {meta['curve_samples_per_setting']} samples of "
             "every row (their k-NN radii depend on the count)."

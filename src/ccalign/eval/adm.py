@@ -9,6 +9,8 @@ are taken in one fixed random order for the same reason. The spread is the stand
 over bootstrap resamples: of the samples for FID, IS and precision (FID and IS recomputed, the
 reference statistics held fixed; precision as the mean of its per-sample mask), of the reference
 points for recall (the mean of its per-reference mask, the samples' manifold held fixed).
+ADM's Inception Score softmaxes the pool features times the classifier's weights without its
+bias; an Inception file whose logits carry the bias gives a slightly different IS.
 """
 
 from __future__ import annotations

@@ -162,8 +162,9 @@ class Sampler:
         conditions = self._check_conditions(conditions)
         check_generator(generator, self.device)
         scales = guidance_scales(cfg_scale, self.seq_len, cfg_interval)
-        with torch.inference_mode(), torch.autocast(  # the leanest per-op path
-            self.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
+        with torch.inference_mode(), torch.autocast(  # the leanest per-op path; no cast cache:
+            self.device.type, dtype=self.autocast or torch.bfloat16,  # a graph may outlive it
+            enabled=bool(self.autocast), cache_enabled=False,
         ):
             tokens = self._sample(conditions, scales, temperature, top_k, top_p, generator,
                                   (gft_beta, gft_numerics))

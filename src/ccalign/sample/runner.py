@@ -170,7 +170,8 @@ class RunConfig:
         digest = hashlib.sha256(json.dumps(self.labels).encode()).hexdigest()
         extra = {
             "uint8": self.uint8 if self.uint8 != "round" else None,
-            "numerics": {k: v for k, v in self.numerics.items() if v not in (None, "off")} or None,
+            "numerics": {k: v for k, v in self.numerics.items()
+                         if v is not None and (k, v) != ("autocast", "off")} or None,
             "protocol": self.protocol,
             "conditions": self.conditions.fingerprint(),
         }

@@ -104,15 +104,18 @@ class Precision:
 
     weights: torch.dtype
     autocast: torch.dtype | None
+    device_type: str = "cpu"
 
     @classmethod
     def of(cls, trainer: Trainer) -> Precision:
-        return cls(reference_dtype(trainer.config.train), trainer.autocast_dtype)
+        return cls(reference_dtype(trainer.config.train), trainer.autocast_dtype,
+                   trainer.device.type)
 
     def record(self) -> str | None:
-        """For the negatives' manifest; None for float32 without autocast (the CPU default),
-        so the manifests of files sampled before the precision was recorded stay valid."""
-        if self.weights == torch.float32 and self.autocast is None:
+        """For the negatives' manifest; None for float32 without autocast on the CPU (where
+        negatives were always sampled so), so those earlier files stay valid; on CUDA always
+        (earlier CUDA files came from a bf16 copy and are sampled again)."""
+        if self.weights == torch.float32 and self.autocast is None and self.device_type == "cpu":
             return None
         return f"{self.weights}" + (f" autocast {self.autocast}" if self.autocast else "")
 

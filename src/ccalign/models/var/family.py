@@ -4,6 +4,8 @@ is ``model.py``."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch import Tensor, nn
 
@@ -162,6 +164,10 @@ class VARFamily(BaseFamily):
 
     def sampler(self, model: nn.Module, **options) -> VarSampler:
         return VarSampler(model, **options)
+
+    def sampler_options(self, args: argparse.Namespace) -> dict:
+        """``ccalign sample`` autocasts the whole sampler, as the official VAR samplers do."""
+        return {"autocast_scope": "all"}
 
     def check_sampling(self, model: nn.Module | None, settings: dict) -> None:
         temperature = settings.get("temperature", 1.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -126,6 +127,7 @@ def generate(
     generator: torch.Generator | None = None,
     double_batch: bool = False,
     return_fhat: bool = False,
+    exact_inputs: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Sample every scale's codes for each label: (B, L) int64 (and f_hat when asked).
 
@@ -135,7 +137,9 @@ def generate(
     FID): the returned codes are still the drawn ones, and images should then be decoded from
     the returned f_hat. ``double_batch`` runs the unconditional rows even without guidance, as
     VAR's sampler does (for speed comparisons only). Runs on the model's device and dtype; the
-    quantiser steps run in float32.
+    quantiser steps run in float32. ``exact_inputs``: the class embedding, the draws and every
+    scale's input (quantiser steps, word embedding) run outside any autocast, as the
+    teacher-forced forward builds them, so only the blocks take an enclosing autocast.
     """
     cfg = model.config
     labels = _check_labels(model, labels)
@@ -147,11 +151,18 @@ def generate(
     rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     quantizer, last = model.quantizer, len(cfg.patch_nums) - 1
     model.setup_kv_cache(rows.shape[0], device=labels.device)
+    device_type = labels.device.type
+
+    def inputs():  # the steps the teacher-forced forward runs outside autocast
+        return torch.autocast(device_type, enabled=False) if exact_inputs else nullcontext()
+
     try:
         with eval_mode(model):
-            cond = model.class_emb(rows)
+            with inputs():
+                cond = model.class_emb(rows)
             mods = model.modulations(cond)
-            x = model.first_scale_input(cond)
+            with inputs():
+                x = model.first_scale_input(cond)
             f_hat = torch.zeros(batch, cfg.vae_dim, quantizer.side, quantizer.side,
                                 device=labels.device)
             codes, finite = [], FiniteCheck(labels.device)
@@ -161,14 +172,16 @@ def generate(
                     t = weights[si]
                     logits = (1 + t) * logits[:batch] - t * logits[batch:]
                 finite.add(logits).check(f"t {weights[si]:g} at scale {si}")  # before the draw
-                logits = var_filter(logits, top_k, top_p)
-                idx, vectors = _draw_scale(logits, quantizer, si / last, more_smooth, generator)
-                codes.append(idx)
-                h = vectors.transpose(1, 2).reshape(batch, cfg.vae_dim, pn, pn)
-                f_hat = f_hat + quantizer.upsampled(si, h)
-                if si < last:
-                    x = model.scale_input(si + 1, quantizer.next_scale_input(si, f_hat))
-                    x = x.repeat(2, 1, 1) if guided else x
+                with inputs():
+                    logits = var_filter(logits, top_k, top_p)
+                    idx, vectors = _draw_scale(logits, quantizer, si / last, more_smooth,
+                                               generator)
+                    codes.append(idx)
+                    h = vectors.transpose(1, 2).reshape(batch, cfg.vae_dim, pn, pn)
+                    f_hat = f_hat + quantizer.upsampled(si, h)
+                    if si < last:
+                        x = model.scale_input(si + 1, quantizer.next_scale_input(si, f_hat))
+                        x = x.repeat(2, 1, 1) if guided else x
     finally:
         model.clear_kv_cache()
     tokens = torch.cat(codes, dim=1)
@@ -196,8 +209,10 @@ class VarSampler:
     (saves memory). VAR's sampler is always eager (``eager`` is accepted for the common
     interface). With ``retokenize`` (a VQVAE), each sample is decoded to 8-bit pixels and
     re-encoded (:func:`retokenize`), as NVlabs/DDO's VAR code trains on images it saved.
-    ``autocast`` (a dtype) runs the whole sampler under autocast, quantiser steps included, as
-    the official VAR samplers run theirs (float16 over float32 weights)."""
+    ``autocast`` (a dtype) runs the blocks under autocast; ``autocast_scope`` "blocks" (the
+    default) keeps the scale inputs and the re-encoding in float32, as the teacher-forced
+    forward that scores DDO's negatives does, "all" autocasts everything, as the official VAR
+    samplers run theirs (float16 over float32 weights; ``ccalign sample``)."""
 
     def __init__(
         self,
@@ -209,6 +224,7 @@ class VarSampler:
         eager: bool = False,
         retokenize: VarVQ | None = None,
         autocast: torch.dtype | None = None,
+        autocast_scope: str = "blocks",
     ):
         ref = model.head.weight
         self.device = resolve_device(device or ref.device)
@@ -220,7 +236,9 @@ class VarSampler:
             model.quantizer.float().load_state_dict(quantizer)
         self.model = model.requires_grad_(False)
         self.vae = None if retokenize is None else retokenize.to(self.device, torch.float32)
-        self.autocast = autocast
+        if autocast_scope not in ("blocks", "all"):
+            raise ValueError(f"autocast_scope {autocast_scope!r}: 'blocks' or 'all'")
+        self.autocast, self.autocast_scope = autocast, autocast_scope
 
     @property
     def seq_len(self) -> int:
@@ -231,8 +249,7 @@ class VarSampler:
     ) -> Tensor:
         """(B, L) codes; ``settings`` as :func:`generate` takes them (VAR has no temperature).
 
-        Runs outside any autocast (a trainer's, for DDO's online negatives): the quantiser
-        steps stay float32, unless the sampler was made with ``autocast``.
+        Runs outside any autocast (a trainer's, for DDO's online negatives) but its own.
         """
         if temperature != 1.0:
             raise ValueError(
@@ -240,12 +257,15 @@ class VarSampler:
                 "only): leave it at 1 (method.negatives_temperature for DDO's negatives)"
             )
         labels = torch.as_tensor(labels).to(self.device)
+        exact = self.autocast_scope == "blocks"
         with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
                             enabled=self.autocast is not None):
             if self.vae is None:
-                return generate(self.model, labels, **settings)
-            _, f_hat = generate(self.model, labels, return_fhat=True, **settings)
-            return retokenize(self.vae, f_hat)
+                return generate(self.model, labels, exact_inputs=exact, **settings)
+            _, f_hat = generate(self.model, labels, return_fhat=True, exact_inputs=exact,
+                                **settings)
+            with torch.autocast(self.device.type, enabled=not exact):
+                return retokenize(self.vae, f_hat)
 
     def release(self) -> None:
         """Nothing to free: ``generate`` drops its KV cache after every batch."""
