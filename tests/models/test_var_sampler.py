@@ -159,9 +159,12 @@ def test_autocast_scope_blocks_keeps_the_scale_inputs_float32():
     model = random_var()
     for scope, embedded in (("blocks", torch.float32), ("all", torch.bfloat16)):
         seen = {"word": set(), "head": set()}
-        hooks = [model.word_embed.register_forward_hook(
-                     lambda m, i, o: seen["word"].add(o.dtype)),
-                 model.head.register_forward_hook(lambda m, i, o: seen["head"].add(o.dtype))]
+
+        def record(name, found=seen):
+            return lambda module, inputs, output: found[name].add(output.dtype)
+
+        hooks = [model.word_embed.register_forward_hook(record("word")),
+                 model.head.register_forward_hook(record("head"))]
         sampler = VarSampler(model, autocast=torch.bfloat16, autocast_scope=scope)
         sampler.generate([0, 1], generator=torch.Generator().manual_seed(0))
         for hook in hooks:
