@@ -65,10 +65,13 @@ BUNDLES: dict[str, DemoBundle] = {
         pretrain_config="configs/fmnist_var_pretrain.toml",
         default_out=Path("runs/demo_var"),
         model_section={"name": "custom"},
-        # tuned on 2000 guidance-free samples per recipe (docs/results.md); 6000 samples per
-        # headline row keep the run near 10 minutes with the set-up
-        # VAR's own ramp guidance beside the constant CFG scales: its cfg c ends at scale 1 + c
-        settings={"beta": 0.005, "lam": 10.0, "samples": 6000, "own_cfg_scales": (1.0, 1.5, 2.0)},
+        # beta from the first tuning (docs/results.md); lambda chosen on the tuning split
+        # (demo --split tune: the other half of the test images, other seeds) by a rule fixed
+        # before looking: the largest accuracy gain that both classifiers see, with FID closing
+        # at least half the gap to the best CFG and precision not below the base model's.
+        # 6000 samples per headline row keep the run near 10 minutes with the set-up; VAR's own
+        # ramp guidance beside the constant CFG scales: its cfg c ends at scale 1 + c
+        settings={"beta": 0.005, "lam": 3.0, "samples": 6000, "own_cfg_scales": (1.0, 1.5, 2.0)},
     ),
 }
 
