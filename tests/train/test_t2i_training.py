@@ -228,3 +228,54 @@ def test_an_image_folder_with_caption_sidecars_trains(tmp_path, capsys):
     assert main(["encode-captions", str(tmp_path / "images"), "--out",
                  str(tmp_path / "again.safetensors"), "--text-encoder", t5, "--quiet"]) == 1
     assert "0.png has no caption beside it (0.txt)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_webdataset_shards_are_read_by_index_and_train(tmp_path):
+    """Tar shards in WebDataset's layout (<key>.png beside <key>.txt): the captions encoded in
+    the order training reads the images, each image read back exactly."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from ccalign import tokenizers
+    from ccalign.data.images import ShardSource, open_source
+    from support.text import save_tiny_text_encoder
+
+    torch.manual_seed(0)
+    vq = tokenizers.build("VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1,
+                          codebook_size=VOCAB, usage_window=0, image_size=2 * GRID).eval()
+    tokenizers.save(vq, tmp_path / "vq.safetensors")
+    rng = np.random.default_rng(0)
+    (tmp_path / "shards").mkdir()
+    pixels, texts = [], ["a red shirt", "a boot", "a bag", "the sneaker on the left"]
+    for shard in range(2):
+        with tarfile.open(tmp_path / "shards" / f"{shard:05d}.tar", "w") as tar:
+            for i in range(4):
+                array = rng.integers(0, 256, (2 * GRID, 2 * GRID, 3), dtype=np.uint8)
+                pixels.append(array)
+                png = io.BytesIO()
+                Image.fromarray(array).save(png, format="PNG")
+                for name, data in ((f"{shard}/s{i:03d}.png", png.getvalue()),
+                                   (f"{shard}/s{i:03d}.txt", texts[i].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    source = open_source(str(tmp_path / "shards"))
+    assert isinstance(source, ShardSource) and len(source.items) == 8
+    assert source.captions == texts + texts
+    for index in (0, 5):
+        np.testing.assert_array_equal(np.asarray(source.image(index, "RGB")), pixels[index])
+    t5 = str(save_tiny_text_encoder(tmp_path / "t5", C))
+    assert main(["encode-captions", str(tmp_path / "shards"), "--out",
+                 str(tmp_path / "caps.safetensors"), "--text-encoder", t5, "--length", str(L),
+                 "--device", "cpu", "--quiet"]) == 0
+    init = str(tmp_path / "init.safetensors")
+    T2I_FAMILY.save(tiny_t2i(), init)
+    vq_path = json.dumps(str(tmp_path / "vq.safetensors"))
+    captions = json.dumps(str(tmp_path / "caps.safetensors"))
+    assert main(["finetune", "--config", "configs/tiny_cpu.toml", "--init", init, "--data",
+                 str(tmp_path / "shards"), "--set", f"data.tokenizer={vq_path}", "--set",
+                 f"data.captions={captions}", "--set", "train.steps=1", "--out",
+                 str(tmp_path / "run")]) == 0

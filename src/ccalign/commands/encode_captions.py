@@ -1,8 +1,9 @@
 """`ccalign encode-captions`: captions to text-encoder features for text-to-image models.
 
 Reads captions from ``.txt`` files (one per line), LlamaGen's ``.jsonl`` lists (the caption
-under ``--caption-key``; a folder of lists is read in name order) or an image folder's sidecar
-files (``photo.jpg`` -> ``photo.txt``, in the order training reads the images), encodes them with a
+under ``--caption-key``; a folder of lists is read in name order), an image folder's sidecar
+files (``photo.jpg`` -> ``photo.txt``) or WebDataset tar shards (``<key>.txt``), the last two in
+the order training reads the images, and encodes them with a
 transformers T5 encoder (FLAN-T5-XL by default: LlamaGen T2I's) and writes either one
 safetensors file (``features`` (N, 120, 2048), ``mask`` (N, 120) bool, left-padded; what
 ``ccalign sample --caption-features`` reads) or LlamaGen's layout: one ``.npy`` (1, n, 2048) of
@@ -26,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ccalign.settings import number
 
     parser.add_argument("inputs", nargs="+", type=Path,
-                        help=".txt (a caption per line), .jsonl lists, folders of .jsonl lists, or "
-                        "image folders with a .txt caption beside each image")
+                        help=".txt (a caption per line), .jsonl lists, folders of .jsonl lists, "
+                        "image folders with a .txt caption beside each image, or WebDataset tar "
+                        "shards")
     parser.add_argument("--out", type=output_path, required=True,
                         help="a new .safetensors file, or a new folder with --format llamagen")
     parser.add_argument("--format", choices=("safetensors", "llamagen"), default="safetensors",
@@ -76,12 +78,14 @@ def check_new_output(out: Path, form: str) -> None:
 def read_captions(inputs: list[Path], key: str) -> list[tuple[str, int, str]]:
     """(list name, line index, caption) of every caption, in file and line order; an image
     folder gives its images' sidecar captions in the folder's image order."""
-    from ccalign.data.images import is_list_source
+    from ccalign.data.images import is_list_source, is_shard_source
 
     files: list[Path] = []
     items = []
     for path in inputs:
-        if path.is_dir() and not is_list_source(path):
+        if is_shard_source(path):
+            items += shard_captions(path)
+        elif path.is_dir() and not is_list_source(path):
             items += sidecar_captions(path)
         elif path.is_dir():
             files += sorted(p for p in path.iterdir() if p.suffix == ".jsonl")
@@ -114,6 +118,19 @@ def sidecar_captions(root: Path) -> list[tuple[str, int, str]]:
                              "of the folder needs its .txt")
         items.append((root.name, index, sidecar.read_text(encoding="utf-8").strip()))
     return items
+
+
+def shard_captions(path: Path) -> list[tuple[str, int, str]]:
+    """Each sample's caption in WebDataset tar shards, in the order training reads them."""
+    from ccalign.data.images import ShardSource
+
+    source = ShardSource(path)
+    missing = [item.name for item, text in zip(source.items, source.captions, strict=True)
+               if text is None]
+    if missing:
+        raise ValueError(f"{missing[0]} has no caption (.txt) in its shard ({len(missing)} "
+                         "samples without one)")
+    return [(path.stem, i, text) for i, text in enumerate(source.captions)]
 
 
 def _caption_of(record: dict, key: str, path: Path, index: int) -> str:

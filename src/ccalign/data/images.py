@@ -267,6 +267,72 @@ class ListSource:
         return open_image(self.items[index].name, mode)
 
 
+#: WebDataset members that hold a sample's image, and its caption
+SHARD_IMAGES = (".jpg", ".jpeg", ".png", ".webp")
+SHARD_CAPTIONS = (".txt", ".caption")
+
+
+class ShardSource:
+    """Images of tar shards in WebDataset's layout (``<key>.jpg`` beside ``<key>.txt``): one
+    ``.tar``, or a folder of them in name order. Read by index, not streamed: the shards are
+    indexed once (their members' offsets), each image is then one seek and read, so training
+    keeps its keyed data order and bit-exact resume. ``captions`` holds each sample's text."""
+
+    def __init__(self, path):
+        import tarfile
+
+        path = Path(path)
+        shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+        self.items, self.captions, self._where = [], [], []
+        for shard in shards:
+            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+            with tarfile.open(shard, mode="r:") as tar:
+                for member in tar:
+                    if member.isfile():  # the key: the name up to the basename's first dot
+                        folder, _, base = member.name.rpartition("/")
+                        stem, _, ext = base.partition(".")
+                        key = f"{folder}/{stem}" if folder else stem
+                        samples.setdefault(key, {})[f".{ext.lower()}"] = member
+            with open(shard, "rb") as f:
+                for key in sorted(samples):
+                    self._add(shard, key, samples[key], f)
+        if not self.items:
+            raise ValueError(f"{path}: no samples with an image ({', '.join(SHARD_IMAGES)}) in "
+                             "its tar shards")
+        self.classes: list[str] = []
+        self.skipped_links: list = []
+        self.entries = [(Path(item.name).parent.name, i) for i, item in enumerate(self.items)]
+
+    def _add(self, shard: Path, key: str, members: dict, f) -> None:
+        image = next((members[e] for e in SHARD_IMAGES if e in members), None)
+        if image is None:
+            return
+        caption = next((members[e] for e in SHARD_CAPTIONS if e in members), None)
+        text = None
+        if caption is not None:
+            f.seek(caption.offset_data)
+            text = f.read(caption.size).decode("utf-8").strip()
+        self.items.append(Item(f"{shard}/{key}{Path(image.name).suffix}", 0))
+        self.captions.append(text)
+        self._where.append((shard, image.offset_data, image.size))
+
+    def image(self, index: int, mode: str):
+        import io
+
+        shard, offset, size = self._where[index]
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return convert_image(image, mode)
+
+
+def is_shard_source(path: Path) -> bool:
+    """A ``.tar`` shard, or a folder of them."""
+    return path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar")))
+
+
 def is_list_source(path: Path) -> bool:
     """A ``.jsonl`` list, or a folder holding such lists: .jsonl files whose first record names
     an ``image_path`` (an image folder's own metadata.jsonl does not make it one)."""
@@ -283,12 +349,15 @@ def is_list_source(path: Path) -> bool:
 
 
 def open_source(spec: str, fashion_folder=None):
-    """An image folder, LlamaGen's T2I ``.jsonl`` lists, or "fashion-mnist:<split>"."""
+    """An image folder, LlamaGen's T2I ``.jsonl`` lists, WebDataset tar shards, or
+    "fashion-mnist:<split>"."""
     if spec.startswith("fashion-mnist"):
         split = spec.partition(":")[2] or "train"
         return FashionMNISTSource(split, fashion_folder)
     if is_list_source(Path(spec)):
         return ListSource(spec)
+    if is_shard_source(Path(spec)):
+        return ShardSource(spec)
     return FolderSource(spec)
 
 
