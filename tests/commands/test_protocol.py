@@ -12,7 +12,7 @@ import torch
 
 from ccalign.cli import main
 from ccalign.models.var.sampler import VarSampler
-from support.releases import tiny_llamagen_release, tiny_var_release
+from support.releases import tiny_llamagen_release, tiny_t2i_release, tiny_var_release
 
 QUIET = ["--device", "cpu", "--quiet", "--no-png"]
 
@@ -136,3 +136,21 @@ def test_classes_with_a_count_record_the_count_and_autocast_float32_is_refused(
     assert main(["sample", "llamagen-L-384", "--autocast", "float32", "--classes", "1",
                  "--out", str(tmp_path / "x"), *QUIET]) == 2
     assert "invalid choice: 'float32'" in capsys.readouterr().err
+
+
+def test_t2i_paper_protocol_is_sample_t2i_py(cache, monkeypatch, tmp_path):
+    from ccalign.data.captions import write_caption_file
+
+    tiny_t2i_release("llamagen-t2i-XL-256", cache, monkeypatch, tmp_path)
+    mask = torch.zeros(3, 120, dtype=torch.bool)
+    mask[:, -5:] = True
+    features = torch.randn(3, 120, 2048) * mask[..., None]
+    captions = write_caption_file(tmp_path / "c.safetensors", features, mask)
+    out = tmp_path / "s"
+    assert main(["sample", "llamagen-t2i-XL-256", "--protocol", "paper", "--caption-features",
+                 str(captions), "--out", str(out), *QUIET]) == 0
+    manifest = run_json(out)
+    assert manifest["sampling"] == {"cfg_scale": 7.5, "top_k": 1000, "top_p": 1.0,
+                                    "temperature": 1.0, "cfg_interval": -1}
+    assert manifest["protocol"]["overrides"] == {} and manifest["numerics"] == {"tf32": "on"}
+    assert tokens(out).shape == (3, 16)

@@ -55,3 +55,23 @@ def _put_torch(cache: Path, release, obj, tmp_path: Path) -> None:
     path = tmp_path / "put.pt"
     torch.save(obj, path)
     put(cache, release.repo, release.file, path.read_bytes())
+
+
+def tiny_t2i_release(name: str, cache: Path, monkeypatch, tmp_path: Path, seed: int = 0):
+    """The registry's T2I release ``name`` as a tiny GPT (released caption size: 120 x 2048)
+    at its grid, official ``.pt``, with a tiny VQ as its tokenizer; returns the model."""
+    from ccalign.models.llamagen import t2i
+
+    monkeypatch.setitem(llamagen.PRESETS, "GPT-tiny", GPT_TINY)
+    entry = hub.REGISTRY[name]
+    monkeypatch.setitem(hub.REGISTRY, name, dataclasses.replace(entry, preset="GPT-tiny", grid=4))
+    torch.manual_seed(seed)
+    model = t2i.build("GPT-tiny", grid=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    vq = tokenizers.build("VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1,
+                          usage_window=0).eval()
+    _put_torch(cache, entry, {"model": model.state_dict()}, tmp_path)
+    _put_torch(cache, hub.REGISTRY[entry.tokenizer], {"model": vq.state_dict()}, tmp_path)
+    return model
