@@ -170,3 +170,13 @@ def test_autocast_scope_blocks_keeps_the_scale_inputs_float32():
         for hook in hooks:
             hook.remove()
         assert seen["word"] == {embedded} and seen["head"] == {torch.bfloat16}, scope
+
+
+def test_a_sampler_over_the_callers_model_leaves_it_trainable():
+    from ccalign.models.var.sampler import VarSampler
+    from support.tiny_var import random_var
+
+    model = random_var().requires_grad_(True)
+    tokens = VarSampler(model).generate([0, 1], generator=torch.Generator().manual_seed(0))
+    assert model.head.weight.requires_grad and model.layers[0].attn.proj.weight.requires_grad
+    assert not tokens.requires_grad

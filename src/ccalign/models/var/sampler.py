@@ -234,7 +234,8 @@ class VarSampler:
             quantizer = {k: v.float() for k, v in model.quantizer.state_dict().items()}
             model.to(device=self.device, dtype=self.dtype)
             model.quantizer.float().load_state_dict(quantizer)
-        self.model = model.requires_grad_(False)
+            model.requires_grad_(False)  # its own copy (or converted on request): frozen
+        self.model = model  # the caller's model as it is: generate runs without gradients
         self.vae = None if retokenize is None else retokenize.to(self.device, torch.float32)
         if autocast_scope not in ("blocks", "all"):
             raise ValueError(f"autocast_scope {autocast_scope!r}: 'blocks' or 'all'")
