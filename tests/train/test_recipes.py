@@ -160,3 +160,15 @@ def test_clipped_steps_and_step_one_are_logged(tmp_path):
     assert [r["step"] for r in tight] == [1, 3]  # step 1 always, then every log_every and last
     assert [(r["clipped"], r["clipped_fraction"]) for r in tight] == [(1, 1.0), (1, 1.0)]
     assert [(r["clipped"], r["clipped_fraction"]) for r in off] == [(0, 0.0), (0, 0.0)]
+
+
+@pytest.mark.parametrize("name", ["llamagen_L_ddo", "var_d16_ddo"])
+def test_ddo_recipes_say_which_parts_are_ccalign_s_choice(name):
+    """DDO's AR trainer is unpublished: the recipes must not attribute ccalign's choices (null
+    rows with the data term only; VAR's re-tokenised negatives) to DDO."""
+    text = (REPO / "configs" / f"{name}.toml").read_text()
+    config = load_config(REPO / "configs" / f"{name}.toml")
+    assert config.method.uncond_ratio > 0 and "ccalign's choice" in text
+    assert "unpublished" in text and "not ablated yet" in text
+    docs = (REPO / "docs" / "recipes.md").read_text()
+    assert "ccalign's own choices, not DDO's" in docs
