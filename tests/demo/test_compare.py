@@ -115,3 +115,13 @@ def test_quick_comparison_runs_end_to_end(tmp_path):
     assert "| DDO | alpha 50" in report and "## Reading" in report
     assert "| gft | gft | none |" in report
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_accuracy_ranking_names_a_method_only_when_both_classifiers_agree():
+    from ccalign.demo.compare import accuracy_ranking
+
+    gft = {"model": "gft", "accuracy": 0.90, "accuracy_mlp": 0.93}
+    ddo = {"model": "ddo", "accuracy": 0.92, "accuracy_mlp": 0.91}
+    assert "the classifiers disagree, so no method is ranked first" in accuracy_ranking([gft, ddo])
+    ddo["accuracy_mlp"] = 0.95
+    assert accuracy_ranking([gft, ddo]).startswith("highest accuracy by both classifiers: DDO")
