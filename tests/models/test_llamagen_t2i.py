@@ -282,7 +282,7 @@ def test_encode_captions_writes_both_layouts_and_sample_takes_prompts(tmp_path, 
     common = ["--text-encoder", t5, "--length", str(L), "--device", "cpu", "--quiet"]
     assert main(["encode-captions", str(tmp_path / "lists"), "--out",
                  str(tmp_path / "caps.safetensors"), *common]) == 0
-    assert main(["encode-captions", str(tmp_path / "lists"), "--format", "llamagen", "--out",
+    assert main(["encode-captions", str(tmp_path / "lists"), "--format", "npy", "--out",
                  str(tmp_path / "t5_feat"), *common]) == 0
     source = CaptionFile(tmp_path / "caps.safetensors", L, C)
     batch = source.batch([0, 1])

@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "image folders with a .txt caption beside each image, or WebDataset tar "
                         "shards")
     parser.add_argument("--out", type=output_path, required=True,
-                        help="a new .safetensors file, or a new folder with --format llamagen")
-    parser.add_argument("--format", choices=("safetensors", "llamagen"), default="safetensors",
-                        help="one file (default) or LlamaGen's <list>/<line>.npy layout")
+                        help="a new .safetensors file, or a new folder with --format npy")
+    parser.add_argument("--format", choices=("safetensors", "npy"), default="safetensors",
+                        help="one file (default), or npy: LlamaGen's <list>/<line>.npy layout")
     parser.add_argument("--caption-key", default="caption",
                         help="where a .jsonl line holds its caption; dots go deeper (text.blip)")
     parser.add_argument("--text-encoder", default=DEFAULT_ENCODER,
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         for batch in encoder.encode_batches(captions, args.batch_size):
             batches.append(batch)
             bar.update(len(batch))
-    written = (write_llamagen_layout if args.format == "llamagen" else write_one_file)(
+    written = (write_npy_layout if args.format == "npy" else write_one_file)(
         args.out, items, batches)
     print(f"{len(captions)} captions encoded by {args.text_encoder}: {written}")
     return 0
@@ -155,7 +155,7 @@ def write_one_file(out: Path, items, batches) -> Path:
     return write_caption_file(out, features, mask)
 
 
-def write_llamagen_layout(out: Path, items, batches) -> Path:
+def write_npy_layout(out: Path, items, batches) -> Path:
     """<out>/<list>/<line>.npy (1, n, C) float32 of each caption's real tokens, atomically."""
     import numpy as np
 

@@ -137,7 +137,7 @@ class CaptionFolder:
         if missing:
             raise ValueError(f"{self._path(missing[0])} is missing ({len(missing)} of "
                              f"{len(self.entries)}): the feature folder holds one .npy per "
-                             "listed image (ccalign encode-captions --format llamagen)")
+                             "listed image (ccalign encode-captions --format npy)")
 
     def _path(self, entry) -> Path:
         listing, line = entry
