@@ -53,6 +53,27 @@ def write_data(folder, n: int = 16) -> tuple[str, str, str]:
     return init, codes, captions
 
 
+def save_tiny_vq(path) -> None:
+    """A tiny VQ (codebook VOCAB) that encodes 2 GRID-pixel images to GRID x GRID codes."""
+    from ccalign import tokenizers
+
+    torch.manual_seed(0)
+    vq = tokenizers.build("VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1,
+                          codebook_size=VOCAB, usage_window=0, image_size=2 * GRID).eval()
+    tokenizers.save(vq, path)
+
+
+def finetune_on(tmp_path, images, captions) -> int:
+    """One CCA step of a tiny T2I model on ``images`` (tmp_path's VQ) and ``captions``."""
+    init = str(tmp_path / "init.safetensors")
+    T2I_FAMILY.save(tiny_t2i(), init)
+    vq_path, caps = json.dumps(str(tmp_path / "vq.safetensors")), json.dumps(str(captions))
+    return main(["finetune", "--config", "configs/tiny_cpu.toml", "--init", init, "--data",
+                 str(images), "--set", f"data.tokenizer={vq_path}", "--set",
+                 f"data.captions={caps}", "--set", "train.steps=1", "--out",
+                 str(tmp_path / "run")])
+
+
 def test_cca_gradient_with_caption_negatives_matches_a_hand_written_loss(tmp_path):
     init, codes, captions = write_data(tmp_path)
     data = CaptionedCodes(open_codes(codes), CaptionFile(captions, L, C))
@@ -148,13 +169,9 @@ def test_llamagen_t2i_lists_with_t5_feature_folders_train(tmp_path):
     real-token features per line under <features>/<list>/<line>.npy."""
     from PIL import Image
 
-    from ccalign import tokenizers
     from ccalign.data.captions import CaptionFolder
 
-    torch.manual_seed(0)
-    vq = tokenizers.build("VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1,
-                          codebook_size=VOCAB, usage_window=0, image_size=2 * GRID).eval()
-    tokenizers.save(vq, tmp_path / "vq.safetensors")
+    save_tiny_vq(tmp_path / "vq.safetensors")
     rng = np.random.default_rng(0)
     (tmp_path / "lists").mkdir()
     lines, counts = [], [1, 3, 5, 7, 2, 4, 6, 5]  # 7 > L: cut to the first L, as LlamaGen does
@@ -174,14 +191,7 @@ def test_llamagen_t2i_lists_with_t5_feature_folders_train(tmp_path):
     assert batch.mask[0].tolist() == [False, False, True, True, True] and batch.mask[1].all()
     np.testing.assert_array_equal(batch.features[1].numpy(),
                                   np.load(tmp_path / "t5" / "part0" / "3.npy")[0, :L])
-    init = str(tmp_path / "init.safetensors")
-    T2I_FAMILY.save(tiny_t2i(), init)
-    vq_path, features = json.dumps(str(tmp_path / "vq.safetensors")), json.dumps(str(tmp_path /
-                                                                                    "t5"))
-    assert main(["finetune", "--config", "configs/tiny_cpu.toml", "--init", init, "--data",
-                 str(tmp_path / "lists"), "--set", f"data.tokenizer={vq_path}", "--set",
-                 f"data.captions={features}", "--set", "train.steps=1", "--out",
-                 str(tmp_path / "run")]) == 0
+    assert finetune_on(tmp_path, tmp_path / "lists", tmp_path / "t5") == 0
     assert (tmp_path / "run" / "final.safetensors").exists()
 
 
@@ -191,14 +201,10 @@ def test_an_image_folder_with_caption_sidecars_trains(tmp_path, capsys):
     so the caption file's row i is image i of the folder."""
     from PIL import Image
 
-    from ccalign import tokenizers
     from ccalign.data.images import list_image_folder
     from support.text import save_tiny_text_encoder
 
-    torch.manual_seed(0)
-    vq = tokenizers.build("VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1,
-                          codebook_size=VOCAB, usage_window=0, image_size=2 * GRID).eval()
-    tokenizers.save(vq, tmp_path / "vq.safetensors")
+    save_tiny_vq(tmp_path / "vq.safetensors")
     rng = np.random.default_rng(0)
     words = ["a red shirt", "a boot", "a bag on the left of a sneaker", "the shirt"]
     for i in range(8):
@@ -216,14 +222,7 @@ def test_an_image_folder_with_caption_sidecars_trains(tmp_path, capsys):
     expected = TextEncoder(t5, length=L).encode([words[int(s) % 4] for s in order])
     got = CaptionFile(tmp_path / "caps.safetensors", L, C).batch(range(8))
     torch.testing.assert_close(got.features, expected.features)
-    init = str(tmp_path / "init.safetensors")
-    T2I_FAMILY.save(tiny_t2i(), init)
-    vq_path = json.dumps(str(tmp_path / "vq.safetensors"))
-    captions = json.dumps(str(tmp_path / "caps.safetensors"))
-    assert main(["finetune", "--config", "configs/tiny_cpu.toml", "--init", init, "--data",
-                 str(tmp_path / "images"), "--set", f"data.tokenizer={vq_path}", "--set",
-                 f"data.captions={captions}", "--set", "train.steps=1", "--out",
-                 str(tmp_path / "run")]) == 0
+    assert finetune_on(tmp_path, tmp_path / "images", tmp_path / "caps.safetensors") == 0
     (tmp_path / "images" / "class0" / "0.txt").unlink()
     assert main(["encode-captions", str(tmp_path / "images"), "--out",
                  str(tmp_path / "again.safetensors"), "--text-encoder", t5, "--quiet"]) == 1
@@ -239,14 +238,10 @@ def test_webdataset_shards_are_read_by_index_and_train(tmp_path):
 
     from PIL import Image
 
-    from ccalign import tokenizers
     from ccalign.data.images import ShardSource, open_source
     from support.text import save_tiny_text_encoder
 
-    torch.manual_seed(0)
-    vq = tokenizers.build("VQ-16", ch=32, ch_mult=(1, 1), z_channels=32, num_res_blocks=1,
-                          codebook_size=VOCAB, usage_window=0, image_size=2 * GRID).eval()
-    tokenizers.save(vq, tmp_path / "vq.safetensors")
+    save_tiny_vq(tmp_path / "vq.safetensors")
     rng = np.random.default_rng(0)
     (tmp_path / "shards").mkdir()
     pixels, texts = [], ["a red shirt", "a boot", "a bag", "the sneaker on the left"]
@@ -271,11 +266,4 @@ def test_webdataset_shards_are_read_by_index_and_train(tmp_path):
     assert main(["encode-captions", str(tmp_path / "shards"), "--out",
                  str(tmp_path / "caps.safetensors"), "--text-encoder", t5, "--length", str(L),
                  "--device", "cpu", "--quiet"]) == 0
-    init = str(tmp_path / "init.safetensors")
-    T2I_FAMILY.save(tiny_t2i(), init)
-    vq_path = json.dumps(str(tmp_path / "vq.safetensors"))
-    captions = json.dumps(str(tmp_path / "caps.safetensors"))
-    assert main(["finetune", "--config", "configs/tiny_cpu.toml", "--init", init, "--data",
-                 str(tmp_path / "shards"), "--set", f"data.tokenizer={vq_path}", "--set",
-                 f"data.captions={captions}", "--set", "train.steps=1", "--out",
-                 str(tmp_path / "run")]) == 0
+    assert finetune_on(tmp_path, tmp_path / "shards", tmp_path / "caps.safetensors") == 0
