@@ -29,7 +29,7 @@ def test_plan_rows_per_method():
     base = ["base", "base-cfg1.5", "base-cfg2", "base-cfg3"]
     assert names(("cca",)) == [*base, "cca", "cca+cfg"]  # the default demo is unchanged
     assert names(("gft",)) == [*base, "gft", "gft-s1.25", "gft-s1.5", "gft-s2"]
-    assert names(("ddo",)) == [*base, "ddo"]
+    assert names(("ddo",)) == [*base, "ddo", "ddo+cfg"]  # what DDO's null rows keep usable
     rows = {r["name"]: r for r in plan_settings(DemoSettings(methods=("cca", "gft", "ddo")))}
     for name in ("cca", "gft", "ddo"):
         assert rows[name]["model"] == name and rows[name]["cfg_scale"] == 1.0
@@ -92,7 +92,8 @@ def test_quick_comparison_runs_end_to_end(tmp_path):
     assert main([*argv, "--no-progress", "--threads", "1"]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     runs, meta = {r["name"]: r for r in doc["runs"]}, doc["meta"]
-    assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg", "gft", "gft-s3", "ddo"}
+    assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg", "gft", "gft-s3", "ddo",
+                         "ddo+cfg"}
     for name in ("cca", "gft", "ddo"):
         assert runs[name]["model"] == name and runs[name]["cfg_scale"] == 1.0
         assert runs[name]["fid"] > 0 and runs[name]["images_per_s"] > 0

@@ -352,6 +352,7 @@ def _ddo_meta(settings: DemoSettings, folder: Path, seconds: float) -> dict:
 
 
 def _ddo_rows(settings: DemoSettings) -> list[dict]:
+    """DDO guidance-free, then DDO + CFG: what its null rows (data term only) keep usable."""
     return [
         dict(
             name="ddo",
@@ -360,7 +361,14 @@ def _ddo_rows(settings: DemoSettings) -> list[dict]:
             cfg_scale=1.0,
             family="DDO",
             sweep_label=f"α={settings.ddo_alpha:g}",
-        )
+        ),
+        dict(
+            name="ddo+cfg",
+            model="ddo",
+            headline=False,
+            cfg_scale=settings.cca_cfg_scale,
+            family="DDO + CFG",
+        ),
     ]
 
 
