@@ -113,10 +113,10 @@ def test_cca_gradient_with_caption_negatives_matches_a_hand_written_loss(tmp_pat
         torch.testing.assert_close(grads[0][name], param.grad, rtol=1e-4, atol=1e-5 * scale)
 
 
-def t2i_config(out, init, codes, captions, **train) -> TrainConfig:
+def t2i_config(out, init, codes, captions, short=None, **train) -> TrainConfig:
     return TrainConfig.from_dict({
         "model": {"init": init},
-        "data": {"path": codes, "captions": captions},
+        "data": {"path": codes, "captions": captions, "short_captions": short},
         "method": {"name": "cca", "beta": 0.5, "lam": 10.0, "uncond_ratio": 0.3},
         "optim": {"lr": 1e-3, "grad_clip": 0.5},
         "train": {"global_batch": 8, "micro_batch": 4, "steps": 3, "device": "cpu",
@@ -133,8 +133,10 @@ def test_finetune_with_captions_runs_and_resumes_bit_exact(tmp_path, capsys):
                  str(tmp_path / "cli"), "--set", "train.steps=2"]) == 0
     tuned = T2I_FAMILY.load(_spec(tmp_path / "cli" / "final.safetensors"))
     assert isinstance(tuned, LlamaGenT2I)
-    run_training(t2i_config(tmp_path / "straight", init, codes, captions))
-    broken = t2i_config(tmp_path / "broken", init, codes, captions)
+    short = str(write_caption_file(tmp_path / "short.safetensors",
+                                   torch.randn(16, L, C), torch.ones(16, L, dtype=torch.bool)))
+    run_training(t2i_config(tmp_path / "straight", init, codes, captions, short))
+    broken = t2i_config(tmp_path / "broken", init, codes, captions, short)
     with pytest.raises(Killed):
         run_training(broken, callbacks=[kill_after(2)])
     run_training(broken, resume=True)
@@ -267,3 +269,23 @@ def test_webdataset_shards_are_read_by_index_and_train(tmp_path):
                  str(tmp_path / "caps.safetensors"), "--text-encoder", t5, "--length", str(L),
                  "--device", "cpu", "--quiet"]) == 0
     assert finetune_on(tmp_path, tmp_path / "shards", tmp_path / "caps.safetensors") == 0
+
+
+def test_short_captions_are_a_keyed_share_of_the_items(tmp_path):
+    """LlamaGen's T2I training takes the short caption for 30% of the items: here a draw per
+    (seed, epoch, item), so the same epoch takes the same ones, another epoch others."""
+    init, codes, captions = write_data(tmp_path, n=200)
+    long = CaptionFile(captions, L, C)
+    g = torch.Generator().manual_seed(9)
+    mask = torch.ones(200, L, dtype=torch.bool)
+    short_path = write_caption_file(tmp_path / "short.safetensors",
+                                    torch.randn(200, L, C, generator=g), mask)
+    data = CaptionedCodes(open_codes(codes), long, CaptionFile(short_path, L, C), 0.3, seed=4)
+    taken = [data.takes_short(i) for i in range(200)]
+    assert 0.2 < np.mean(taken) < 0.4 and taken == [data.takes_short(i) for i in range(200)]
+    _, conds = data.collate(data.__getitems__(list(range(200))))
+    for i in (taken.index(True), taken.index(False)):
+        source = CaptionFile(short_path if taken[i] else captions, L, C).batch([i])
+        assert torch.equal(conds.features[i], source.features[0])
+    data.set_epoch(1)
+    assert [data.takes_short(i) for i in range(200)] != taken

@@ -19,6 +19,8 @@ from ccalign.conditions import CaptionBatch
 from ccalign.io import PathLike, atomic_save_safetensors, open_safetensors
 
 FEATURES, MASK = "features", "mask"
+#: the random stream of the short-caption draws (apart from the view draws of the codes)
+SHORT_STREAM = 0x5C0DE
 FORMAT = "ccalign-captions"
 
 
@@ -167,15 +169,24 @@ class CaptionFolder:
 class CaptionedCodes:
     """Training data of a text-to-image model: the codes of a code data set, each with the
     caption in the same row of a caption file. Items are (tokens, (features, mask)); ``collate``
-    stacks them into (tokens (M, N), CaptionBatch)."""
+    stacks them into (tokens (M, N), CaptionBatch).
 
-    def __init__(self, codes, captions: CaptionFile | CaptionFolder):
-        if len(codes) != len(captions):
-            raise ValueError(
-                f"{len(codes)} images of codes but {len(captions)} captions in "
-                f"{captions.path}: give one caption per image, in the same order"
-            )
-        self.codes, self.captions = codes, captions
+    ``short``: a second source of shorter captions for the same images, taken by a share
+    ``short_share`` of the items (LlamaGen's T2I training: 30%, ``dataset/t2i.py``), drawn per
+    (seed, epoch, item) so that a resumed run draws the same ones."""
+
+    def __init__(self, codes, captions: CaptionFile | CaptionFolder,
+                 short: CaptionFile | CaptionFolder | None = None, short_share: float = 0.3,
+                 seed: int = 0):
+        for source in (captions, short):
+            if source is not None and len(codes) != len(source):
+                raise ValueError(
+                    f"{len(codes)} images of codes but {len(source)} captions in "
+                    f"{getattr(source, 'path', getattr(source, 'root', ''))}: give one caption "
+                    "per image, in the same order"
+                )
+        self.codes, self.captions, self.short = codes, captions, short
+        self.short_share, self.seed, self.epoch = short_share, seed, 0
         self.seq_len, self.num_views = codes.seq_len, codes.num_views
         self.vocab_size = codes.vocab_size
 
@@ -183,7 +194,17 @@ class CaptionedCodes:
         return len(self.codes)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         self.codes.set_epoch(epoch)
+
+    def takes_short(self, index: int) -> bool:
+        """Whether item ``index`` takes its short caption this epoch."""
+        if self.short is None:
+            return False
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, self.epoch, index, SHORT_STREAM])
+        return bool(rng.random() < self.short_share)
 
     def __getitem__(self, index: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         return self.__getitems__([index])[0]
@@ -192,9 +213,15 @@ class CaptionedCodes:
         """Several items with one caption read (and one encoder call for images)."""
         fetch = getattr(self.codes, "__getitems__", None)
         pairs = fetch(indices) if fetch is not None else [self.codes[i] for i in indices]
-        caption = self.captions.batch(indices)
-        return [(tokens, (caption.features[k], caption.mask[k]))
-                for k, (tokens, _) in enumerate(pairs)]
+        short = [self.takes_short(i) for i in indices]
+        rows: list = [None] * len(indices)
+        for source, chosen in ((self.captions, False), (self.short, True)):
+            picked = [k for k, s in enumerate(short) if s == chosen]
+            if picked:
+                batch = source.batch([indices[k] for k in picked])
+                for j, k in enumerate(picked):
+                    rows[k] = (batch.features[j], batch.mask[j])
+        return [(tokens, rows[k]) for k, (tokens, _) in enumerate(pairs)]
 
     @staticmethod
     def collate(items) -> tuple[Tensor, CaptionBatch]:

@@ -49,31 +49,41 @@ def model_from_config(section: ModelSection, method: Method | None = None) -> nn
     return families.create(spec)
 
 
-def with_captions(dataset: CodeDataset, captions: str | None, model: nn.Module):
-    """The data set with its captions for a caption-conditioned model (data.captions); the
-    plain codes otherwise. A mismatch between the model's condition and the data is refused."""
+def with_captions(dataset: CodeDataset, data, model: nn.Module):
+    """The data set with its captions for a caption-conditioned model (data.captions, and
+    data.short_captions); the plain codes otherwise. A mismatch between the model's condition
+    and the data is refused."""
+    captions = data.captions
     from ccalign.conditions import Captions
     from ccalign.data.captions import CaptionedCodes, CaptionFile, CaptionFolder
 
     kind = families.of(model).condition(model)
     if not isinstance(kind, Captions):
-        if captions is not None:
-            raise ValueError("data.captions: the model is class-conditional; remove it (the "
-                             "codes' labels are its conditions)")
+        for key in ("captions", "short_captions"):
+            if getattr(data, key) is not None:
+                raise ValueError(f"data.{key}: the model is class-conditional; remove it (the "
+                                 "codes' labels are its conditions)")
         return dataset
     if captions is None:
         raise ValueError("a text-to-image model trains on captions: set data.captions to the "
                          "caption features of the images (ccalign encode-captions writes them)")
-    if Path(captions).is_dir():  # LlamaGen's <list>/<line>.npy, for the images of its lists
+
+    def source(path: str, key: str):
+        if not Path(path).is_dir():
+            return CaptionFile(path, kind.length, kind.dim)
         entries = getattr(getattr(dataset, "source", None), "entries", None)
-        if entries is None:
+        if entries is None:  # LlamaGen's <list>/<line>.npy, for the images of its lists
             raise ValueError(
-                f"data.captions {captions} is a folder of LlamaGen's .npy features: it pairs "
-                "with LlamaGen's .jsonl lists as data.path (images encoded by data.tokenizer); "
-                "for a code file give a caption file (ccalign encode-captions)"
+                f"{key} {path} is a folder of LlamaGen's .npy features: it pairs with "
+                "LlamaGen's .jsonl lists as data.path (images encoded by data.tokenizer); for a "
+                "code file give a caption file (ccalign encode-captions)"
             )
-        return CaptionedCodes(dataset, CaptionFolder(captions, entries, kind.length, kind.dim))
-    return CaptionedCodes(dataset, CaptionFile(captions, kind.length, kind.dim))
+        return CaptionFolder(path, entries, kind.length, kind.dim)
+
+    short = None if data.short_captions is None else source(data.short_captions,
+                                                             "data.short_captions")
+    return CaptionedCodes(dataset, source(captions, "data.captions"), short, data.short_share,
+                          data.seed)
 
 
 def open_training_data(config: TrainConfig, model: nn.Module) -> CodeDataset:
@@ -98,7 +108,7 @@ def open_training_data(config: TrainConfig, model: nn.Module) -> CodeDataset:
         dataset.require_seq_len(model.seq_len)
     else:
         dataset = open_codes(data.path, seed=data.seed)
-    dataset = with_captions(dataset, data.captions, model)
+    dataset = with_captions(dataset, data, model)
     if data.validate:
         validate_codes(
             dataset,

@@ -81,6 +81,10 @@ class DataSection:
     path: str | None = None  # codes; with tokenizer: an image folder or fashion-mnist:<split>
     # text-to-image models: caption features (ccalign encode-captions), one per image of path
     captions: str | None = None
+    # and shorter captions of the same images (same layout), taken by a share of the items each
+    # epoch, as LlamaGen's T2I training takes its short-caption features for 30% of them
+    short_captions: str | None = None
+    short_share: float = ranged(0.3, ge=0, le=1)
     tokenizer: str | None = None  # tokenizer file or "fmnist-vq"; None: path holds codes
     # with tokenizer: "center" crop, "flip" (a random mirror per item) or "var-crop" (VAR's view:
     # short side to 1.125x the size, a random crop each epoch)
