@@ -320,3 +320,25 @@ def test_encode_captions_writes_both_layouts_and_sample_takes_prompts(tmp_path, 
     assert main([*sample, "--caption-features", str(tmp_path / "caps.safetensors"),
                  "--text-encoder", t5, "--out", str(tmp_path / "e")]) == 1
     assert "--text-encoder encodes --prompts" in capsys.readouterr().err
+
+
+def test_a_failed_prompt_encoding_releases_every_rank(tmp_path):
+    """Under torchrun, rank 0 encodes --prompts: if it fails, it still meets the other ranks at
+    the barrier, and they stop with a line instead of waiting for the timeout."""
+    import argparse
+
+    from ccalign.commands.sample import encode_prompts
+    from support.text import save_tiny_text_encoder
+
+    (tmp_path / "prompts.txt").write_text("a boot\n")
+    args = argparse.Namespace(prompts=str(tmp_path / "prompts.txt"), caption_features=None,
+                              text_encoder=str(save_tiny_text_encoder(tmp_path / "t5", 2 * C)),
+                              weights_dtype=None, out=tmp_path / "run")
+    met = []
+    kind = Captions(L, C)
+    with pytest.raises(ValueError, match="gives 24-wide features but the model takes 12"):
+        encode_prompts(args, T2I_FAMILY, kind, "cpu", 0, lambda: met.append(0))
+    assert met == [0]  # rank 0 met the others at the barrier before failing
+    with pytest.raises(ValueError, match="rank 0 could not encode --prompts"):
+        encode_prompts(args, T2I_FAMILY, kind, "cpu", 1, lambda: met.append(1))
+    assert met == [0, 1]

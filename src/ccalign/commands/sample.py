@@ -397,15 +397,21 @@ def encode_prompts(args: argparse.Namespace, family, kind, device, rank: int, ba
             raise ValueError(f"{args.out} holds a run of other captions (prompts, encoder or its "
                              "dtype differ); give a new --out")
     elif rank == 0:
-        encoder = TextEncoder(source, length=kind.length, device=device, dtype=dtype)
-        if encoder.dim != kind.dim:
-            raise ValueError(f"--text-encoder {source} gives {encoder.dim}-wide features but the "
-                             f"model takes {kind.dim}: use the model's encoder")
-        batches = list(encoder.encode_batches(prompts, PROMPT_BATCH))
-        features = torch.cat([b.features for b in batches])
-        mask = torch.cat([b.mask for b in batches])
-        write_caption_file(path, features, mask, metadata=record)
+        try:
+            encoder = TextEncoder(source, length=kind.length, device=device, dtype=dtype)
+            if encoder.dim != kind.dim:
+                raise ValueError(f"--text-encoder {source} gives {encoder.dim}-wide features but "
+                                 f"the model takes {kind.dim}: use the model's encoder")
+            batches = list(encoder.encode_batches(prompts, PROMPT_BATCH))
+            features = torch.cat([b.features for b in batches])
+            mask = torch.cat([b.mask for b in batches])
+            write_caption_file(path, features, mask, metadata=record)
+        except BaseException:
+            barrier()  # the other ranks wait here: they find no caption file and stop too
+            raise
     barrier()
+    if not path.exists():
+        raise ValueError("rank 0 could not encode --prompts (its error says why)")
     return str(path)
 
 
