@@ -494,16 +494,10 @@ class LlamaGen(ConfigSizes, nn.Module):
         graph captured over them stays valid until the next ``setup_kv_cache``. On GPU the length
         is padded to a multiple of 16 (masked keys) so attention kernels get aligned rows.
         """
-        ref = self.output.weight
-        device = torch.device(device or ref.device)
-        max_len = install_kv_cache(self, batch, self.prefix_len + self.seq_len, dtype, device)
-        self.kv_mask = causal_mask_table(max_len, ref.dtype, device)
-        self.kv_rope = interleaved_rope(self.rope).to(device)
+        install_kv_cache(self, batch, dtype, device)
 
     def clear_kv_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-        self.kv_mask = self.kv_rope = None
+        remove_kv_cache(self)
 
     def forward_cached(self, x: Tensor, positions: Tensor) -> Tensor:
         """Run embeddings ``x`` (B, S, D) at sequence ``positions`` (S,) through the cache.
@@ -553,17 +547,28 @@ def causal_mask_table(max_len: int, dtype: torch.dtype, device=None) -> Tensor:
     return zeros.masked_fill(~visible, float("-inf"))
 
 
-def install_kv_cache(model: nn.Module, batch: int, length: int, dtype, device) -> int:
-    """Give every block of ``model`` a KV cache of ``batch`` rows for ``length`` positions
-    (padded to a multiple of 16 on GPU: aligned rows for the attention kernels, the padding
-    masked); returns the cache length."""
+def install_kv_cache(model: nn.Module, batch: int, dtype=None, device=None) -> int:
+    """Give every block of ``model`` (a LlamaGen GPT, class- or caption-conditioned) a KV cache
+    of ``batch`` rows for its whole sequence (``prefix_len + seq_len`` positions, padded to a
+    multiple of 16 on GPU: aligned rows for the attention kernels, the padding masked), and the
+    model its causal mask and rotary tables for generation; returns the cache length."""
     cfg, ref = model.config, model.output.weight
+    device = torch.device(device or ref.device)
     multiple = 16 if device.type == "cuda" else 1
-    max_len = -(-length // multiple) * multiple
+    max_len = -(-(model.prefix_len + model.seq_len) // multiple) * multiple
     for layer in model.layers:
         layer.attention.kv_cache = KVCache(batch, cfg.n_head, max_len, cfg.head_dim,
                                            dtype or ref.dtype, device)
+    model.kv_mask = causal_mask_table(max_len, ref.dtype, device)
+    model.kv_rope = interleaved_rope(model.rope).to(device)
     return max_len
+
+
+def remove_kv_cache(model: nn.Module) -> None:
+    """Drop what :func:`install_kv_cache` gave the model."""
+    for layer in model.layers:
+        layer.attention.kv_cache = None
+    model.kv_mask = model.kv_rope = None
 
 
 def chunked_logprobs(

@@ -25,10 +25,9 @@ from ccalign.models.llamagen.model import (
     Block,
     RMSNorm,
     TransformerShape,
-    causal_mask_table,
     chunked_logprobs,
     install_kv_cache,
-    interleaved_rope,
+    remove_kv_cache,
     rope_2d_table,
 )
 from ccalign.settings import check_fields, ranged
@@ -195,17 +194,12 @@ class LlamaGenT2I(ConfigSizes, nn.Module):
         self, batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None
     ) -> None:
         """Allocate a static KV cache for ``batch`` rows and the whole sequence (caption + N)."""
-        ref = self.output.weight
-        device = torch.device(device or ref.device)
-        max_len = install_kv_cache(self, batch, self.prefix_len + self.seq_len, dtype, device)
-        self.kv_mask = causal_mask_table(max_len, ref.dtype, device)
-        self.kv_caption = torch.zeros(batch, max_len, dtype=ref.dtype, device=device)
-        self.kv_rope = interleaved_rope(self.rope).to(device)
+        max_len = install_kv_cache(self, batch, dtype, device)
+        self.kv_caption = self.kv_mask.new_zeros(batch, max_len)
 
     def clear_kv_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-        self.kv_mask = self.kv_caption = self.kv_rope = None
+        remove_kv_cache(self)
+        self.kv_caption = None
 
     def forward_cached(self, x: Tensor, positions: Tensor) -> Tensor:
         """Run embeddings ``x`` (B, S, D) at image positions ``positions`` (S,) through the
