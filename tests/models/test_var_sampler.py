@@ -180,3 +180,20 @@ def test_a_sampler_over_the_callers_model_leaves_it_trainable():
     tokens = VarSampler(model).generate([0, 1], generator=torch.Generator().manual_seed(0))
     assert model.head.weight.requires_grad and model.layers[0].attn.proj.weight.requires_grad
     assert not tokens.requires_grad
+
+
+def test_with_autocast_scope_all_the_re_encoding_takes_the_samplers_dtype():
+    """"all": the re-encoding runs in the sampler's own autocast dtype (float16 here), not the
+    device's default autocast dtype; "blocks": in float32."""
+    from ccalign.models.var.sampler import VarSampler
+    from support.tiny_var import tiny_pair
+
+    model, vae = tiny_pair(seed=1)
+    for scope, expected in (("all", torch.float16), ("blocks", torch.float32)):
+        seen = set()
+        conv = next(m for m in vae.modules() if isinstance(m, torch.nn.Conv2d))
+        hook = conv.register_forward_hook(lambda m, i, o, found=seen: found.add(o.dtype))
+        sampler = VarSampler(model, autocast=torch.float16, autocast_scope=scope, retokenize=vae)
+        sampler.generate([0, 1], generator=torch.Generator().manual_seed(0))
+        hook.remove()
+        assert seen == {expected}, scope

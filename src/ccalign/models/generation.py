@@ -57,3 +57,10 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def autocast_to(device_type: str, dtype: torch.dtype | None, **options):
+    """Autocast to ``dtype``, or explicitly off when ``dtype`` is None, so that an enclosing
+    autocast (a trainer's) does not reach the sampler."""
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
+                          **options)

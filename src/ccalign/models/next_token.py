@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from ccalign.conditions import CaptionBatch, ClassLabels, ConditionKind
 from ccalign.models.filtering import check_sampling_args, filter_logits, sample_categorical
-from ccalign.models.generation import FiniteCheck, check_generator, eval_mode, resolve_device
+from ccalign.models.generation import (
+    FiniteCheck,
+    autocast_to,
+    check_generator,
+    eval_mode,
+    resolve_device,
+)
 from ccalign.models.guidance import (
     GuidanceScale,
     guidance_scales,
@@ -162,10 +168,9 @@ class Sampler:
         conditions = self._check_conditions(conditions)
         check_generator(generator, self.device)
         scales = guidance_scales(cfg_scale, self.seq_len, cfg_interval)
-        with torch.inference_mode(), torch.autocast(  # the leanest per-op path; no cast cache:
-            self.device.type, dtype=self.autocast or torch.bfloat16,  # a graph may outlive it
-            enabled=bool(self.autocast), cache_enabled=False,
-        ):
+        # the leanest per-op path; no cast cache: a captured graph may outlive it
+        with torch.inference_mode(), autocast_to(self.device.type, self.autocast,
+                                                 cache_enabled=False):
             tokens = self._sample(conditions, scales, temperature, top_k, top_p, generator,
                                   (gft_beta, gft_numerics))
         return tokens.clone()  # a normal tensor: usable later in autograd (e.g. scoring)

@@ -22,7 +22,13 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from ccalign.models.generation import FiniteCheck, check_generator, eval_mode, resolve_device
+from ccalign.models.generation import (
+    FiniteCheck,
+    autocast_to,
+    check_generator,
+    eval_mode,
+    resolve_device,
+)
 from ccalign.models.guidance import GuidanceScale, check_scale, guidance_scales
 from ccalign.models.var.model import VAR
 from ccalign.multiscale import MultiScaleQuantizer
@@ -154,7 +160,7 @@ def generate(
     device_type = labels.device.type
 
     def inputs():  # the steps the teacher-forced forward runs outside autocast
-        return torch.autocast(device_type, enabled=False) if exact_inputs else nullcontext()
+        return autocast_to(device_type, None) if exact_inputs else nullcontext()
 
     try:
         with eval_mode(model):
@@ -259,13 +265,12 @@ class VarSampler:
             )
         labels = torch.as_tensor(labels).to(self.device)
         exact = self.autocast_scope == "blocks"
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
-                            enabled=self.autocast is not None):
+        with autocast_to(self.device.type, self.autocast):
             if self.vae is None:
                 return generate(self.model, labels, exact_inputs=exact, **settings)
             _, f_hat = generate(self.model, labels, return_fhat=True, exact_inputs=exact,
                                 **settings)
-            with torch.autocast(self.device.type, enabled=not exact):
+            with autocast_to(self.device.type, None) if exact else nullcontext():
                 return retokenize(self.vae, f_hat)
 
     def release(self) -> None:
