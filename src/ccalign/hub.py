@@ -74,6 +74,8 @@ class Release:
 
 
 PAPER = "paper"
+#: the ``labels`` of a text-to-image protocol: the user's captions, not drawn classes
+CAPTIONS = "captions"
 RELEASED_SAMPLER = "released-sampler"
 PROTOCOL_NAMES = (PAPER, RELEASED_SAMPLER)
 
@@ -112,6 +114,12 @@ class SamplingProtocol:
     settings: Mapping[str, Any] = field(default_factory=dict)
     note: str = ""
 
+    @property
+    def takes_captions(self) -> bool:
+        """Whether its conditions are the user's captions (text-to-image): the protocol fixes
+        how they are sampled, not which or how many."""
+        return self.labels == CAPTIONS
+
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready (``ccalign models --json``, run.json)."""
         return {
@@ -149,18 +157,19 @@ _LLAMAGEN_SAMPLER = (
     "bicubic resize :141-142, uint8 :143; cfg per model GETTING_STARTED.md:45-53"
 )
 _LLAMAGEN_CFG = {"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75, "3B": 1.65}
-_LLAMAGEN_FID = {("B", 256): 5.46, ("B", 384): 6.09, ("L", 256): 3.80, ("L", 384): 3.07,
-                 ("XL", 384): 2.62, ("XXL", 384): 2.34, ("3B", 384): 2.18}
-_LLAMAGEN_FID_LINE = {("B", 256): 55, ("B", 384): 56, ("L", 256): 57, ("L", 384): 58,
-                      ("XL", 384): 59, ("XXL", 384): 60, ("3B", 384): 61}
+#: (size, px) -> (FID, README line)
+_LLAMAGEN_FID = {("B", 256): (5.46, 55), ("B", 384): (6.09, 56), ("L", 256): (3.80, 57),
+                 ("L", 384): (3.07, 58), ("XL", 384): (2.62, 59), ("XXL", 384): (2.34, 60),
+                 ("3B", 384): (2.18, 61)}
 
 
 def _llamagen_protocol(size: str, px: int) -> SamplingProtocol:
     """The base model's FID protocol: its README table, GETTING_STARTED's command of its size."""
+    fid, line = _LLAMAGEN_FID[size, px]
     return SamplingProtocol(
-        "random", 50_000, _LLAMAGEN_CFG[size], _LLAMAGEN_SAMPLER, {"fid": _LLAMAGEN_FID[size, px]},
-        f"FoundationVision/LlamaGen README.md:{_LLAMAGEN_FID_LINE[size, px]} (AR models, FID "
-        "256x256)", image_size=px, resize=256 if px != 256 else None,
+        "random", 50_000, _LLAMAGEN_CFG[size], _LLAMAGEN_SAMPLER, {"fid": fid},
+        f"FoundationVision/LlamaGen README.md:{line} (AR models, FID 256x256)", image_size=px,
+        resize=256 if px != 256 else None,
         note="" if px == 384 else "the repo has no command for the 256-px checkpoints: the cfg "
         "of the 384-px command of the same size",
     )
@@ -323,7 +332,7 @@ _RELEASES: list[Release] = [
 def _t2i_protocol(px: int) -> SamplingProtocol:
     """LlamaGen's T2I sampler (sample_t2i.py): no published metric, its sampling settings."""
     return SamplingProtocol(
-        "captions", 0, 7.5,
+        CAPTIONS, 0, 7.5,
         "FoundationVision/LlamaGen@ce98ec41 autoregressive/sample/sample_t2i.py: cfg 7.5 :150, "
         "top-k 1000 / top-p 1 / T 1 :152-154, bf16 :141, left-padded FLAN-T5-XL captions of 120 "
         "tokens :133-136,89-101, TF32 :2-3; README.md:98-100",

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.name} is not a registry name: `ccalign reproduce` measures "
                          "releases by name (`ccalign models` lists them)")
     protocol = release.find_protocol(args.protocol)
-    if not protocol.published or protocol.labels == "captions":
+    if not protocol.published or protocol.takes_captions:
         raise ValueError(f"{release.name} has no published metric to reproduce (its protocol "
                          "samples the user's captions); sample it with ccalign sample")
     check_reference(args.ref)  # a bad reference fails before hours of sampling

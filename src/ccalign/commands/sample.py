@@ -18,8 +18,6 @@ from ccalign.errors import shorten
 HELP = "sample images from a checkpoint (tokens, PNGs, ADM .npz); resumable, multi-GPU via torchrun"
 
 
-#: a protocol whose conditions are the user's captions
-CAPTIONS = "captions"
 #: the weights and autocast dtypes ``ccalign sample`` takes, by name
 DTYPES = ("float32", "bfloat16", "float16")
 #: what a protocol-governed flag means when neither the command line nor a protocol sets it
@@ -455,8 +453,6 @@ def apply_protocol(args: argparse.Namespace, family) -> dict | None:
     protocol = release.find_protocol(args.protocol)
     own = {o.dest: o for o in family.sampling_options}
     flags = protocol_flags(protocol, family)
-    if protocol.labels == CAPTIONS:  # the user's captions: which and how many are theirs
-        flags.pop("labels")
     overrides = {}
     guidance = next((d for d, o in own.items() if family.own_guidance is not None
                      and o.setting == family.own_guidance.setting and d in flags), None)
@@ -471,27 +467,35 @@ def apply_protocol(args: argparse.Namespace, family) -> dict | None:
             setattr(args, dest, value)
         elif getattr(args, dest) != value:
             overrides[dest] = {"protocol": value, "given": getattr(args, dest)}
-    if protocol.labels == CAPTIONS:
-        pass
-    elif args.num_samples is None and (args.classes is not None or args.per_class is not None):
+    if not protocol.takes_captions:  # how many captions to sample is the user's
+        apply_count(args, protocol, overrides)
+    return {"name": args.protocol, "release": release.name, "values": protocol.to_dict(),
+            "overrides": overrides}
+
+
+def apply_count(args: argparse.Namespace, protocol, overrides: dict) -> None:
+    """The protocol's number of samples, unless --num-samples, --classes or --per-class says
+    otherwise (recorded in ``overrides``)."""
+    if args.num_samples is None and (args.classes is not None or args.per_class is not None):
         overrides["num_samples"] = {"protocol": protocol.num_samples,
                                     "given": "--classes / --per-class"}
     elif args.num_samples is None:
         args.num_samples = protocol.num_samples
     elif args.num_samples != protocol.num_samples:
         overrides["num_samples"] = {"protocol": protocol.num_samples, "given": args.num_samples}
-    return {"name": args.protocol, "release": release.name, "values": protocol.to_dict(),
-            "overrides": overrides}
 
 
 def protocol_flags(protocol, family) -> dict:
     """Flag destination -> the protocol's value. A family's own guidance setting (VAR's ramp)
-    stands for the guidance in place of --cfg-scale."""
+    stands for the guidance in place of --cfg-scale; a text-to-image protocol leaves the
+    conditions (--labels) to the user."""
     flags = {
-        "labels": protocol.labels, "top_k": protocol.top_k, "top_p": protocol.top_p,
+        "top_k": protocol.top_k, "top_p": protocol.top_p,
         "weights_dtype": protocol.weights_dtype, "autocast": protocol.autocast_dtype or "off",
         "tf32": "on" if protocol.tf32 else "off", "uint8": protocol.uint8,
     }
+    if not protocol.takes_captions:
+        flags["labels"] = protocol.labels
     if protocol.resize is not None:
         flags["resize"] = protocol.resize
     own = family.own_guidance
