@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ccalign.conditions import Captions
     from ccalign.data.text_encoder import TextEncoder
     from ccalign.devices import pick_device
 
@@ -61,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
         for batch in encoder.encode_batches(captions, args.batch_size):
             batches.append(batch)
             bar.update(len(batch))
+    encoded = Captions(args.length, encoder.dim).cat(batches)
     written = (write_npy_layout if args.format == "npy" else write_one_file)(
-        args.out, items, batches)
+        args.out, items, encoded)
     print(f"{len(captions)} captions encoded by {args.text_encoder}: {written}")
     return 0
 
@@ -145,33 +147,20 @@ def _caption_of(record: dict, key: str, path: Path, index: int) -> str:
     return value
 
 
-def write_one_file(out: Path, items, batches) -> Path:
-    import torch
-
+def write_one_file(out: Path, items, captions) -> Path:
     from ccalign.data.captions import write_caption_file
 
-    features = torch.cat([b.features for b in batches])
-    mask = torch.cat([b.mask for b in batches])
-    return write_caption_file(out, features, mask)
+    return write_caption_file(out, captions.features, captions.mask)
 
 
-def write_npy_layout(out: Path, items, batches) -> Path:
+def write_npy_layout(out: Path, items, captions) -> Path:
     """<out>/<list>/<line>.npy (1, n, C) float32 of each caption's real tokens, atomically."""
     import numpy as np
 
-    from ccalign.io import atomic_write
+    from ccalign.io import atomic_save_npy
 
-    rows = [(f, m) for b in batches for f, m in zip(b.features, b.mask, strict=True)]
-    for (name, index, _), (features, mask) in zip(items, rows, strict=True):
-        real = features[mask].numpy().astype(np.float32)[None]
-        path = out / name / f"{index}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp, a=real: _save_npy(tmp, a))
+    for (name, index, _), features, mask in zip(items, captions.features, captions.mask,
+                                                strict=True):
+        real = features[mask].numpy().astype(np.float32)[None]  # (1, n, C): the real tokens
+        atomic_save_npy(out / name / f"{index}.npy", real)
     return out
-
-
-def _save_npy(path: str, array) -> None:
-    import numpy as np
-
-    with open(path, "wb") as f:
-        np.save(f, array)

@@ -400,10 +400,8 @@ def encode_prompts(args: argparse.Namespace, family, kind, device, rank: int, ba
             if encoder.dim != kind.dim:
                 raise ValueError(f"--text-encoder {source} gives {encoder.dim}-wide features but "
                                  f"the model takes {kind.dim}: use the model's encoder")
-            batches = list(encoder.encode_batches(prompts, PROMPT_BATCH))
-            features = torch.cat([b.features for b in batches])
-            mask = torch.cat([b.mask for b in batches])
-            write_caption_file(path, features, mask, metadata=record)
+            encoded = kind.cat(list(encoder.encode_batches(prompts, PROMPT_BATCH)))
+            write_caption_file(path, encoded.features, encoded.mask, metadata=record)
         except BaseException:
             barrier()  # the other ranks wait here: they find no caption file and stop too
             raise

@@ -128,8 +128,6 @@ class CaptionFolder:
     ``.jsonl`` lists; ``entries`` names each item's (list, line). Rows are cut to ``length``
     tokens and left-padded, as LlamaGen's T2I dataset does (``dataset/t2i.py``)."""
 
-    key = "caption_index"
-
     def __init__(self, root: PathLike, entries, length: int, dim: int):
         self.root, self.entries = Path(root), list(entries)
         self.length, self.dim = length, dim

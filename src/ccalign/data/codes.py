@@ -29,7 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ccalign.io import PathLike, atomic_save_safetensors, atomic_write, open_safetensors
+from ccalign.io import (
+    PathLike,
+    atomic_save_npy,
+    atomic_save_safetensors,
+    open_safetensors,
+)
 
 FLAT_FORMAT = "ccalign.codes.v1"
 
@@ -366,9 +371,4 @@ def write_llamagen_code(root: PathLike, size: int, index: int, codes, label: int
         (root / f"imagenet{size}_codes", codes),
         (root / f"imagenet{size}_labels", np.array([label], dtype=np.int64)),
     ):
-        atomic_write(folder / f"{index}.npy", lambda tmp, a=array: _save_npy(tmp, a))
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array)
+        atomic_save_npy(folder / f"{index}.npy", array)

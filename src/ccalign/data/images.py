@@ -301,7 +301,6 @@ class ShardSource:
                              "its tar shards")
         self.classes: list[str] = []
         self.skipped_links: list = []
-        self.entries = [(Path(item.name).parent.name, i) for i, item in enumerate(self.items)]
 
     def _add(self, shard: Path, key: str, members: dict, f) -> None:
         image = next((members[e] for e in SHARD_IMAGES if e in members), None)
