@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Sample (every rank), then evaluate and report (rank 0)."""
     from ccalign import hub
-    from ccalign.eval.npz import load_reference
+    from ccalign.eval.npz import check_reference_statistics, load_reference
 
     release = hub.find(args.name)
     if release is None:
@@ -61,31 +61,13 @@ def run(args: argparse.Namespace) -> int:
     if not protocol.published or protocol.takes_captions:
         raise ValueError(f"{release.name} has no published metric to reproduce (its protocol "
                          "samples the user's captions); sample it with ccalign sample")
-    check_reference(args.ref)  # a bad reference fails before hours of sampling
+    check_reference_statistics(args.ref)  # a bad reference fails before hours of sampling
     _sample(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     report = _evaluate(args, load_reference(args.ref))
     _write(args, release, protocol, report)
     return 0
-
-
-def check_reference(path: Path) -> None:
-    """The reference is an .npz holding mu and sigma (its arrays are not read yet)."""
-    import zipfile
-
-    import numpy as np
-
-    if not path.is_file():
-        raise FileNotFoundError(f"reference batch not found: {path}")
-    try:
-        with np.load(path) as npz:
-            names = set(npz.files)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
-    if not {"mu", "sigma"} <= names:
-        raise ValueError(f"{path} holds no mu/sigma statistics; an ADM reference batch "
-                         "(VIRTUAL_imagenet256_labeled.npz) stores them")
 
 
 def _sample(args: argparse.Namespace) -> None:

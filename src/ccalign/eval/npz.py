@@ -68,6 +68,16 @@ def load_reference(path: str | Path) -> ReferenceBatch:
     return ReferenceBatch(images=images, mu=mu, sigma=sigma)
 
 
+def check_reference_statistics(path: str | Path) -> None:
+    """A reference ``.npz`` holds valid ``mu`` and ``sigma`` (read without its images: a check
+    before hours of sampling)."""
+    arrays, stored = _read_npz(path, ("mu", "sigma"))
+    if len(arrays) < 2:
+        raise ValueError(f"{path} holds no mu/sigma statistics (found {stored}); an ADM "
+                         "reference batch (VIRTUAL_imagenet256_labeled.npz) stores them")
+    _check_statistics(arrays["mu"], arrays["sigma"], path)
+
+
 def _read_npz(
     path: str | Path, names: tuple[str, ...]
 ) -> tuple[dict[str, np.ndarray], list[str]]:
