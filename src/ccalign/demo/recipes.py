@@ -204,17 +204,14 @@ def _cca_rows(settings: DemoSettings) -> list[dict]:
                 lam=lam,
             )
         )
-    rows.append(
-        dict(
-            name="cca+cfg",
-            model="cca",
-            headline=False,
-            cfg_scale=settings.cca_cfg_scale,
-            family="CCA + CFG",
-            lam=settings.lam,
-        )
-    )
+    rows.append(_with_cfg("cca", "CCA", settings, lam=settings.lam))
     return rows
+
+
+def _with_cfg(model: str, title: str, settings: DemoSettings, **extra) -> dict:
+    """The fine-tuned model sampled with CFG on top (``cca_cfg_scale``)."""
+    return dict(name=f"{model}+cfg", model=model, headline=False,
+                cfg_scale=settings.cca_cfg_scale, family=f"{title} + CFG", **extra)
 
 
 def _cca_recipe_text(info: dict) -> str:
@@ -362,13 +359,7 @@ def _ddo_rows(settings: DemoSettings) -> list[dict]:
             family="DDO",
             sweep_label=f"α={settings.ddo_alpha:g}",
         ),
-        dict(
-            name="ddo+cfg",
-            model="ddo",
-            headline=False,
-            cfg_scale=settings.cca_cfg_scale,
-            family="DDO + CFG",
-        ),
+        _with_cfg("ddo", "DDO", settings),
     ]
 
 

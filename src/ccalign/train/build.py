@@ -53,7 +53,6 @@ def with_captions(dataset: CodeDataset, data, model: nn.Module):
     """The data set with its captions for a caption-conditioned model (data.captions, and
     data.short_captions); the plain codes otherwise. A mismatch between the model's condition
     and the data is refused."""
-    captions = data.captions
     from ccalign.conditions import Captions
     from ccalign.data.captions import CaptionedCodes, CaptionFile, CaptionFolder
 
@@ -64,7 +63,7 @@ def with_captions(dataset: CodeDataset, data, model: nn.Module):
                 raise ValueError(f"data.{key}: the model is class-conditional; remove it (the "
                                  "codes' labels are its conditions)")
         return dataset
-    if captions is None:
+    if data.captions is None:
         raise ValueError("a text-to-image model trains on captions: set data.captions to the "
                          "caption features of the images (ccalign encode-captions writes them)")
 
@@ -82,8 +81,8 @@ def with_captions(dataset: CodeDataset, data, model: nn.Module):
 
     short = None if data.short_captions is None else source(data.short_captions,
                                                              "data.short_captions")
-    return CaptionedCodes(dataset, source(captions, "data.captions"), short, data.short_share,
-                          data.seed)
+    return CaptionedCodes(dataset, source(data.captions, "data.captions"), short,
+                          data.short_share, data.seed)
 
 
 def open_training_data(config: TrainConfig, model: nn.Module) -> CodeDataset:
