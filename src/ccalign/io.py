@@ -169,6 +169,17 @@ def atomic_save_npy(path: PathLike, array) -> Path:
     return atomic_write(path, write)
 
 
+def atomic_save_npz(path: PathLike, arrays: Mapping[str, Any]) -> Path:
+    """Named arrays as an uncompressed ``.npz`` file, written atomically."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ccalign.io import (
     OUTPUT_KINDS,
+    atomic_save_npz,
     atomic_write,
     changed_keys,
     check_output_kind,
@@ -348,7 +349,7 @@ def _sample_shard(sampler, config, out, shard, tokenizer, write_png) -> None:
             for i, image in enumerate(images):
                 png = out / "images" / f"{first + i:06d}.png"
                 atomic_write(png, lambda tmp, im=image: to_pil(im).save(tmp, format="PNG"))
-    atomic_write(shard_path(out, shard), lambda tmp: _savez(tmp, arrays))
+    atomic_save_npz(shard_path(out, shard), arrays)
 
 
 def _read_shard(path: Path, key: str) -> np.ndarray:
@@ -361,11 +362,6 @@ def _read_shard(path: Path, key: str) -> np.ndarray:
             f"{path} is damaged ({type(exc).__name__}); delete it and run the same command "
             "again: the run samples that shard again"
         ) from None
-
-
-def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def _assemble(out: Path, config: RunConfig, with_images: bool) -> RunOutputs:

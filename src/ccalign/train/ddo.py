@@ -54,7 +54,13 @@ from torch import Tensor, nn
 
 from ccalign.conditions import ClassLabels
 from ccalign.data.codes import FLAT_FORMAT
-from ccalign.io import atomic_save_safetensors, atomic_write, open_safetensors, read_json_record
+from ccalign.io import (
+    atomic_save_npz,
+    atomic_save_safetensors,
+    atomic_write,
+    open_safetensors,
+    read_json_record,
+)
 from ccalign.models import families
 from ccalign.train import distributed as D
 from ccalign.train.build import model_from_config, spec_from_section
@@ -236,7 +242,7 @@ def write_negatives(reference: nn.Module, trainer: Trainer, codec=None) -> Path:
         path = folder / f"step_{step:08d}.npz"
         if not path.exists():
             arrays = _sample_step(sampler, config, labels, trainer.plan, step)
-            atomic_write(path, lambda tmp, a=arrays: _savez(tmp, a))
+            atomic_save_npz(path, arrays)
     sampler.release()
     D.barrier(trainer.dist)
     seconds = time.perf_counter() - started  # this call's sampling (a resume: only its part)
@@ -330,11 +336,6 @@ def _join(
     if seq_len != grid * grid:  # multi-scale codes (VAR), as write_flat_codes records them
         meta["seq_len"] = str(seq_len)
     atomic_save_safetensors(tensors, final, meta)
-
-
-def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def attach_negatives(trainer: Trainer) -> None:
