@@ -589,7 +589,11 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
 
     def close(self) -> None:
-        """Leave the process group if the trainer joined it."""
+        """Leave the process group if the trainer joined it, after dropping the DDP wrapper:
+        its reducer must not hold the group's last reference, or the group's destructor runs
+        from the reducer's, with the GIL held, and can deadlock with a Gloo worker thread that
+        needs the GIL to free a finished collective (seen once, at the end of a 2-process run)."""
+        self.policy = self.model
         D.shutdown(self.dist)
 
 
