@@ -25,9 +25,9 @@ TINY = dict(dim=32, n_layer=2, n_head=4, grid=GRID, vocab_size=VOCAB, caption_le
             caption_dim=C)
 
 
-def tiny(seed: int = 0, std: float = 0.1, dtype=torch.float32) -> LlamaGenT2I:
+def tiny(seed: int = 0, std: float = 0.1, dtype=torch.float32, **changes) -> LlamaGenT2I:
     torch.manual_seed(seed)
-    model = LlamaGenT2I(LlamaGenT2IConfig(**TINY))
+    model = LlamaGenT2I(LlamaGenT2IConfig(**{**TINY, **changes}))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)
@@ -76,7 +76,7 @@ def reference_logits(model: LlamaGenT2I, conds: CaptionBatch, prefix: torch.Tens
     h = torch.cat([x @ sd["cls_embedding.cap_proj.fc2.weight"].T,
                    sd["tok_embeddings.weight"][prefix]], dim=1)
     s, hd = h.shape[1], cfg.dim // cfg.n_head
-    table = rope_2d_table(cfg.grid, hd, cfg.rope_base, L)[:s].double()
+    table = rope_2d_table(cfg.grid, hd, cfg.rope_base, L, cfg.width)[:s].double()
     mask = official_mask(conds.mask, s)
 
     def norm(v, w):
@@ -104,7 +104,7 @@ def reference_greedy(model: LlamaGenT2I, conds: CaptionBatch, cfg_scale: float) 
     rows = kind.cat([conds, kind.null_like(conds)]) if cfg_scale > 1 else conds
     b = len(conds)
     tokens = torch.zeros(b, 0, dtype=torch.long)
-    for _ in range(GRID * GRID):
+    for _ in range(model.seq_len):
         logits = reference_logits(model, rows, tokens.repeat(len(rows) // b, 1))[:, -1]
         if cfg_scale > 1:
             cond, uncond = logits[:b], logits[b:]
@@ -156,6 +156,34 @@ def test_greedy_tokens_equal_the_official_generate(cfg_scale):
     got = Sampler(model, eager=True).generate(conds, cfg_scale=cfg_scale, top_k=1)
     assert torch.equal(got, reference_greedy(model, conds, cfg_scale))
     assert len(set(got.flatten().tolist())) > 5  # not a degenerate repeat
+
+
+def test_rope_table_of_a_rectangular_grid_turns_by_row_then_column():
+    """Image position p = r * width + c gets angles r * f on its first half-pairs and c * f on
+    the rest, f_j = base^(-4j / hd); caption positions are not turned."""
+    hd, base, rows, width = 8, 100.0, 2, 3
+    table = rope_2d_table(rows, hd, base, L, width).double()
+    freqs = base ** (-4.0 * torch.arange(hd // 4, dtype=torch.float64) / hd)
+    for p in range(rows * width):
+        r, c = divmod(p, width)
+        angles = torch.cat([r * freqs, c * freqs])
+        expected = torch.stack([angles.cos(), angles.sin()], -1)
+        torch.testing.assert_close(table[L + p], expected, rtol=0, atol=1e-6)
+    assert table[:L].abs().max() == 0
+    assert torch.equal(rope_2d_table(GRID, hd, base, L), rope_2d_table(GRID, hd, base, L, GRID))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_a_rectangular_grid_samples_and_scores_as_the_reference(cfg_scale):
+    model = tiny(std=0.08, grid=2, grid_width=3)
+    assert model.seq_len == 6
+    conds = captions([L, 2])
+    got = Sampler(model, eager=True).generate(conds, cfg_scale=cfg_scale, top_k=1)
+    assert got.shape == (2, 6) and torch.equal(got, reference_greedy(model, conds, cfg_scale))
+    double = model.double()
+    conds64 = CaptionBatch(conds.features.double(), conds.mask, conds.null)
+    expected = reference_logits(double, conds64, got[:, :-1])[:, L - 1 :]
+    torch.testing.assert_close(double.logits(conds64, got), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_guidance_free_sampling_runs_only_the_conditional_rows():

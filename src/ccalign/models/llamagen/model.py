@@ -152,19 +152,24 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_2d_table(grid: int, head_dim: int, base: float, cls_positions: int = 1) -> Tensor:
-    """(cls_positions + grid^2, head_dim/2, 2) table of (cos, sin); class positions are all zero.
+def rope_2d_table(
+    grid: int, head_dim: int, base: float, cls_positions: int = 1, width: int | None = None
+) -> Tensor:
+    """(cls_positions + grid * width, head_dim/2, 2) table of (cos, sin); class positions are all
+    zero. ``width`` (default ``grid``): tokens per row of a grid that is not square.
 
     Cell (r, c) gets the angles [r * freqs, c * freqs] with freqs = 1 / base^(k/half), k = 0, 2,
     ..., written as the official expression: base^(-k/half) differs in the last float32 bit.
     """
+    width = grid if width is None else width
     half = head_dim // 2
     freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
-    steps = torch.arange(grid, dtype=torch.float32)
-    angles_1d = torch.outer(steps, freqs)  # (grid, half/2)
-    rows = angles_1d[:, None, :].expand(grid, grid, -1)
-    cols = angles_1d[None, :, :].expand(grid, grid, -1)
-    angles = torch.cat([rows, cols], dim=-1).reshape(grid * grid, half)
+    rows = torch.outer(torch.arange(grid, dtype=torch.float32), freqs)  # (grid, half/2)
+    cols = torch.outer(torch.arange(width, dtype=torch.float32), freqs)  # (width, half/2)
+    angles = torch.cat(
+        [rows[:, None, :].expand(grid, width, -1), cols[None, :, :].expand(grid, width, -1)],
+        dim=-1,
+    ).reshape(grid * width, half)
     table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
     return torch.cat([torch.zeros(cls_positions, half, 2), table], dim=0)
 

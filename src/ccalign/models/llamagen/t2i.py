@@ -41,6 +41,8 @@ class LlamaGenT2IConfig(TransformerShape):
     n_layer: int = ranged(36, ge=1, le=1000)
     n_head: int = ranged(20, ge=1, le=4096)
     grid: int = ranged(16, ge=1, le=1024)  # image tokens per side: 16 at 256 px, 32 at 512 px
+    # tokens per row when the image is not square (0: square, ``grid``); rows stay ``grid``
+    grid_width: int = ranged(0, ge=0, le=1024)
     vocab_size: int = ranged(16384, ge=2, le=2**24)
     caption_len: int = ranged(120, ge=1, le=65536)  # text tokens (T5's model_max_length)
     caption_dim: int = ranged(2048, ge=1, le=65536)  # text-encoder width (FLAN-T5-XL)
@@ -56,6 +58,15 @@ class LlamaGenT2IConfig(TransformerShape):
     def __post_init__(self):
         check_fields(self)
         self.check_heads()
+
+    @property
+    def width(self) -> int:
+        """Image tokens per row."""
+        return self.grid_width or self.grid
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid * self.width
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +120,9 @@ class LlamaGenT2I(ConfigSizes, nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        rope = rope_2d_table(config.grid, config.head_dim, config.rope_base, config.caption_len)
+        rope = rope_2d_table(
+            config.grid, config.head_dim, config.rope_base, config.caption_len, config.width
+        )
         self.register_buffer("rope", rope, persistent=False)
         self.reset_parameters()
 
