@@ -21,8 +21,8 @@ import torch
 
 from ccalign.data import fashion_mnist
 from ccalign.demo import bundles, recipes
-from ccalign.demo.pipeline import balanced_labels, decode_images, score
 from ccalign.demo.settings import DemoSettings
+from ccalign.demo.tasks import balanced_labels, decode_images, score
 from ccalign.eval import load_classifier_extractor, manifold_radii
 from ccalign.models import families
 from ccalign.tokenizers import load as load_tokenizer
@@ -40,8 +40,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extractor = load_classifier_extractor(progress=False)
     test_images, _ = fashion_mnist.load("test")
-    reference = extractor.extract(test_images)
-    radii = manifold_radii(reference.features, k=3)
+    reference = extractor.extract(test_images).features
+    radii = manifold_radii(reference, k=3)
     bundle = bundles.bundle(args.family)
     tokenizer = load_tokenizer(bundle.tokenizer).eval()
     for text in args.recipes:
@@ -52,7 +52,8 @@ def main() -> None:
         if settings.steps == 0:
             model = bundle.load_model(settings.base_model)
         else:
-            config = recipes.cca_config(settings, args.codes, args.out, settings.lam)
+            config = recipes.cca_config(settings, {"path": str(args.codes)}, args.out,
+                                        settings.lam)
             recipes.train_timed(config, print)
             model = families.load_file(Path(config.checkpoint.out) / "final.safetensors").eval()
         seconds = time.perf_counter() - started

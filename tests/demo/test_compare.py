@@ -41,7 +41,7 @@ def test_plan_rows_per_method():
 
 def test_matched_budget_of_the_recipes(tmp_path):
     settings = DemoSettings(methods=("cca", "gft", "ddo"))
-    codes = tmp_path / "codes.safetensors"
+    codes = {"path": str(tmp_path / "codes.safetensors")}
     cca = recipes.cca_config(settings, codes, tmp_path, settings.lam)
     gft = recipes.gft_config(settings, codes, tmp_path)
     ddo = recipes.ddo_config(settings, codes, tmp_path)
@@ -57,7 +57,8 @@ def test_matched_budget_of_the_recipes(tmp_path):
 
 
 def test_run_folders_are_named_by_the_method_and_a_hash_of_the_config(tmp_path):
-    codes = tmp_path / "codes.safetensors"
+    codes = {"path": str(tmp_path / "codes.safetensors"),
+             "captions": str(tmp_path / "captions.safetensors")}
 
     def folders(settings):
         return {
@@ -74,7 +75,8 @@ def test_run_folders_are_named_by_the_method_and_a_hash_of_the_config(tmp_path):
     shorter = folders(DemoSettings(steps=10))
     assert all(shorter[m].checkpoint.out != plain[m] for m in plain)
     # the folder does not depend on where the demo writes, only on the recipe
-    elsewhere = recipes.gft_config(DemoSettings(), tmp_path / "x" / codes.name, tmp_path)
+    moved = {key: str(tmp_path / "x" / Path(path).name) for key, path in codes.items()}
+    elsewhere = recipes.gft_config(DemoSettings(), moved, tmp_path)
     assert elsewhere.checkpoint.out == plain["gft"]
 
 

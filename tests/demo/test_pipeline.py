@@ -138,7 +138,7 @@ def test_bundled_files_fit_the_25_mb_budget():
 def test_bootstrap_fid_spread_equals_exact_fids_of_the_same_resamples():
     import numpy as np
 
-    from ccalign.demo.pipeline import bootstrap_fid_std
+    from ccalign.demo.tasks import bootstrap_fid_std
     from ccalign.eval import fid_from_features
 
     rng = np.random.default_rng(3)

@@ -6,7 +6,7 @@ import argparse
 
 HELP = (
     "CCA (or --methods cca,gft,ddo) on Fashion-MNIST from the bundled LlamaGen (or --family var: "
-    "VAR) base model, compared with CFG (report in --out)"
+    "VAR; --family t2i: text-to-image) base model, compared with CFG (report in --out)"
 )
 
 
@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--family",
         choices=tuple(BUNDLES),
         default=next(iter(BUNDLES)),
-        help="the bundled model family: LlamaGen (next-token, 49 codes) or VAR (next-scale, "
-        "88 codes of a multi-scale VQ)",
+        help="the bundled model family: LlamaGen (next-token, 49 codes), VAR (next-scale, "
+        "88 codes of a multi-scale VQ) or t2i (LlamaGen T2I: two-item scenes drawn from "
+        "captions, 98 codes)",
     )
     parser.add_argument(
         "--out",

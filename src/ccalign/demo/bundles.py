@@ -9,6 +9,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ccalign.demo.scene_task import SceneTask
+from ccalign.demo.tasks import ClassTask, DemoTask
 from ccalign.models import families
 from ccalign.tokenizers.files import ASSETS
 
@@ -26,6 +28,7 @@ class DemoBundle:
     default_out: Path  # where ``ccalign demo`` writes by default
     model_section: dict = field(default_factory=dict)  # [model] keys besides init
     settings: dict = field(default_factory=dict)  # DemoSettings fields tuned for the bundle
+    task: DemoTask = field(default_factory=ClassTask)  # what it draws and how it is judged
 
     def load_model(self, path: Path) -> nn.Module:
         """A model of the bundle's family in eval mode; a missing bundled file names its
@@ -75,6 +78,18 @@ BUNDLES: dict[str, DemoBundle] = {
         # 6000 samples per headline row keep the run near 10 minutes with the set-up; VAR's own
         # ramp guidance beside the constant CFG scales: its cfg c ends at scale 1 + c
         settings={"beta": 0.005, "lam": 3.0, "samples": 6000, "own_cfg_scales": (1.0, 1.5, 2.0)},
+    ),
+    "t2i": DemoBundle(
+        name="t2i",
+        family="llamagen-t2i",
+        title="LlamaGen T2I",
+        tokenizer="fmnist-vq",  # per item: a scene is two items' codes side by side
+        base_model=ASSETS / "fmnist_t2i_base.safetensors",
+        pretrain_config="configs/fmnist_t2i_pretrain.toml",
+        default_out=Path("runs/demo_t2i"),
+        model_section={"name": "custom", "family": "llamagen-t2i", "grid": 7},
+        settings={"samples": 4000, "curve_samples": 1000, "batch_size": 500},
+        task=SceneTask(),
     ),
 }
 

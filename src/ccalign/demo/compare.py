@@ -14,8 +14,9 @@ def _title(method: str) -> str:
     return recipes.get(method).title
 
 
-def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
-    """report.md: setup, budget, fine-tune times, the metrics table, the reading, the figures."""
+def write_report(runs: list[dict], meta: dict, path: Path, extra: str = "") -> Path:
+    """report.md: setup, budget, fine-tune times, the metrics table, the reading (``extra``:
+    the task's own words after it), the figures."""
     by_name = {r["name"]: r for r in runs}
     methods = meta["methods"]
     text = "\n\n".join(
@@ -25,7 +26,7 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
             setup_text(meta),
             budget_table(meta),
             report.metrics_table(runs),
-            "## Reading\n\n" + reading(by_name, runs, meta),
+            "## Reading\n\n" + reading(by_name, runs, meta) + (f" {extra}" if extra else ""),
             "![trade-off](tradeoff.png)\n\n"
             + "\n".join(f"![{r['name']}](grids/{r['name']}.png)" for r in runs),
         ]
@@ -39,7 +40,7 @@ def setup_text(meta: dict) -> str:
     return (
         f"{meta['samples_per_setting']} samples per headline row (base, base + CFG, each "
         f"method guidance-free) and {meta['curve_samples_per_setting']} per other row "
-        f"(balanced over the 10 classes, {report.split_words(meta)}), compared with "
+        f"({report.prompt_words(meta)}, {report.split_words(meta)}), compared with "
         f"{meta['reference_images']} test images through the bundled classifier's features; "
         "the ± column is the bootstrap spread of FID (sample noise only: one fine-tune per "
         "method, so fine-tune-to-fine-tune variance is not in it). Every method fine-tunes the "

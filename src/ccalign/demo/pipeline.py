@@ -1,14 +1,16 @@
 """The embedded demo: CCA on Fashion-MNIST from a bundled base model, measured against CFG.
 
-Two model families ship a base model and tokenizer (``ccalign.demo.bundles``): LlamaGen (the
-default, 49 codes per image) and VAR (``--family var``: next-scale prediction over the 88 codes
-of a small multi-scale VQ). The pipeline below is the same for both, and for every method.
+Three bundles ship a base model and tokenizer (``ccalign.demo.bundles``): LlamaGen (the
+default, 49 codes per image), VAR (``--family var``: next-scale prediction over the 88 codes of
+a small multi-scale VQ) and LlamaGen T2I (``--family t2i``: two-item scenes drawn from
+captions). The pipeline below is the same for all, and for every method; what a bundle's model
+draws and how its pictures are judged is its task (``ccalign.demo.tasks``).
 
-Stages (each with its own progress bar): encode the training images with the bundled VQ (cached
-in the output folder), fine-tuning through the project's trainer (resumable), sampling every
-setting with the same labels and seeds, and evaluation with the bundled classifier against the
-10k test images: domain FID, conditional accuracy, precision/recall, IS analogue and images/s;
-and the conditional accuracy again under the second bundled classifier (a pixel MLP trained
+Stages (each with its own progress bar): the task's training data (encoded once, cached in the
+output folder), fine-tuning through the project's trainer (resumable), sampling every setting
+with the same prompts and seeds, and evaluation with the bundled classifier against the split's
+test images: domain FID, accuracy (conditional or caption), precision/recall, IS analogue and
+images/s; and the accuracy again under the second bundled classifier (a pixel MLP trained
 apart), so that no claim rests on one classifier.
 With ``methods`` (``--methods cca,gft,ddo``) each method fine-tunes from the same base model and
 codes at a matched budget (``ccalign.demo.recipes``) and one report compares them all
@@ -30,22 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccalign.data import fashion_mnist
-from ccalign.data.codes import write_flat_codes
 from ccalign.demo import compare, recipes, report, single
 from ccalign.demo.settings import DemoSettings
-from ccalign.eval import (
-    bundled_classifier_path,
-    conditional_accuracy,
-    feature_statistics,
-    fid_from_features,
-    inception_score,
-    load_classifier_extractor,
-    manifold_radii,
-    precision_recall,
-)
 from ccalign.models import families
-from ccalign.tokenizers import load as load_tokenizer
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -54,30 +43,24 @@ def run_demo(settings: DemoSettings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     bundle = settings.bundle
-    tokenizer = load_tokenizer(bundle.tokenizer).eval()
-    codes_path = encode_training_set(tokenizer, settings, out)
-    extractor = load_classifier_extractor(progress=False)
-    second = load_classifier_extractor(bundled_classifier_path("mlp"), progress=False)
-    test_images, _ = fashion_mnist.load("test")
-    reference = extractor.extract(test_images[settings.reference_slice])
-    reference_radii = manifold_radii(reference.features, k=3)  # once, not per setting
+    task = bundle.task
+    tokenizer = task.tokenizer(bundle.tokenizer)
+    data = task.training_data(tokenizer, settings, out)
+    scorer = task.scorer(settings)
 
     base = bundle.load_model(settings.base_model)
-    models, trained = finetune_methods(settings, codes_path, out)
+    models, trained = finetune_methods(settings, data, out)
     rows = plan_settings(settings)
     models = {"base": base, **models}
     drawn = sample_interleaved(rows, models, settings)
     runs = []
     for row in rows:
-        labels, tokens, speed = drawn[row["name"]]
-        images = decode_images(tokenizer, tokens)
-        metrics = score(
-            images, labels, reference, reference_radii, extractor, settings.curve_samples
-        )
-        metrics["accuracy_mlp"] = conditional_accuracy(second.extract(images).logits, labels)
-        record = {**row, **metrics, "images_per_s": speed}
+        prompts, tokens, speed = drawn[row["name"]]
+        images = task.decode(tokenizer, tokens)
+        record = {**row, **scorer.score(images, prompts, settings.curve_samples),
+                  "images_per_s": speed}
         runs.append(record)
-        grid = report.class_grid(images, labels, per_row=settings.grid_columns)
+        grid = task.grid(images, prompts, settings.grid_columns)
         report.save_png(grid, out / "grids" / f"{row['name']}.png", scale=3)
         _say(
             settings,
@@ -93,6 +76,8 @@ def run_demo(settings: DemoSettings) -> dict:
         "sample_seed": settings.sample_seed,
         "samples_per_setting": settings.samples,
         "curve_samples_per_setting": settings.curve_samples,
+        "prompts": task.prompt_words,
+        "accuracy_measure": task.accuracy_words,
         "reference_images": settings.reference_images,
         "speed_ratio": drawn["speed_ratio"],
         "methods": list(settings.methods),
@@ -103,9 +88,10 @@ def run_demo(settings: DemoSettings) -> dict:
     }
     report.write_metrics(runs, out / "metrics.json", meta)
     title = " / ".join(recipes.get(m).title for m in settings.methods)
-    report.plot_tradeoff(runs, out / "tradeoff.png", title=f"CFG scale vs {title}")
+    report.plot_tradeoff(runs, out / "tradeoff.png", title=f"CFG scale vs {title}",
+                         accuracy_label=task.accuracy_words)
     written = single if len(settings.methods) == 1 else compare
-    written.write_report(runs, meta, out / "report.md")
+    written.write_report(runs, meta, out / "report.md", task.reading(runs, settings.methods[0]))
     return {"meta": meta, "runs": runs}
 
 
@@ -114,47 +100,15 @@ def _say(settings: DemoSettings, text: str) -> None:
         print(text, flush=True)
 
 
-# ---- stage 1: data ----
-def encode_training_set(tokenizer, settings: DemoSettings, out: Path) -> Path:
-    """Encode the first ``train_images`` training images once; later runs reuse the file."""
-    path = out / f"codes_{settings.family}_train{settings.train_images}.safetensors"
-    if path.exists():
-        return path
-    images, labels = fashion_mnist.load("train")
-    images, labels = images[: settings.train_images], labels[: settings.train_images]
-    codes = encode_images(tokenizer, images, settings)
-    write_flat_codes(
-        path,
-        codes,
-        labels,
-        vocab_size=tokenizer.vocab_size,
-        grid=tokenizer.grid,
-        seq_len=getattr(tokenizer, "seq_len", None),  # a multi-scale VQ: every scale's codes
-    )
-    return path
-
-
-@torch.inference_mode()
-def encode_images(tokenizer, images: np.ndarray, settings: DemoSettings) -> np.ndarray:
-    from tqdm import tqdm
-
-    codes = []
-    batches = range(0, len(images), 1000)
-    for start in tqdm(batches, desc="encode train images", disable=not settings.progress):
-        pixels = torch.from_numpy(images[start : start + 1000]).float()[:, None] / 127.5 - 1
-        codes.append(tokenizer.encode(pixels).numpy())
-    return np.concatenate(codes)
-
-
 # ---- stage 2: models ----
-# ---- stage 2: models ----
-def finetune_methods(settings: DemoSettings, codes_path: Path, out: Path) -> tuple[dict, dict]:
-    """Fine-tune every method in ``settings.methods``: ({model key: model}, {method: meta})."""
+def finetune_methods(settings: DemoSettings, data: dict, out: Path) -> tuple[dict, dict]:
+    """Fine-tune every method in ``settings.methods`` on ``data`` (the config's data keys):
+    ({model key: model}, {method: meta})."""
     models: dict = {}
     info: dict = {}
     for method in settings.methods:
         recipe = recipes.get(method)
-        for variant in recipe.variants(settings, codes_path, out):
+        for variant in recipe.variants(settings, data, out):
             seconds = recipes.train_timed(variant.config, lambda t: _say(settings, t))
             folder = Path(variant.config.checkpoint.out)
             models[variant.key] = families.load_file(folder / "final.safetensors").eval()
@@ -231,17 +185,14 @@ def model_key(row: dict) -> str:
     return "base" if row["model"] == "base" else recipes.get(row["model"]).model_key(row)
 
 
-def balanced_labels(count: int) -> np.ndarray:
-    return np.arange(count) % 10
-
-
 @dataclass
 class _Draw:
-    """One setting's sampling: labels, seeded generator, the batches drawn and their times."""
+    """One setting's sampling: prompts, seeded generator, the batches drawn and their times."""
 
     row: dict
     sampler: object  # the model family's sampler
-    labels: np.ndarray
+    prompts: object  # the task's prompts
+    count: int
     generator: torch.Generator
     tokens: list[torch.Tensor] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -256,28 +207,31 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
     """Tokens of every setting, drawn batch by batch in rounds over the settings.
 
     Each setting keeps its own generator seeded with ``settings.sample_seed`` (its samples do not
-    depend on the interleaving) and is timed on every batch. Returns ``{name: (labels, tokens,
+    depend on the interleaving) and is timed on every batch. Returns ``{name: (prompts, tokens,
     images/s)}`` with the median speed over its batches, and ``"speed_ratio"``: the median over
     rounds of (mean guidance-free speed) / (mean CFG speed) within the round, with its range.
     """
     from tqdm import tqdm
 
+    task = settings.bundle.task
     samplers = {key: families.of(model).sampler(model) for key, model in models.items()}
+    counts = [settings.samples if row.get("headline") else settings.curve_samples for row in rows]
+    prompts = {count: task.prompts(count, settings) for count in set(counts)}
     draws = []
-    for row in rows:
-        count = settings.samples if row.get("headline") else settings.curve_samples
+    for row, count in zip(rows, counts, strict=True):
         generator = torch.Generator().manual_seed(settings.sample_seed)
-        draws.append(_Draw(row, samplers[model_key(row)], balanced_labels(count), generator))
-    longest = max(len(d.labels) for d in draws)
+        draws.append(_Draw(row, samplers[model_key(row)], prompts[count], count, generator))
+    longest = max(counts)
     rounds: list[dict[str, list[float]]] = []
-    total = sum(len(d.labels) for d in draws)
+    total = sum(counts)
     with tqdm(total=total, desc="sample", unit="image", disable=not settings.progress) as bar:
         for start in range(0, longest, settings.batch_size):
             speeds: dict[str, list[float]] = {"free": [], "cfg": []}
             for draw in draws:
-                batch = torch.from_numpy(draw.labels[start : start + settings.batch_size])
-                if len(batch) == 0:
+                stop = min(start + settings.batch_size, draw.count)
+                if stop <= start:
                     continue
+                batch = task.conditions(draw.prompts, start, stop)
                 scale = draw.row["cfg_scale"]
                 extra = dict(draw.row.get("sampler_settings", {}))
                 if "gft_beta" in draw.row:
@@ -288,12 +242,12 @@ def sample_interleaved(rows: list[dict], models: dict, settings: DemoSettings) -
                 )
                 draw.seconds.append(time.perf_counter() - begin)
                 kind = "cfg" if is_guided(draw.row) else "free"
-                speeds[kind].append(len(batch) / draw.seconds[-1])
-                bar.update(len(batch))
+                speeds[kind].append((stop - start) / draw.seconds[-1])
+                bar.update(stop - start)
             rounds.append(speeds)
     for sampler in samplers.values():
         sampler.release()
-    drawn = {d.row["name"]: (d.labels, torch.cat(d.tokens), d.images_per_s()) for d in draws}
+    drawn = {d.row["name"]: (d.prompts, torch.cat(d.tokens), d.images_per_s()) for d in draws}
     drawn["speed_ratio"] = speed_ratio(rounds)
     return drawn
 
@@ -312,64 +266,3 @@ def speed_ratio(rounds: list[dict[str, list[float]]]) -> dict:
         "rounds": len(ratios),
     }
 
-
-def decode_images(tokenizer, tokens: torch.Tensor) -> np.ndarray:
-    """uint8 images (N, 28, 28) from token grids, decoded in batches."""
-    with torch.inference_mode():
-        pixels = torch.cat([tokenizer.decode(chunk) for chunk in tokens.split(2000)])
-    return ((pixels[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def score(
-    images: np.ndarray,
-    labels: np.ndarray,
-    reference,
-    reference_radii,
-    extractor,
-    manifold_samples: int,
-) -> dict:
-    """Domain metrics of uint8 samples against the reference's classifier features.
-
-    Precision and recall use the first ``manifold_samples`` samples of every row (balanced, as
-    the labels cycle): recall's k-NN radii shrink as samples grow, so rows of different sizes
-    are only comparable on the same count. FID, accuracy and IS use every sample.
-    """
-    extracted = extractor.extract(images)
-    precision, recall = precision_recall(
-        reference.features,
-        extracted.features[:manifold_samples],
-        k=3,
-        real_radii=reference_radii,
-    )
-    return {
-        "fid": fid_from_features(reference.features, extracted.features),
-        "fid_std": bootstrap_fid_std(reference.features, extracted.features),
-        "accuracy": conditional_accuracy(extracted.logits, labels),
-        "precision": precision,
-        "recall": recall,
-        "inception_score": inception_score(extracted.logits, splits=1),
-        "num_samples": int(len(labels)),
-    }
-
-
-def bootstrap_fid_std(reference: np.ndarray, samples: np.ndarray, rounds: int = 20) -> float:
-    """Spread of FID over resamplings (with replacement) of the samples: its sampling noise.
-
-    Uses tr sqrt(S_r S) = sum sqrt(eig(H^T S H)) with S_r = H H^T: a symmetric eigenproblem
-    per round instead of a matrix square root, far faster; the reported FID stays the exact
-    one, this only sizes its noise.
-    """
-    rng = np.random.default_rng(0)
-    mu_r, sigma_r = feature_statistics(reference)
-    w, v = np.linalg.eigh(sigma_r)
-    half = v * np.sqrt(w.clip(min=0))
-    fids = []
-    for _ in range(rounds):
-        mu, sigma = feature_statistics(samples[rng.integers(0, len(samples), len(samples))])
-        eig = np.linalg.eigvalsh(half.T @ sigma @ half).clip(min=0)
-        trace = np.trace(sigma_r) + np.trace(sigma) - 2 * np.sqrt(eig).sum()
-        fids.append(float(np.sum((mu_r - mu) ** 2) + trace))
-    return float(np.std(fids))
-
-
-# ---- stage 4: the written report ----

@@ -54,8 +54,8 @@ class DemoRecipe:
 
     method: str  # the method's name in ccalign.train.methods
     title: str  # for the reports
-    #: (settings, codes file, output folder of the demo) -> the models it trains
-    variants: Callable[[DemoSettings, Path, Path], list[Variant]]
+    #: (settings, the data section's keys, output folder of the demo) -> the models it trains
+    variants: Callable[[DemoSettings, dict, Path], list[Variant]]
     #: (settings, run folder of the main variant, fine-tune seconds) -> metrics.json's meta
     meta: Callable[[DemoSettings, Path, float], dict]
     rows: Callable[[DemoSettings], list[dict]]  # its rows of the results table
@@ -74,7 +74,10 @@ def run_folder(out: Path, method: str, config: TrainConfig) -> Path:
     record = config.to_dict()
     record["checkpoint"] = {**record["checkpoint"], "out": None}
     record["train"] = {**record["train"], "progress": None}
-    record["data"] = {**record["data"], "path": Path(record["data"]["path"]).name}
+    record["data"] = {
+        key: Path(value).name if key in ("path", "captions") and value else value
+        for key, value in record["data"].items()
+    }
     digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
     return out / f"{method}_{digest}"
 
@@ -102,11 +105,12 @@ def train_timed(config: TrainConfig, say) -> float:
 
 
 # ---- shared recipe parts ----
-def _common(settings: DemoSettings, codes_path: Path, batch: int, steps: int) -> dict:
-    """Model, data, train and checkpoint sections shared by every method."""
+def _common(settings: DemoSettings, data: dict, batch: int, steps: int) -> dict:
+    """Model, data, train and checkpoint sections shared by every method; ``data``: the data
+    section's keys of the task's training data (codes, and caption features for captions)."""
     return {
         "model": {**settings.bundle.model_section, "init": str(settings.base_model)},
-        "data": {"path": str(codes_path), "seed": settings.seed},
+        "data": {**data, "seed": settings.seed},
         "train": {
             "global_batch": batch,
             "micro_batch": batch,
@@ -144,9 +148,9 @@ def first_log_record(metrics_log: Path) -> dict:
 
 
 # ---- CCA ----
-def cca_config(settings: DemoSettings, codes_path: Path, out: Path, lam: float) -> TrainConfig:
+def cca_config(settings: DemoSettings, data: dict, out: Path, lam: float) -> TrainConfig:
     """The demo's CCA recipe (beta and lambda per family: DemoSettings), in its run folder."""
-    doc = _common(settings, codes_path, settings.pairs_per_step, settings.steps)
+    doc = _common(settings, data, settings.pairs_per_step, settings.steps)
     doc["method"] = {
         "name": "cca",
         "beta": settings.beta,
@@ -162,9 +166,9 @@ def _cca_lams(settings: DemoSettings) -> list[float]:
     return [settings.lam, *(settings.sweep_lams if settings.sweep else ())]
 
 
-def _cca_variants(settings: DemoSettings, codes_path: Path, out: Path) -> list[Variant]:
+def _cca_variants(settings: DemoSettings, data: dict, out: Path) -> list[Variant]:
     return [
-        Variant(f"cca{lam:g}", cca_config(settings, codes_path, out, lam), lam == settings.lam)
+        Variant(f"cca{lam:g}", cca_config(settings, data, out, lam), lam == settings.lam)
         for lam in _cca_lams(settings)
     ]
 
@@ -230,9 +234,9 @@ def _cca_setup_text(info: dict) -> str:
 
 
 # ---- GFT ----
-def gft_config(settings: DemoSettings, codes_path: Path, out: Path) -> TrainConfig:
+def gft_config(settings: DemoSettings, data: dict, out: Path) -> TrainConfig:
     """GFT: 2 x pairs images per step, class dropout 0.1, the CCA schedule at ``gft_lr``."""
-    doc = _common(settings, codes_path, settings.rows_per_step, settings.steps)
+    doc = _common(settings, data, settings.rows_per_step, settings.steps)
     doc["method"] = {"name": "gft", "class_dropout": 0.1, "dropout": settings.dropout}
     doc["optim"] = _cosine(settings.gft_lr)
     return _placed(doc, out, "gft")
@@ -298,9 +302,9 @@ def ddo_steps_per_round(settings: DemoSettings) -> int:
     return max(1, settings.steps // settings.ddo_rounds)
 
 
-def ddo_config(settings: DemoSettings, codes_path: Path, out: Path) -> TrainConfig:
+def ddo_config(settings: DemoSettings, data: dict, out: Path) -> TrainConfig:
     """DDO: ``ddo_rounds`` rounds sharing the step budget, constant lr, negatives from a file."""
-    doc = _common(settings, codes_path, ddo_batch(settings), ddo_steps_per_round(settings))
+    doc = _common(settings, data, ddo_batch(settings), ddo_steps_per_round(settings))
     doc["method"] = {
         "name": "ddo",
         "beta": settings.ddo_beta,
@@ -373,8 +377,8 @@ def _ddo_recipe_text(info: dict) -> str:
 
 
 def _one(build: Callable[[DemoSettings, Path, Path], TrainConfig], key: str):
-    def variants(settings: DemoSettings, codes_path: Path, out: Path) -> list[Variant]:
-        return [Variant(key, build(settings, codes_path, out))]
+    def variants(settings: DemoSettings, data: dict, out: Path) -> list[Variant]:
+        return [Variant(key, build(settings, data, out))]
 
     return variants
 

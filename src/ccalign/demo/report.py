@@ -16,6 +16,8 @@ METRIC_COLUMNS = (
     ("fid_std", "± (bootstrap)", "{:.2f}"),
     ("accuracy", "acc CNN ↑", "{:.3f}"),
     ("accuracy_mlp", "acc MLP ↑", "{:.3f}"),
+    ("accuracy_heldout", "held-out acc CNN ↑", "{:.3f}"),  # text-to-image: unseen pairs
+    ("accuracy_heldout_mlp", "held-out acc MLP ↑", "{:.3f}"),
     ("precision", "prec ↑", "{:.3f}"),
     ("recall", "recall ↑", "{:.3f}"),
     ("inception_score", "IS ↑", "{:.2f}"),
@@ -64,6 +66,11 @@ def own_guidance_runs(runs: Sequence[dict]) -> list[dict]:
     return [r for r in runs if r["model"] == "base" and "sampler_settings" in r]
 
 
+def prompt_words(meta: dict) -> str:
+    """What every setting sampled for (class labels or captions)."""
+    return meta.get("prompts", "balanced over the 10 classes")
+
+
 def split_words(meta: dict) -> str:
     """Which samples and test images a report's figures come from (``--split``)."""
     split = meta.get("split", "report")
@@ -110,9 +117,10 @@ def accuracy_claim(title: str, base: dict, tuned: dict, target: dict, what: str)
 
 
 def metrics_table(runs: Sequence[dict]) -> str:
-    """A Markdown table: one row per setting, the metrics in METRIC_COLUMNS."""
-    head = "| setting | model | guidance |" + "".join(f" {t} |" for _, t, _ in METRIC_COLUMNS)
-    rule = "|---|---|---|" + "---|" * len(METRIC_COLUMNS)
+    """A Markdown table: one row per setting, the metrics in METRIC_COLUMNS that any run has."""
+    columns = [c for c in METRIC_COLUMNS if any(run.get(c[0]) is not None for run in runs)]
+    head = "| setting | model | guidance |" + "".join(f" {t} |" for _, t, _ in columns)
+    rule = "|---|---|---|" + "---|" * len(columns)
     rows = [head, rule]
     for run in runs:
         guidance = run.get("guidance") or (
@@ -120,13 +128,14 @@ def metrics_table(runs: Sequence[dict]) -> str:
         )
         cells = "".join(
             f" {fmt.format(run[key])} |" if run.get(key) is not None else " - |"
-            for key, _, fmt in METRIC_COLUMNS
+            for key, _, fmt in columns
         )
         rows.append(f"| {run['name']} | {run['model']} | {guidance} |{cells}")
     return "\n".join(rows)
 
 
-def plot_tradeoff(runs: Sequence[dict], path: Path, title: str = "CFG scale vs CCA") -> Path:
+def plot_tradeoff(runs: Sequence[dict], path: Path, title: str = "CFG scale vs CCA",
+                  accuracy_label: str = "conditional accuracy") -> Path:
     """FID against IS and against accuracy, one curve per family (CFG sweep, CCA lambda sweep)."""
     import matplotlib
 
@@ -139,7 +148,7 @@ def plot_tradeoff(runs: Sequence[dict], path: Path, title: str = "CFG scale vs C
         families.setdefault(run.get("family", run["name"]), []).append(run)
     for ax, key, label in (
         (axes[0], "inception_score", "IS analogue (classifier) ↑"),
-        (axes[1], "accuracy", "conditional accuracy ↑"),
+        (axes[1], "accuracy", f"{accuracy_label.split(' (')[0]} ↑"),
     ):
         for family, members in families.items():
             members = sorted(members, key=lambda r: r.get("sweep_value", 0.0))

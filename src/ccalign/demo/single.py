@@ -10,8 +10,9 @@ from ccalign.demo import recipes, report
 from ccalign.io import atomic_write
 
 
-def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
-    """report.md: setup and the method's recipe, the metrics table, the reading, the figures."""
+def write_report(runs: list[dict], meta: dict, path: Path, extra: str = "") -> Path:
+    """report.md: setup and the method's recipe, the metrics table, the reading (``extra``: the
+    task's own words after it), the figures."""
     (method,) = meta["methods"]
     recipe = recipes.get(method)
     by_name = {r["name"]: r for r in runs}
@@ -24,8 +25,8 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
         [
             f"# {recipe.title} on Fashion-MNIST ({meta.get('family_title', 'LlamaGen')})",
             f"{meta['samples_per_setting']} samples per headline row (base, base + CFG, "
-            f"{recipe.title}) and {meta['curve_samples_per_setting']} per other row (balanced "
-            f"over the 10 classes, {report.split_words(meta)}), compared with "
+            f"{recipe.title}) and {meta['curve_samples_per_setting']} per other row ("
+            f"{report.prompt_words(meta)}, {report.split_words(meta)}), compared with "
             f"{meta['reference_images']} test images through the bundled classifier's features; "
             f"precision and recall on the first {meta['curve_samples_per_setting']} samples of "
             "every row (their k-NN radii depend on the count)."
@@ -34,9 +35,10 @@ def write_report(runs: list[dict], meta: dict, path: Path) -> Path:
             report.metrics_table(runs),
             "## Reading\n\n"
             + reading(recipe.title, base, tuned, best, by_name.get(f"{method}+cfg"), cfg_runs,
-                      meta["speed_ratio"])
+                      meta["speed_ratio"], meta.get("accuracy_measure", "conditional accuracy"))
             + (f" {own_guidance_reading(recipe.title, base, tuned, own_runs)}" if own_runs
-               else ""),
+               else "")
+            + (f" {extra}" if extra else ""),
             "![trade-off](tradeoff.png)\n\n"
             + "\n".join(f"![{r['name']}](grids/{r['name']}.png)" for r in runs),
         ]
@@ -52,6 +54,7 @@ def reading(
     cca_cfg: dict | None,
     cfg_runs: list[dict],
     ratio: dict,
+    accuracy_words: str = "conditional accuracy",
 ) -> str:
     """One paragraph that states what the numbers show, including where the claim fails
     (``cca``: the method's guidance-free row, ``cca_cfg``: with CFG, if sampled)."""
@@ -61,7 +64,7 @@ def reading(
     speed = ratio["median"]
     parts = [
         f"Guidance-free, {title} moves domain FID from {base['fid']:.2f} to {cca['fid']:.2f} and "
-        f"conditional accuracy from {_acc(base)} to {_acc(cca)}; the base model's best CFG "
+        f"{accuracy_words} from {_acc(base)} to {_acc(cca)}; the base model's best CFG "
         f"setting (scale {best['cfg_scale']:g}) reaches FID {best['fid']:.2f} and accuracy "
         f"{_acc(best)}.",
     ]
