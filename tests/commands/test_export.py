@@ -56,3 +56,21 @@ def test_an_existing_out_is_replaced_only_when_asked(tmp_path, capsys):
     assert (out.parent / "config.json").read_text() == first  # same architecture, rewritten
     assert llamagen.load(out).state_dict()["tok_embeddings.weight"].equal(
         llamagen.load(source).state_dict()["tok_embeddings.weight"])
+
+
+def test_a_half_precision_export_halves_the_file_and_loads_as_float32(tmp_path):
+    import torch
+
+    from ccalign.io import read_safetensors
+
+    source = tmp_path / "model.safetensors"
+    llamagen.save(random_model(0, dim=32, n_layer=1, n_head=2), source)
+    out = tmp_path / "half" / "model.safetensors"
+    assert _export(source, out, "--dtype", "float16") == 0
+    assert {t.dtype for t in read_safetensors(out).values()} == {torch.float16}
+    assert out.stat().st_size < 0.6 * source.stat().st_size
+    loaded, original = llamagen.load(out), llamagen.load(source)
+    for (name, got), want in zip(loaded.state_dict().items(), original.state_dict().values(),
+                                 strict=True):
+        assert got.dtype == torch.float32, name
+        assert torch.equal(got, want.half().float()), name

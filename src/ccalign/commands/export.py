@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "name such as var-vae, or hf://); registry VAR names default to theirs",
     )
     parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="store the floating weights at this precision (safetensors: a smaller file, loaded "
+        "back as float32); default: as loaded",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace --out (and the config.json of an earlier export) if they exist",
@@ -68,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     path = hub.resolve(args.checkpoint, kind="model")
     check_recorded_architecture(family, path, args.model, {"grid": args.grid})
     model = family.load(spec)
+    if args.dtype is not None:
+        import torch
+
+        model = model.to(getattr(torch, args.dtype))
     for item in write_export(family, model, args.format, out):
         print(f"wrote {item}")
     return 0
