@@ -5,8 +5,9 @@ with negatives (each row gets the next row's condition, the official roll), comp
 and moved. Class labels are int64 tensors (B,) whose null condition is the extra class
 ``num_classes``. Captions are text-encoder features with their token mask (:class:`CaptionBatch`)
 whose null condition is a flag per row: the model puts its learned null caption there, and the
-row keeps its own mask, as LlamaGen's T2I sampler does. The objectives in ``ccalign.train`` work
-on either unchanged.
+row keeps its own mask, as LlamaGen's T2I sampler does. A model that embeds its text itself
+(Janus) takes the caption as token ids in the same batch, its null rows built by the model. The
+objectives in ``ccalign.train`` work on any of them unchanged.
 """
 
 from __future__ import annotations
@@ -89,9 +90,11 @@ class ClassLabels:
 
 @dataclass(frozen=True)
 class CaptionBatch:
-    """B captions as a text encoder saw them: ``features`` (B, L, C) float, ``mask`` (B, L) bool
-    (True on real tokens; LlamaGen's T2I models take them left-padded: real tokens last) and
-    ``null`` (B,) bool: rows whose caption the model replaces by its learned null caption."""
+    """B captions as the model reads them: ``features`` (B, L, C) float from a text encoder, or
+    (B, L) int64 token ids for a model that embeds them itself (Janus); ``mask`` (B, L) bool
+    (True on real tokens; left-padded: real tokens last) and ``null`` (B,) bool: rows whose
+    caption the model replaces by its null caption (LlamaGen T2I: a learned one; Janus: the
+    prompt blanked to pad tokens)."""
 
     features: Tensor
     mask: Tensor
@@ -99,10 +102,12 @@ class CaptionBatch:
 
     def __post_init__(self):
         b, length = self.features.shape[:2]
-        if self.features.dim() != 3 or self.mask.shape != (b, length) or self.null.shape != (b,):
+        if self.features.dim() not in (2, 3) or self.mask.shape != (b, length) or \
+                self.null.shape != (b,):
             raise ValueError(
-                f"caption features must be (B, L, C) with mask (B, L) and null (B,); got "
-                f"{tuple(self.features.shape)}, {tuple(self.mask.shape)}, {tuple(self.null.shape)}"
+                f"captions must be features (B, L, C) or token ids (B, L), with mask (B, L) "
+                f"and null (B,); got {tuple(self.features.shape)}, {tuple(self.mask.shape)}, "
+                f"{tuple(self.null.shape)}"
             )
 
     @classmethod
@@ -117,7 +122,8 @@ class CaptionBatch:
 
 @dataclass(frozen=True)
 class Captions:
-    """Caption batches of ``length`` tokens of ``dim`` features (LlamaGen T2I: 120 x 2048)."""
+    """Caption batches of ``length`` tokens of ``dim`` features (LlamaGen T2I: 120 x 2048); dim
+    0: token ids, and length 0: any length (Janus' prompts)."""
 
     length: int
     dim: int
@@ -131,7 +137,7 @@ class Captions:
 
     def where(self, rows: Tensor, a: CaptionBatch, b: CaptionBatch) -> CaptionBatch:
         return CaptionBatch(
-            torch.where(rows[:, None, None], a.features, b.features),
+            torch.where(rows.view(-1, *[1] * (a.features.dim() - 1)), a.features, b.features),
             torch.where(rows[:, None], a.mask, b.mask),
             torch.where(rows, a.null, b.null),
         )

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-key", default="caption",
                         help="where a .jsonl line holds its caption; dots go deeper (text.blip)")
     parser.add_argument("--text-encoder", default=DEFAULT_ENCODER,
-                        help="transformers T5 folder or Hub name (default: %(default)s)")
+                        help="transformers T5 folder or Hub name (default: %(default)s), or a "
+                        "Janus model (folder or registry name): its own prompt token ids")
     parser.add_argument("--length", type=number(int, ge=1, le=4096), default=CAPTION_TOKENS,
                         help="tokens per caption (default: %(default)s, LlamaGen's)")
     parser.add_argument("--batch-size", type=number(int, ge=1, le=65536), default=32)
@@ -50,12 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ccalign.conditions import Captions
-    from ccalign.data.text_encoder import TextEncoder
+    from ccalign.data.text_encoder import open_text_encoder
     from ccalign.devices import pick_device
 
     check_new_output(args.out, args.format)
     items = read_captions(args.inputs, args.caption_key)
-    encoder = TextEncoder(args.text_encoder, length=args.length, device=pick_device(args.device))
+    encoder = open_text_encoder(args.text_encoder, length=args.length,
+                                device=pick_device(args.device))
+    if args.format == "npy" and encoder.dim == 0:
+        raise ValueError("--format npy is LlamaGen's layout of T5 features; a model's own prompt "
+                         "ids go in one safetensors file (leave --format out)")
     captions = [caption for _, _, caption in items]
     batches = []
     with tqdm(total=len(captions), unit="caption", disable=args.quiet) as bar:

@@ -1,9 +1,10 @@
 """Caption features in one safetensors file, as text-to-image models take them.
 
-``features`` (N, L, C) float (FLAN-T5-XL for LlamaGen T2I: L = 120, C = 2048) and ``mask``
-(N, L) bool, left-padded: each row's real tokens are its last ones (LlamaGen's T2I sampler and
-training data put them there) and its padded features are zero. Rows are read lazily, a
-contiguous range at a time, so files of many captions never sit in memory whole.
+``features`` (N, L, C) float (FLAN-T5-XL for LlamaGen T2I: L = 120, C = 2048), or (N, L) int64
+prompt token ids for a model that embeds its text itself (Janus), and ``mask`` (N, L) bool,
+left-padded: each row's real tokens are its last ones (LlamaGen's T2I sampler and training data
+put them there) and its padded features are zero (padded ids stay the pad token). Rows are read
+lazily, a contiguous range at a time, so files of many captions never sit in memory whole.
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ def caption_file_metadata(path: PathLike) -> dict[str, str]:
 
 def write_caption_file(path: PathLike, features: Tensor, mask: Tensor,
                        metadata: dict[str, str] | None = None) -> Path:
-    """Write captions atomically, checked; padded features are zeroed as LlamaGen's data are."""
-    if features.dim() != 3 or mask.shape != features.shape[:2]:
-        raise ValueError(f"caption features (N, L, C) and mask (N, L) expected; got "
-                         f"{tuple(features.shape)} and {tuple(mask.shape)}")
+    """Write captions atomically, checked; padded features are zeroed as LlamaGen's data are
+    (token ids are written as they are)."""
+    ids = features.dim() == 2 and not features.is_floating_point()
+    if not (features.dim() == 3 or ids) or mask.shape != features.shape[:2]:
+        raise ValueError(f"caption features (N, L, C) or token ids (N, L), and mask (N, L) "
+                         f"expected; got {tuple(features.shape)} and {tuple(mask.shape)}")
     mask = mask.to(torch.bool)
     check_left_padded(mask, str(path))
-    features = features * mask[..., None].to(features.dtype)
+    if not ids:
+        features = features * mask[..., None].to(features.dtype)
     return atomic_save_safetensors({FEATURES: features, MASK: mask}, path,
                                    metadata={**(metadata or {}), "format": FORMAT})
 
@@ -63,7 +67,8 @@ def write_caption_file(path: PathLike, features: Tensor, mask: Tensor,
 class CaptionFile:
     """The captions of a file, by row: ``batch(indices)`` gives a :class:`CaptionBatch`.
 
-    ``length`` and ``dim`` (the model's caption length and width) are checked when given.
+    ``length`` and ``dim`` (the model's caption length and width) are checked when given; dim
+    0 asks for token ids, length 0 takes any length.
     """
 
     key = "caption_index"  # what the sampling run's npz files call the row of each image
@@ -83,16 +88,20 @@ class CaptionFile:
             shape = tuple(f.get_slice(FEATURES).get_shape())
             mask_shape = tuple(f.get_slice(MASK).get_shape())
             mask = f.get_tensor(MASK)
-        if len(shape) != 3 or mask_shape != shape[:2]:
+        if len(shape) not in (2, 3) or mask_shape != shape[:2]:
             raise ValueError(f"{self.path}: features {shape} and mask {mask_shape} do not "
-                             "describe (N, L, C) captions with an (N, L) mask")
-        if length is not None and (shape[1], shape[2]) != (length, dim):
+                             "describe (N, L, C) captions or (N, L) ids with an (N, L) mask")
+        found = (shape[1], shape[2] if len(shape) == 3 else 0)
+        if dim is not None and (found[1] != dim or (length and found[0] != length)):
+            said = f"{found[0]} tokens x {found[1]} features" if found[1] else \
+                f"token ids of {found[0]}"
+            wanted = f"{length} x {dim}" if dim else "token ids"
             raise ValueError(
-                f"{self.path} holds captions of {shape[1]} tokens x {shape[2]} features but the "
-                f"model takes {length} x {dim}: encode them with the model's text encoder"
+                f"{self.path} holds captions of {said} but the model takes {wanted}: encode "
+                "them with the model's text encoder (ccalign encode-captions --text-encoder)"
             )
         check_left_padded(mask, str(self.path))
-        self.count, self.length, self.dim = shape
+        self.count, (self.length, self.dim) = shape[0], found
 
     def __len__(self) -> int:
         return self.count
@@ -109,8 +118,9 @@ class CaptionFile:
             features, mask = f.get_slice(FEATURES), f.get_slice(MASK)
             if high - low <= 2 * len(indices):
                 rows = torch.as_tensor(list(indices)) - low
-                return CaptionBatch.of(features[low:high][rows].float(), mask[low:high][rows])
-            return CaptionBatch.of(torch.cat([features[i : i + 1] for i in indices]).float(),
+                return CaptionBatch.of(_readable(features[low:high][rows]),
+                                       mask[low:high][rows])
+            return CaptionBatch.of(_readable(torch.cat([features[i : i + 1] for i in indices])),
                                    torch.cat([mask[i : i + 1] for i in indices]))
 
     def fingerprint(self) -> str:
@@ -120,6 +130,11 @@ class CaptionFile:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
         return digest.hexdigest()
+
+
+def _readable(features: Tensor) -> Tensor:
+    """Stored features as float32 (they may be kept in half precision); token ids unchanged."""
+    return features.float() if features.is_floating_point() else features.long()
 
 
 class CaptionFolder:

@@ -92,5 +92,27 @@ class TextEncoder:
             yield self.encode(captions[start : start + batch_size])
 
 
+def open_text_encoder(source: str | Path = DEFAULT_ENCODER, *, length: int = CAPTION_TOKENS,
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The caption encoder ``source`` names: a model whose family builds its own prompts
+    (``prompt_encoder``: Janus' processor) when it is one, else a transformers T5 encoder."""
+    family = _prompt_family(str(source))
+    if family is not None:
+        return family.prompt_encoder(str(source), length=length)
+    return TextEncoder(source, length=length, device=device, dtype=dtype)
+
+
+def _prompt_family(source: str):
+    """The family of a model folder or registry name that encodes its own prompts, or None."""
+    from ccalign import hub
+    from ccalign.models import families
+    from ccalign.models.family import ModelSpec
+
+    if hub.find(source) is None and not Path(source).exists():
+        return None
+    family = families.identify(ModelSpec(init=source))
+    return family if hasattr(family, "prompt_encoder") else None
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

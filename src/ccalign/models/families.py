@@ -1,7 +1,7 @@
 """The registry of model families: which family a model, a file, a preset or a spec belongs to.
 
-LlamaGen (class-conditional and T2I) and VAR register here on import; a family of your own joins
-with :func:`register` (see ``examples/own_family.py``). The generic layers ask :func:`of`,
+LlamaGen (class-conditional and T2I), VAR and Janus register here on import; a family of your
+own joins with :func:`register` (see ``examples/own_family.py``). The generic layers ask :func:`of`,
 :func:`get` or :func:`identify` and hold the answer through the
 :class:`~ccalign.models.family.ModelFamily` interface.
 """
@@ -14,7 +14,7 @@ from torch import nn
 
 from ccalign import hub
 from ccalign.io import PathLike
-from ccalign.models import llamagen, var
+from ccalign.models import janus, llamagen, var
 from ccalign.models.family import ModelFamily, ModelSpec, unrecorded_architecture
 
 _REGISTRY: dict[str, ModelFamily] = {}
@@ -160,3 +160,4 @@ def save(model: nn.Module, path: PathLike, *, official: bool = False) -> None:
 register(llamagen.FAMILY)
 register(llamagen.T2I_FAMILY)
 register(var.FAMILY)
+register(janus.FAMILY)

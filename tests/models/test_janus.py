@@ -1,0 +1,155 @@
+"""Janus through transformers: teacher-forced log-likelihoods against a step-by-step float64
+recomputation, samplers equal to transformers' own generate (CFG and guidance-free), the null
+prompt as transformers builds it, the family's files and prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ccalign.conditions import CaptionBatch
+from ccalign.models import families
+from ccalign.models.family import ModelSpec
+from ccalign.models.janus import JanusImageConfig, JanusImageModel, JanusSampler
+
+pytest.importorskip("transformers")
+
+from support.janus import BOI, BOS, PAD, save_tiny_janus, tiny_janus, tiny_processor  # noqa: E402
+
+CAPTIONS = ["a red cat on the left", "a dog", "blue bag to the right of a sneaker"]
+
+
+def wrapped(seed: int = 0) -> JanusImageModel:
+    hf = tiny_janus(seed)
+    return JanusImageModel(JanusImageConfig(hf.config.to_dict(), BOS, BOI, PAD), hf)
+
+
+def prompts(captions=CAPTIONS) -> tuple[dict, CaptionBatch]:
+    """transformers' inputs for image generation, and the same prompts as a CaptionBatch."""
+    processor = tiny_processor()
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": c}]}], add_generation_prompt=True)
+        for c in captions]
+    inputs = processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
+    return inputs, CaptionBatch.of(inputs["input_ids"], inputs["attention_mask"])
+
+
+class CondOnly:
+    """transformers' generate at guidance 1 crashes (it writes 2B tokens into B rows); this
+    processor keeps the conditional half, the documented workaround."""
+
+    def __call__(self, input_ids, scores):
+        return scores[: scores.shape[0] // 2]
+
+
+@pytest.mark.parametrize("scale", [5.0, 2.5])
+def test_greedy_cfg_tokens_equal_transformers_generate(scale):
+    model = wrapped()
+    inputs, conds = prompts()
+    expected = model.janus.generate(**inputs, generation_mode="image", do_sample=False,
+                                    guidance_scale=scale)
+    got = JanusSampler(model).generate(conds, cfg_scale=scale, top_k=1)
+    assert torch.equal(got, expected)
+    assert len(set(got.flatten().tolist())) > 8  # not a degenerate repeat
+
+
+def test_guidance_free_tokens_equal_transformers_at_guidance_one_on_half_the_rows():
+    from transformers import LogitsProcessorList
+
+    model = wrapped()
+    inputs, conds = prompts()
+    expected = model.janus.generate(**inputs, generation_mode="image", do_sample=False,
+                                    guidance_scale=1.0,
+                                    logits_processor=LogitsProcessorList([CondOnly()]))
+    rows = []
+    handle = model.hf.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]),
+        with_kwargs=True)
+    got = JanusSampler(model).generate(conds, cfg_scale=1.0, top_k=1)
+    handle.remove()
+    assert torch.equal(got, expected)
+    assert set(rows) == {len(CAPTIONS)}  # B rows; transformers ran 2B
+    JanusSampler(model).generate(conds, cfg_scale=3.0, top_k=1)
+
+
+def reference_logprobs(model: JanusImageModel, conds: CaptionBatch, tokens: torch.Tensor):
+    """Step by step through transformers' cached forward, float64: the null rows as
+    transformers' generate builds them (every token but BOS and BOI set to pad)."""
+    from transformers import DynamicCache
+
+    ids = conds.features.clone()
+    for row in torch.nonzero(conds.null).flatten():
+        keep = (ids[row] == BOS) | (ids[row] == BOI)
+        ids[row][~keep] = PAD
+    hf = model.janus
+    language = hf.model.language_model
+    cache = DynamicCache(config=language.config)
+    mask = conds.mask.long()
+    embeds = hf.get_input_embeddings()(ids)
+    total = torch.zeros(len(ids), dtype=torch.float64)
+    for t in range(tokens.shape[1]):
+        out = language(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
+        logits = hf.model.generation_head(out.last_hidden_state[:, -1])
+        total += logits.log_softmax(-1).gather(1, tokens[:, t : t + 1]).squeeze(1)
+        embeds = hf.prepare_embeddings_for_image_generation(tokens[:, t : t + 1])
+        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+    return total
+
+
+@pytest.mark.numerics
+def test_log_likelihood_equals_a_step_by_step_forward_in_float64():
+    model = wrapped().double()
+    _, conds = prompts()
+    conds = CaptionBatch(conds.features, conds.mask, torch.tensor([False, True, False]))
+    tokens = torch.randint(0, model.vocab_size, (3, model.seq_len),
+                           generator=torch.Generator().manual_seed(1))
+    got = model(conds, tokens)
+    with torch.no_grad():
+        expected = reference_logprobs(model, conds, tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got[1], model(CaptionBatch.of(conds.features[1:2],
+                                                            conds.mask[1:2]), tokens[1:2])[0])
+
+
+def test_the_family_loads_folders_and_round_trips_its_files(tmp_path):
+    folder = save_tiny_janus(tmp_path / "tiny")
+    family = families.identify(ModelSpec(init=str(folder)))
+    assert family.name == "janus"
+    model = families.create(ModelSpec(init=str(folder)))
+    assert (model.seq_len, model.vocab_size, model.config.boi_id) == (16, 64, BOI)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and not any(".vqmodel." in n or ".vision_model." in n for n in trained)
+    family.save(model, tmp_path / "m.safetensors")
+    again = families.load_file(tmp_path / "m.safetensors")
+    for (key, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    family.save(again, tmp_path / "hf", official=True)
+    third = families.create(ModelSpec(init=str(tmp_path / "hf")))
+    _, conds = prompts()
+    tokens = torch.randint(0, 64, (3, 16))
+    with torch.no_grad():
+        assert torch.equal(third(conds, tokens), model(conds, tokens))
+    assert third.janus.generation_config.generation_kwargs == {"boi_token_id": BOI}
+
+
+def test_encode_captions_writes_the_processors_prompt_ids(tmp_path, capsys):
+    from ccalign.cli import main
+    from ccalign.data.captions import CaptionFile
+
+    folder = save_tiny_janus(tmp_path / "tiny")
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS))
+    out = tmp_path / "prompts.safetensors"
+    assert main(["encode-captions", str(tmp_path / "captions.txt"), "--text-encoder",
+                 str(folder), "--length", "20", "--out", str(out), "--quiet"]) == 0
+    stored = CaptionFile(out, 0, 0).batch([0, 1, 2])
+    _, expected = prompts()
+    pad = 20 - expected.features.shape[1]
+    assert stored.features.dtype == torch.int64 and stored.features.shape == (3, 20)
+    assert torch.equal(stored.features[:, pad:], expected.features)
+    assert (stored.features[:, :pad] == PAD).all() and not stored.mask[:, :pad].any()
+    with pytest.raises(ValueError, match="token ids"):
+        CaptionFile(out, 120, 2048)
+    assert main(["encode-captions", str(tmp_path / "captions.txt"), "--text-encoder",
+                 str(folder), "--length", "5", "--out", str(tmp_path / "short.safetensors"),
+                 "--quiet"]) == 1
+    assert "raise --length" in capsys.readouterr().err
