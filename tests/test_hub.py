@@ -272,6 +272,9 @@ def test_models_json_carries_every_release_and_its_protocol(cache, capsys):
                 "protocol"} <= record.keys()
         if hub.REGISTRY[name].family == "llamagen-t2i" and record["kind"] == "model":
             assert record["protocol"]["published"] == {} and record["protocol"]["cfg_scale"] == 7.5
+        elif hub.REGISTRY[name].family == "janus":  # generation_inference.py: cfg 5, 384 px
+            assert keys <= record["protocol"].keys() and record["protocol"]["published"] == {}
+            assert (record["protocol"]["cfg_scale"], record["protocol"]["image_size"]) == (5, 384)
         elif hub.REGISTRY[name].kind == "model":
             assert keys <= record["protocol"].keys() and record["protocol"]["published"]["fid"]
         else:

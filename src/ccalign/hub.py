@@ -354,6 +354,29 @@ _RELEASES += [
             "peizesun/llamagen_t2i", "vq_ds16_t2i.pt", "VQ-16"),
 ]
 
+def _janus_protocol() -> SamplingProtocol:
+    """Janus-Pro's own sampler (deepseek-ai/Janus generation_inference.py)."""
+    return SamplingProtocol(
+        CAPTIONS, 0, 5.0,
+        "deepseek-ai/Janus@1daa72f generation_inference.py: cfg_weight 5 :61, temperature 1 and "
+        "no top-k :59,88, bf16 :36, 384 px from 576 codes :62-64, uint8 of clip((x + 1) / 2 x "
+        "255) truncated :101; the prompt is the SFT template plus <begin_of_image> :46-51",
+        {}, "none: Janus-Pro reports GenEval and DPG-Bench, not FID", weights_dtype="bfloat16",
+        tf32=False, image_size=384, uint8="floor",
+        note="transformers' generate also guides at 5 by default, but samples with top-k 50 "
+        "when do_sample is on (its global default); the original has no top-k",
+    )
+
+
+_RELEASES += [
+    # Janus-Pro in transformers' format (JanusForConditionalGeneration), the weights of
+    # deepseek-ai/Janus-Pro-1B / -7B converted by the Hugging Face community
+    Release("janus-pro-1B", "janus", "model", "Janus-Pro", "deepseek-community/Janus-Pro-1B",
+            "config.json", "Janus-Pro-1B", 24, protocols={PAPER: _janus_protocol()}),
+    Release("janus-pro-7B", "janus", "model", "Janus-Pro", "deepseek-community/Janus-Pro-7B",
+            "config.json", "Janus-Pro-7B", 24, protocols={PAPER: _janus_protocol()}),
+]
+
 #: Every public checkpoint by name.
 REGISTRY: dict[str, Release] = {release.name: release for release in _RELEASES}
 

@@ -166,3 +166,15 @@ def test_null_prompts_keep_bos_and_boi_and_blank_the_rest():
     assert out.tolist() == [[PAD, PAD, BOS, PAD, PAD, BOI], ids[1].tolist()]
     with pytest.raises(ValueError, match="token ids"):
         write_caption_file("x.safetensors", torch.zeros(2, 3), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("size, trainable", [("1B", "1,485,053,952"), ("7B", "159,350,784")])
+def test_the_recipes_memory_plans_fit_one_80_gb_gpu(size, trainable, capsys):
+    """1B fully fine-tuned, 7B with LoRA (rank 64): the plan from the preset's sizes, since no
+    checkpoint is cached here."""
+    assert main(["finetune", "--config", f"configs/janus_pro_{size}.toml", "--dry-run",
+                 "--device", "cuda", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert f"({trainable} trainable)" in out and "micro-batch 8 " in out
+    fits = int(out.split("largest micro-batch that fits: ")[1].split()[0])
+    assert fits >= 8

@@ -71,7 +71,7 @@ class MemoryPlan:
     optimizer_name: str
     weights_dtype: str
     reference_dtype: str
-    trainable: int = 0  # parameters that train (all, or LoRA's adapters)
+    trainable: int = 0  # parameters that train (all, the unfrozen ones, or LoRA's adapters)
     device_type: str = "cuda"
     gpu_memory: int | None = None
     max_micro_batch: int | None = None
@@ -95,7 +95,7 @@ class MemoryPlan:
         """The plan as lines of text (GiB), ready to print."""
         ac = "on" if self.activation_checkpointing else "off"
         trains = (
-            "" if self.trainable == self.parameters else f" ({self.trainable:,} trainable: LoRA)"
+            "" if self.trainable == self.parameters else f" ({self.trainable:,} trainable)"
         )
         lines = [
             f"memory plan: {self.model}, {self.parameters:,} parameters{trains}, micro-batch "

@@ -65,12 +65,19 @@ class JanusFamily(BaseFamily):
         return self.config_from_file(path) is not None or hf_folder_type(path) == "janus"
 
     def config_for(self, spec: ModelSpec) -> JanusImageConfig:
-        """A ccalign file's or a transformers folder's config, else a preset's."""
+        """A ccalign file's or a transformers folder's config, else a preset's (also for a
+        registry name not in the cache: a memory plan needs no weights)."""
         path = local_file(spec.init)
         recorded = self.config_from_file(path) if path is not None else None
         if recorded is not None:
             return recorded
-        folder = self._folder(spec.init) if spec.init is not None else None
+        release = hub.find(spec.init) if spec.init is not None else None
+        try:
+            folder = self._folder(spec.init) if spec.init is not None else None
+        except UserError:
+            if release is None or release.preset not in self.presets:
+                raise
+            return preset_config(self.presets[release.preset], spec.arch)
         if folder is not None:
             return config_of(load_hf(folder, meta=True), folder)
         if spec.preset not in self.presets:
