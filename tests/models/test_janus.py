@@ -153,3 +153,23 @@ def test_encode_captions_writes_the_processors_prompt_ids(tmp_path, capsys):
                  str(folder), "--length", "5", "--out", str(tmp_path / "short.safetensors"),
                  "--quiet"]) == 1
     assert "raise --length" in capsys.readouterr().err
+
+
+def test_cli_samples_prompts_with_the_models_own_processor_and_vq(tmp_path):
+    import numpy as np
+
+    from ccalign.cli import main
+
+    folder = save_tiny_janus(tmp_path / "tiny")
+    (tmp_path / "prompts.txt").write_text("\n".join(CAPTIONS))
+    out = tmp_path / "run"
+    assert main(["sample", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                 str(out), "--cfg-scale", "5", "--top-k", "1"]) == 0
+    tokens = np.load(out / "tokens.npz")["tokens"]
+    model = families.create(ModelSpec(init=str(folder)))
+    inputs, _ = prompts()
+    expected = model.janus.generate(**inputs, generation_mode="image", do_sample=False,
+                                    guidance_scale=5.0)
+    np.testing.assert_array_equal(tokens, expected.numpy())
+    images = np.load(out / "samples.npz")["arr_0"]
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8

@@ -373,7 +373,7 @@ def encode_prompts(args: argparse.Namespace, family, kind, device, rank: int, ba
 
     from ccalign.conditions import Captions
     from ccalign.data.captions import caption_file_metadata, write_caption_file
-    from ccalign.data.text_encoder import TextEncoder
+    from ccalign.data.text_encoder import open_text_encoder
 
     if not isinstance(kind, Captions):
         raise ValueError("--prompts: this model is class-conditional; give --classes, "
@@ -384,7 +384,8 @@ def encode_prompts(args: argparse.Namespace, family, kind, device, rank: int, ba
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts {args.prompts}: no captions in the file")
-    source = args.text_encoder or family.text_encoder
+    # a family without a text encoder of its own reads its prompts with its checkpoint (Janus)
+    source = args.text_encoder or family.text_encoder or args.checkpoint
     dtype = getattr(torch, args.weights_dtype or "float32")
     record = {"prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
               "text_encoder": str(source), "encoder_dtype": str(dtype).removeprefix("torch.")}
@@ -396,11 +397,13 @@ def encode_prompts(args: argparse.Namespace, family, kind, device, rank: int, ba
                              "dtype differ); give a new --out")
     elif rank == 0:
         try:
-            encoder = TextEncoder(source, length=kind.length, device=device, dtype=dtype)
+            encoder = open_text_encoder(source, length=kind.length, device=device, dtype=dtype)
             if encoder.dim != kind.dim:
                 raise ValueError(f"--text-encoder {source} gives {encoder.dim}-wide features but "
                                  f"the model takes {kind.dim}: use the model's encoder")
-            encoded = kind.cat(list(encoder.encode_batches(prompts, PROMPT_BATCH)))
+            # prompts of any length (token ids) are padded to the longest, in one call
+            batch = PROMPT_BATCH if kind.length else len(prompts)
+            encoded = kind.cat(list(encoder.encode_batches(prompts, batch)))
             write_caption_file(path, encoded.features, encoded.mask, metadata=record)
         except BaseException:
             barrier()  # the other ranks wait here: they find no caption file and stop too
