@@ -31,7 +31,11 @@ class JanusSampler:
     """
 
     def __init__(self, model: JanusImageModel, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, inplace: bool = False, **_: Any):
+                 dtype: torch.dtype | None = None, inplace: bool = False,
+                 autocast: torch.dtype | None = None, **_: Any):
+        if autocast is not None:
+            raise ValueError("autocast: a Janus model samples in its weights' dtype; give the "
+                             "weights' dtype instead (--weights-dtype bfloat16)")
         ref = next(model.parameters())
         self.device = resolve_device(device or ref.device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else ref.dtype)
