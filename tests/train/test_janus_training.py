@@ -178,3 +178,20 @@ def test_the_recipes_memory_plans_fit_one_80_gb_gpu(size, trainable, capsys):
     assert f"({trainable} trainable)" in out and "micro-batch 8 " in out
     fits = int(out.split("largest micro-batch that fits: ")[1].split()[0])
     assert fits >= 8
+
+
+@pytest.mark.numerics
+@pytest.mark.slow
+def test_two_fsdp_processes_match_one(tmp_path):
+    """FSDP2 shards the language model's blocks (recomputed in backward) on two processes; in
+    float64 the result equals one process's accumulation of the same micro-batches."""
+    from support.numerics import assert_same_run
+    from support.processes import launch
+
+    init, codes, prompts = write_data(tmp_path, n=16)
+    run_training(janus_config(tmp_path / "single", init, codes, prompts, weights_dtype="fp64"))
+    launch(janus_config(tmp_path / "multi", init, codes, prompts, weights_dtype="fp64",
+                        parallel="fsdp", activation_checkpointing=True))
+    single, multi = (families.load_file(tmp_path / r / "final.safetensors").state_dict()
+                     for r in ("single", "multi"))
+    assert_same_run(single, multi)

@@ -25,6 +25,7 @@ from ccalign.models.family import (
     BaseFamily,
     Dtypes,
     ModelSpec,
+    keep_float64,
     local_file,
 )
 from ccalign.models.janus.model import JanusImageConfig, JanusImageModel
@@ -137,7 +138,8 @@ class JanusFamily(BaseFamily):
             tied = json.loads((f.metadata() or {}).get(TIED_KEY, "{}"))
         weights = read_safetensors(path)
         weights.update({key: weights[kept] for key, kept in tied.items() if kept in weights})
-        return load_weights(self.build(ModelSpec(init=str(path))), weights)
+        return load_weights(keep_float64(self.build(ModelSpec(init=str(path))), weights),
+                            weights)
 
     def save_official(self, model: nn.Module, path: PathLike) -> None:
         """A transformers folder: ``save_pretrained`` of the model and its generation config."""
