@@ -37,5 +37,5 @@ test-numerics: setup
 	$(PORTABLE) $(BIN)/python -m pytest -q -m numerics
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples scripts
 	$(BIN)/lint-imports

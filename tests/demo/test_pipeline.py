@@ -10,7 +10,7 @@ from ccalign.data import fashion_mnist
 from ccalign.demo.bundles import BUNDLES
 from ccalign.demo.pipeline import plan_settings
 from ccalign.demo.settings import DemoSettings
-from ccalign.models import llamagen
+from ccalign.models import families, llamagen
 
 BASE_MODEL = BUNDLES["llamagen"].base_model  # the default demo's
 
@@ -77,6 +77,27 @@ def test_quick_var_demo_runs_end_to_end(tmp_path):
     assert tuned.keys() == base.keys()
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # fine-tuning changed it
     assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("quantizer."))
+
+
+@pytest.mark.slow
+def test_quick_t2i_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo_t2i"
+    args = ["demo", "--family", "t2i", "--quick", "--out", str(out), "--no-progress"]
+    assert main([*args, "--threads", "1"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["meta"]["family"] == "t2i" and "caption accuracy" in doc["meta"]["accuracy_measure"]
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert set(runs) == {"base", "base-cfg2", "cca", "cca+cfg"}
+    for run in runs.values():
+        assert REQUIRED <= run.keys() and run["accuracy_heldout_mlp"] is not None
+        assert 0 <= run["accuracy_seen"] <= 1 and run["images_per_s"] > 0
+    assert runs["base"]["item_accuracy"] > 0.5  # the bundled base model draws the captioned items
+    report = (out / "report.md").read_text()
+    assert report.startswith("# CCA on Fashion-MNIST (LlamaGen T2I)")
+    assert "held-out acc CNN" in report and "Composition (caption accuracy" in report
+    (folder,) = out.glob("cca_*")
+    tuned = families.load_file(folder / "final.safetensors")
+    assert families.of(tuned).name == "llamagen-t2i" and tuned.seq_len == 98
 
 
 def test_var_plan_adds_vars_own_ramp_guidance_and_samples_it_exactly():

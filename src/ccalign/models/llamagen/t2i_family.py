@@ -54,5 +54,9 @@ class LlamaGenT2IFamily(LlamaGenFamily):
     def condition(self, model: nn.Module) -> Captions:
         return model.condition_kind
 
+    def describe(self, model: nn.Module) -> str:
+        rows, width = model.config.grid, model.config.width
+        return f"grid {rows}" if rows == width else f"grid {rows}x{width}"
+
 
 FAMILY = LlamaGenT2IFamily()
