@@ -7,7 +7,7 @@ guidance-free and 2B with CFG. Timed interleaved, same random weights and prompt
 medians and ranges over ``--repeats`` rounds. Images/s of the token sampling alone (the VQ decode
 is the same work for both).
 
-CPU (default): a small Janus (Llama text model of width 256, 4 layers; 8 x 8 = 64 image tokens
+CPU (default): a small Janus (Llama text model of width 512, 6 layers; 8 x 8 = 64 image tokens
 of a 1,024-code VQ). GPU: ``--device cuda --preset Janus-Pro-1B`` (576 image tokens, bf16 weights,
 random: speed does not depend on them).
 
@@ -29,8 +29,8 @@ from ccalign.models.janus import JanusImageModel, JanusSampler
 from ccalign.models.janus.family import FAMILY, preset_config
 
 PROMPT_TOKENS = 24
-SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-             intermediate_size=688)
+SMALL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+             intermediate_size=1376)
 
 
 def build(preset: str | None, device: torch.device, dtype: torch.dtype) -> JanusImageModel:
