@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # the portable kernels: float comparisons between code paths must hold on any CPU
 PORTABLE := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1
 
-.PHONY: setup demo demo-var compare test test-fast test-numerics lint example
+.PHONY: setup demo demo-var demo-t2i compare test test-fast test-numerics lint example
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -18,6 +18,9 @@ demo: setup
 
 demo-var: setup
 	$(BIN)/ccalign demo --family var
+
+demo-t2i: setup
+	$(BIN)/ccalign demo --family t2i
 
 compare: setup
 	$(BIN)/ccalign demo --methods cca,gft,ddo --out runs/compare

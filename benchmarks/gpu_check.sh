@@ -63,6 +63,7 @@ if [ "$SMOKE" = 1 ]; then
     SAMPLE_B=(--model custom --grid 4 --threads 1)
     SAMPLE_L=("${SAMPLE_B[@]}")
     SAMPLE_T2I=("${SAMPLE_B[@]}")
+    JANUS=(--batch-sizes 1 --repeats 1 --threads 1)
     B_BATCHES=8 L_BATCHES=4,8 L_BIG=8
     MODES_GRAPH=eager # no CUDA graph on the CPU
     MODES_COMPILE=eager # torch.compile costs minutes on small CPUs: the smoke run skips it
@@ -75,6 +76,7 @@ else
     SAMPLE_B=(--model GPT-B --grid 24)
     SAMPLE_L=(--model GPT-L --grid 24)
     SAMPLE_T2I=(--model GPT-XL --grid 16)  # LlamaGen's T2I XL at 256 px
+    JANUS=(--preset Janus-Pro-1B --batch-sizes 1,16 --repeats 2)  # random weights, 576 tokens
     B_BATCHES=256 L_BATCHES=8,256 L_BIG=256
     MODES_GRAPH=graph
     MODES_COMPILE=compile
@@ -125,6 +127,8 @@ stage sample_GPT-B_eager_graph 60 "$PY" benchmarks/sample.py "${SAMPLE_B[@]}" --
     --json "$OUT/sample_GPT-B_eager_graph.json"
 stage sample_T2I_graph 90 "$PY" benchmarks/sample.py --t2i "${SAMPLE_T2I[@]}" --device $DEV \
     --batch-sizes 8,64 --modes $MODES_GRAPH --repeats 1 --json "$OUT/sample_T2I_graph.json"
+stage sample_janus 150 "$PY" benchmarks/janus_sampling.py "${JANUS[@]}" --device $DEV \
+    --out "$OUT/sample_janus.json"  # needs transformers on the machine
 stage sample_GPT-L_compile 150 "$PY" benchmarks/sample.py "${SAMPLE_L[@]}" --device $DEV \
     --batch-sizes $L_BIG --modes $MODES_COMPILE --repeats 1 \
     --json "$OUT/sample_GPT-L_compile.json"
