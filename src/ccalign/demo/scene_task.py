@@ -19,6 +19,7 @@ import torch
 
 from ccalign.conditions import CaptionBatch
 from ccalign.data import fashion_mnist, scenes
+from ccalign.demo import report
 from ccalign.demo.tasks import classifiers, domain_metrics, to_uint8
 from ccalign.eval import manifold_radii
 from ccalign.tokenizers import load as load_tokenizer
@@ -88,7 +89,8 @@ class SceneTask:
         return pair_grid(images, prompts.scenes)
 
     def reading(self, runs: list[dict], method: str) -> str:
-        return held_out_reading(runs, method)
+        return " ".join(part for part in (strongest_cfg_reading(runs, method),
+                                          held_out_reading(runs, method)) if part)
 
 
 class SceneScorer:
@@ -152,6 +154,20 @@ def pair_grid(images: np.ndarray, planned: scenes.Scenes, pad: int = 2) -> np.nd
                 grid[y - pad : y + h + pad, x - pad : x + w + pad] = 128
             grid[y : y + h, x : x + w] = images[found[0]]
     return grid
+
+
+def strongest_cfg_reading(runs: list[dict], method: str) -> str:
+    """The method against the base model's most accurate CFG setting: captions are where
+    guidance pays here, so the accuracy claim is also made against the strongest guidance."""
+    by_name = {r["name"]: r for r in runs}
+    cfg = [r for r in runs if r["model"] == "base" and r["cfg_scale"] != 1.0]
+    if not cfg or method not in by_name:
+        return ""
+    strongest = max(cfg, key=lambda r: r["accuracy"])
+    what = f"the most accurate CFG setting (scale {strongest['cfg_scale']:g}, FID " \
+           f"{strongest['fid']:.2f})"
+    return report.accuracy_claim(method.upper(), by_name["base"], by_name[method], strongest,
+                                 what)
 
 
 def held_out_reading(runs: list[dict], method: str) -> str:
