@@ -10,10 +10,14 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ccalign.io import PathLike
+
+if TYPE_CHECKING:
+    import torch
 
 ENV_VAR = "CCALIGN_FASHION_MNIST"
 SYSTEM_FOLDER = Path("/usr/share/datasets/fashion-mnist")
@@ -65,6 +69,21 @@ def load(split: str = "train", folder: PathLike | None = None) -> tuple[np.ndarr
     if labels[0].size != count:
         raise ValueError(f"{root}: {count} images but {labels[0].size} labels in the {split} split")
     return images[0].reshape(count, rows, cols).copy(), labels[0].astype(np.int64)
+
+
+def encode(tokenizer, images: np.ndarray, batch: int = 1000, progress: bool = False,
+           desc: str = "encode images") -> torch.Tensor:
+    """int64 codes of uint8 grey images (N, 28, 28), ``batch`` at a time, in [-1, 1] as the
+    tokenizers take them."""
+    import torch
+    from tqdm import tqdm
+
+    codes = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(images), batch), desc=desc, disable=not progress):
+            pixels = torch.from_numpy(images[start : start + batch]).float()[:, None] / 127.5 - 1
+            codes.append(tokenizer.encode(pixels))
+    return torch.cat(codes)
 
 
 def _idx_path(root: Path, name: str) -> Path | None:

@@ -164,22 +164,17 @@ def build_text_encoder(folder: PathLike, seed: int = 0, width: int = 64) -> Path
     return folder
 
 
-@torch.inference_mode()
 def scene_codes(tokenizer: SlotTokenizer, items: np.ndarray, scenes: Scenes,
                 batch: int = 2000) -> torch.Tensor:
     """The scenes' codes (N, seq_len): each item image they use coded once, then joined per
     scene (the codes ``tokenizer.encode`` gives for the composed scenes)."""
     used, where = np.unique(np.concatenate([scenes.left, scenes.right]), return_inverse=True)
-    codes = []
-    for start in range(0, len(used), batch):
-        pixels = torch.from_numpy(items[used[start : start + batch]]).float()[:, None]
-        codes.append(tokenizer.item.encode(pixels / 127.5 - 1))
-    codes = torch.cat(codes)
+    codes = fashion_mnist.encode(tokenizer.item, items[used], batch)
     rows = torch.from_numpy(where.reshape(2, -1))
     return tokenizer.join([codes[rows[0]], codes[rows[1]]])
 
 
-def encode_captions(encoder, captions: list[str], batch: int = 256):
+def encode_captions(encoder, captions: list[str]):
     """A CaptionBatch of ``captions``, each distinct caption encoded once."""
     from ccalign.conditions import CaptionBatch
 
@@ -204,10 +199,10 @@ def write_training_data(folder: PathLike, tokenizer: SlotTokenizer, encoder, cou
         items, labels = fashion_mnist.load(split)
         scenes = training_scenes(labels, count, seed)
         codes = scene_codes(tokenizer, items, scenes)
-        pairs = scenes.left_class * CLASSES + scenes.right_class
         captions = encode_captions(encoder, scenes.captions())
         write_caption_file(captions_path, captions.features, captions.mask)
-        write_flat_codes(codes_path, codes, np.zeros_like(pairs), vocab_size=tokenizer.vocab_size,
+        no_labels = np.zeros(count, dtype=np.int64)  # the captions are the conditions
+        write_flat_codes(codes_path, codes, no_labels, vocab_size=tokenizer.vocab_size,
                          grid=tokenizer.grid, seq_len=tokenizer.seq_len,
                          record={"scenes": count, "seed": seed, "split": split})
     return {"path": str(codes_path), "captions": str(captions_path)}

@@ -20,7 +20,7 @@ import torch
 from ccalign.conditions import CaptionBatch
 from ccalign.data import fashion_mnist, scenes
 from ccalign.demo import report
-from ccalign.demo.tasks import classifiers, domain_metrics, to_uint8
+from ccalign.demo.tasks import classifiers, decode_images, domain_metrics
 from ccalign.eval import manifold_radii
 from ccalign.tokenizers import load as load_tokenizer
 from ccalign.tokenizers.slots import SlotTokenizer
@@ -79,8 +79,7 @@ class SceneTask:
         return CaptionBatch(c.features[start:stop], c.mask[start:stop], c.null[start:stop])
 
     def decode(self, tokenizer: SlotTokenizer, tokens: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return to_uint8(torch.cat([tokenizer.decode(part) for part in tokens.split(1000)]))
+        return decode_images(tokenizer, tokens, chunk=1000)
 
     def scorer(self, settings: DemoSettings) -> SceneScorer:
         return SceneScorer(settings)
@@ -156,11 +155,16 @@ def pair_grid(images: np.ndarray, planned: scenes.Scenes, pad: int = 2) -> np.nd
     return grid
 
 
+def base_cfg_runs(runs: list[dict]) -> list[dict]:
+    """The base model's rows sampled with a CFG scale."""
+    return [r for r in runs if r["model"] == "base" and r["cfg_scale"] != 1.0]
+
+
 def strongest_cfg_reading(runs: list[dict], method: str) -> str:
     """The method against the base model's most accurate CFG setting: captions are where
     guidance pays here, so the accuracy claim is also made against the strongest guidance."""
     by_name = {r["name"]: r for r in runs}
-    cfg = [r for r in runs if r["model"] == "base" and r["cfg_scale"] != 1.0]
+    cfg = base_cfg_runs(runs)
     if not cfg or method not in by_name:
         return ""
     strongest = max(cfg, key=lambda r: r["accuracy"])
@@ -176,7 +180,7 @@ def held_out_reading(runs: list[dict], method: str) -> str:
     by_name = {r["name"]: r for r in runs}
     if "accuracy_heldout" not in by_name["base"] or method not in by_name:
         return ""
-    cfg = [r for r in runs if r["model"] == "base" and r["cfg_scale"] != 1.0]
+    cfg = base_cfg_runs(runs)
     shown = [("the base model", by_name["base"])]
     if cfg:
         best = min(cfg, key=lambda r: r["fid"])

@@ -18,6 +18,7 @@ import torch
 
 from ccalign.data import fashion_mnist
 from ccalign.data.codes import write_flat_codes
+from ccalign.data.images import to_uint8
 from ccalign.demo import report
 from ccalign.eval import (
     bundled_classifier_path,
@@ -125,24 +126,6 @@ def bootstrap_fid_std(reference: np.ndarray, samples: np.ndarray, rounds: int = 
     return float(np.std(fids))
 
 
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """Grey images (N, 1, H, W) in [-1, 1] -> uint8 (N, H, W)."""
-    return ((pixels[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-@torch.inference_mode()
-def encode_images(tokenizer, images: np.ndarray, progress: bool) -> np.ndarray:
-    """Codes of uint8 grey images, 1000 at a time."""
-    from tqdm import tqdm
-
-    codes = []
-    batches = range(0, len(images), 1000)
-    for start in tqdm(batches, desc="encode train images", disable=not progress):
-        pixels = torch.from_numpy(images[start : start + 1000]).float()[:, None] / 127.5 - 1
-        codes.append(tokenizer.encode(pixels).numpy())
-    return np.concatenate(codes)
-
-
 def balanced_labels(count: int) -> np.ndarray:
     return np.arange(count) % 10
 
@@ -164,7 +147,8 @@ class ClassTask:
             images, labels = images[: settings.train_images], labels[: settings.train_images]
             write_flat_codes(
                 path,
-                encode_images(tokenizer, images, settings.progress),
+                fashion_mnist.encode(tokenizer, images, progress=settings.progress,
+                                     desc="encode train images").numpy(),
                 labels,
                 vocab_size=tokenizer.vocab_size,
                 grid=tokenizer.grid,
@@ -191,10 +175,10 @@ class ClassTask:
         return ""
 
 
-def decode_images(tokenizer, tokens: torch.Tensor) -> np.ndarray:
-    """uint8 images (N, H, W) from token grids, decoded in batches."""
+def decode_images(tokenizer, tokens: torch.Tensor, chunk: int = 2000) -> np.ndarray:
+    """uint8 grey images (N, H, W) from tokens, decoded ``chunk`` at a time."""
     with torch.inference_mode():
-        return to_uint8(torch.cat([tokenizer.decode(chunk) for chunk in tokens.split(2000)]))
+        return to_uint8(torch.cat([tokenizer.decode(part) for part in tokens.split(chunk)]))
 
 
 @dataclass
