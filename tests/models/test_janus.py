@@ -4,6 +4,8 @@ prompt as transformers builds it, the family's files and prompts."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -120,6 +122,12 @@ def test_the_family_loads_folders_and_round_trips_its_files(tmp_path):
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and not any(".vqmodel." in n or ".vision_model." in n for n in trained)
     family.save(model, tmp_path / "m.safetensors")
+    from ccalign.io import open_safetensors  # the LM head tied to the embedding: stored once
+
+    with open_safetensors(tmp_path / "m.safetensors") as f:
+        stored, meta = set(f.keys()), f.metadata()
+    assert "janus.lm_head.weight" not in stored and json.loads(meta["ccalign.tied_weights"]) == {
+        "janus.lm_head.weight": "janus.model.language_model.embed_tokens.weight"}
     again = families.load_file(tmp_path / "m.safetensors")
     for (key, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), key

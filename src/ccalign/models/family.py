@@ -356,7 +356,7 @@ class BaseFamily:
                 f"{self.metadata_key}); save models of this family with its save()"
             )
         model = self.build(ModelSpec(init=str(path), arch=spec.arch))
-        weights = read_safetensors(path)
+        weights = with_tied_weights(path, read_safetensors(path))
         return load_weights(keep_float64(model, weights), weights)
 
     def load_tokenizer(self, source: PathLike, config: Any) -> Any:
@@ -369,8 +369,10 @@ class BaseFamily:
         if official:
             self.save_official(model, path)
             return
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state, tied = untied_state(model)
         meta = {self.metadata_key: json.dumps(model.config.to_dict())}
+        if tied:
+            meta[TIED_KEY] = json.dumps(tied)
         atomic_save_safetensors(state, path, metadata=meta)
 
     def save_official(self, model: nn.Module, path: PathLike) -> None:
@@ -414,6 +416,33 @@ class BaseFamily:
         if tokenizer is None:
             return model, None
         return model, self.load_tokenizer(tokenizer, model.config)
+
+
+#: safetensors metadata of a model with tied weights: {key: the key whose tensor it shares}
+TIED_KEY = "ccalign.tied_weights"
+
+
+def untied_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict with each shared tensor once (safetensors refuses shared memory: a
+    transformers LM head tied to its embedding), and {dropped key: the key it shares}."""
+    state: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for key, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if where in first:
+            tied[key] = first[where]
+        else:
+            first[where] = key
+            state[key] = tensor.detach().cpu()
+    return state, tied
+
+
+def with_tied_weights(path: PathLike, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``weights`` of a ccalign file with its tied keys back, each the tensor it shares."""
+    with open_safetensors(path) as f:
+        tied = json.loads((f.metadata() or {}).get(TIED_KEY, "{}"))
+    return {**weights, **{key: weights[kept] for key, kept in tied.items() if kept in weights}}
 
 
 def spec_release(spec: ModelSpec) -> hub.Release | None:

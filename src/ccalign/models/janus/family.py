@@ -3,8 +3,9 @@ name such as deepseek-community/Janus-Pro-1B, through huggingface_hub's cache), 
 captions of token ids, the family's sampler, and its memory estimate.
 
 A ccalign file of a Janus model (a fine-tune's ``final.safetensors``) carries transformers'
-config and the special ids in its metadata; ``official`` saving writes a transformers folder
-(``save_pretrained``) that ``JanusForConditionalGeneration.from_pretrained`` reads back.
+config and the special ids in its metadata (the LM head tied to the embedding stored once);
+``official`` saving writes a transformers folder (``save_pretrained``) that
+``JanusForConditionalGeneration.from_pretrained`` reads back.
 """
 
 from __future__ import annotations
@@ -19,20 +20,17 @@ from torch import nn
 from ccalign import hub
 from ccalign.conditions import Captions
 from ccalign.errors import UserError
-from ccalign.io import PathLike, atomic_save_safetensors
+from ccalign.io import PathLike
 from ccalign.models.family import (
     Activations,
     BaseFamily,
     Dtypes,
     ModelSpec,
-    keep_float64,
     local_file,
 )
 from ccalign.models.janus.model import JanusImageConfig, JanusImageModel
 from ccalign.models.janus.sampler import JanusSampler
 
-#: safetensors metadata: {key: the key whose tensor it shares} (lm_head tied to the embedding)
-TIED_KEY = "ccalign.janus.tied"
 #: prompt tokens assumed by the memory plan (Janus-Pro's prompts: the chat template + caption)
 PLAN_PROMPT_TOKENS = 64
 
@@ -93,7 +91,7 @@ class JanusFamily(BaseFamily):
         """A ccalign file, a transformers folder or a registry/Hub name, loaded strictly."""
         path = local_file(spec.init)
         if path is not None and self.config_from_file(path) is not None:
-            return self._load_file(path)
+            return super().load(spec)
         folder = self._folder(spec.init)
         if folder is None:
             raise ValueError(f"{spec.init} is neither a ccalign Janus file nor a transformers "
@@ -110,36 +108,6 @@ class JanusFamily(BaseFamily):
         if hf_folder_type(init) == "janus":
             return str(init)
         return None
-
-    def save(self, model: nn.Module, path: PathLike, *, official: bool = False) -> None:
-        """ccalign safetensors (tied weights stored once, their ties in the metadata), or a
-        transformers folder."""
-        if official:
-            self.save_official(model, path)
-            return
-        state, tied = {}, {}
-        first: dict[tuple, str] = {}
-        for key, tensor in model.state_dict().items():
-            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
-            if where in first:
-                tied[key] = first[where]
-                continue
-            first[where] = key
-            state[key] = tensor.detach().cpu()
-        meta = {self.metadata_key: json.dumps(model.config.to_dict()),
-                TIED_KEY: json.dumps(tied)}
-        atomic_save_safetensors(state, path, metadata=meta)
-
-    def _load_file(self, path: Path) -> JanusImageModel:
-        from ccalign.io import open_safetensors, read_safetensors
-        from ccalign.weights import load_weights
-
-        with open_safetensors(path) as f:
-            tied = json.loads((f.metadata() or {}).get(TIED_KEY, "{}"))
-        weights = read_safetensors(path)
-        weights.update({key: weights[kept] for key, kept in tied.items() if kept in weights})
-        return load_weights(keep_float64(self.build(ModelSpec(init=str(path))), weights),
-                            weights)
 
     def save_official(self, model: nn.Module, path: PathLike) -> None:
         """A transformers folder: ``save_pretrained`` of the model and its generation config."""
