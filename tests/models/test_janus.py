@@ -181,3 +181,29 @@ def test_cli_samples_prompts_with_the_models_own_processor_and_vq(tmp_path):
     np.testing.assert_array_equal(tokens, expected.numpy())
     images = np.load(out / "samples.npz")["arr_0"]
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_codec_takes_the_cosine_nearest_code_and_decodes_with_the_models_vq():
+    """The original quantiser's rule (codebook_l2_norm): the code of largest cosine to the
+    latent, not transformers' Euclidean-nearest unnormalised code."""
+    import torch.nn.functional as F
+
+    from ccalign.models.janus.codec import JanusCodec
+
+    model = wrapped()
+    codec = JanusCodec(model)
+    assert (codec.grid, codec.image_size, codec.vocab_size) == (4, 16, 64)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    codes = codec.encode(images)
+    vq = model.hf.vqmodel
+    with torch.no_grad():
+        z = vq.quant_conv(vq.encoder(images)).double().permute(0, 2, 3, 1).reshape(3, 16, -1)
+    book = vq.quantize.embedding.weight.double()
+    cosine = F.normalize(z, dim=-1) @ F.normalize(book, dim=-1).T
+    assert codes.shape == (3, 16) and torch.equal(codes, cosine.argmax(-1))
+    with torch.no_grad():  # transformers' own encode picks other codes here (17 of 48)
+        euclidean = vq.encode(images).image_tokens.view(3, -1)
+    assert not torch.equal(codes, euclidean)
+    with torch.no_grad():
+        assert torch.equal(codec.decode(codes), vq.decode(codes).float())
+    assert codec.decode(codes).shape == (3, 3, 16, 16)
