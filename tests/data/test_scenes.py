@@ -81,3 +81,20 @@ def test_written_training_data_are_the_scenes_codes_and_captions(tmp_path, encod
     torch.testing.assert_close(captions.features, expected.features, rtol=0, atol=1e-6)
     assert torch.equal(captions.mask, expected.mask)
     assert scenes.write_training_data(tmp_path, slots, encoder, 40, seed=5) == data  # reused
+
+
+def test_the_rebuilt_text_encoder_has_the_bundled_ones_vocabulary_and_architecture(tmp_path):
+    """scripts/t2i_demo_assets.py's builder (its weights depend on transformers' T5 init, so
+    only the transformers version that wrote the bundle reproduces them bit for bit)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    built = scenes.build_text_encoder(tmp_path / "enc")
+    keys = ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size",
+            "feed_forward_proj", "pad_token_id", "eos_token_id")
+    ours, bundled = (json.loads((f / "config.json").read_text())
+                     for f in (built, scenes.TEXT_ENCODER_PATH))
+    assert {k: ours[k] for k in keys} == {k: bundled[k] for k in keys}
+    assert AutoTokenizer.from_pretrained(built).get_vocab() == \
+        AutoTokenizer.from_pretrained(scenes.TEXT_ENCODER_PATH).get_vocab()
