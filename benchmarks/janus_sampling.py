@@ -7,11 +7,13 @@ guidance-free and 2B with CFG. Timed interleaved, same random weights and prompt
 medians and ranges over ``--repeats`` rounds. Images/s of the token sampling alone (the VQ decode
 is the same work for both).
 
-CPU (default): a small Janus (Llama text model of width 512, 6 layers; 8 x 8 = 64 image tokens
-of a 1,024-code VQ). GPU: ``--device cuda --preset Janus-Pro-1B`` (576 image tokens, bf16 weights,
-random: speed does not depend on them).
+CPU (default): a tiny Janus (Llama text model of width 128, 2 layers; 8 x 8 = 64 image tokens
+of a 1,024-code VQ), or ``--size small`` (width 512, 6 layers). GPU: ``--device cuda --preset
+Janus-Pro-1B`` (576 image tokens, bf16 weights, random: speed does not depend on them; the
+decode step captured in a CUDA graph, outside the timing).
 
-    python benchmarks/janus_sampling.py                                   # CPU
+    python benchmarks/janus_sampling.py                                   # CPU, tiny
+    python benchmarks/janus_sampling.py --size small --batch-sizes 1,16,64
     python benchmarks/janus_sampling.py --device cuda --preset Janus-Pro-1B --batch-sizes 1,16
 """
 
@@ -25,15 +27,20 @@ import time
 import torch
 
 from ccalign.conditions import CaptionBatch
-from ccalign.models.janus import JanusImageModel, JanusSampler
+from ccalign.models.janus import JanusImageModel
 from ccalign.models.janus.family import FAMILY, preset_config
 
 PROMPT_TOKENS = 24
-SMALL = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-             intermediate_size=1376)
+SIZES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=344),
+    "small": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                  intermediate_size=1376),
+}
 
 
-def build(preset: str | None, device: torch.device, dtype: torch.dtype) -> JanusImageModel:
+def build(preset: str | None, size: str, device: torch.device,
+          dtype: torch.dtype) -> JanusImageModel:
     """Random weights (generation head included, so the logits are not all equal)."""
     from transformers import JanusConfig
 
@@ -41,7 +48,7 @@ def build(preset: str | None, device: torch.device, dtype: torch.dtype) -> Janus
     if preset is not None:
         config = preset_config(FAMILY.presets[preset], {})
     else:
-        config = preset_config(SMALL, {"vocab_size": 1000})
+        config = preset_config(SIZES[size], {"vocab_size": 1000})
         raw = JanusConfig(**config.janus).to_dict()
         raw["vision_config"].update(image_size=128, patch_size=16, num_image_tokens=64,
                                     hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -78,7 +85,7 @@ class CondOnly:
 def runners(model: JanusImageModel, ids: torch.Tensor, mask: torch.Tensor):
     from transformers import LogitsProcessorList
 
-    sampler = JanusSampler(model)
+    sampler = FAMILY.sampler(model)
     conds = CaptionBatch.of(ids, mask)
     inputs = {"input_ids": ids, "attention_mask": mask.long(), "generation_mode": "image",
               "do_sample": True, "top_k": None}
@@ -106,6 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", choices=sorted(FAMILY.presets))
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                        help="the CPU model (without --preset)")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int)
@@ -115,7 +124,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(args.preset, device, dtype)
+    model = build(args.preset, args.size, device, dtype)
     results = []
     for batch in map(int, args.batch_sizes.split(",")):
         ids, mask = prompts(model, batch, device)
@@ -143,7 +152,7 @@ def main() -> None:
               f"{row['cfg 5 vs transformers g=5']:.2f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": str(device), "preset": args.preset or "small",
+            json.dump({"device": str(device), "preset": args.preset or args.size,
                        "threads": torch.get_num_threads(), "results": results}, f, indent=2)
 
 

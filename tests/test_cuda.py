@@ -80,3 +80,24 @@ def test_compiled_sampling_equals_eager():
     eager = greedy_tokens(model, "cuda", cuda_graph=False)
     compiled = greedy_tokens(model, "cuda", cuda_graph=True, compile=True)
     assert (eager == compiled).float().mean() >= 0.99
+
+
+def test_janus_cuda_graph_sampling_equals_eager_and_transformers():
+    """Janus' decode step over transformers' layers, captured: the eager step's draws, and
+    greedy CFG tokens equal to transformers' generate on the GPU."""
+    pytest.importorskip("transformers")
+    from support.janus import prompts, wrapped
+
+    model = wrapped().to("cuda")
+    hf = model.janus
+    inputs, conds = prompts()
+    outs = {}
+    for graph in (False, True):
+        sampler = Sampler(model, device="cuda", dtype=torch.float32, cuda_graph=graph)
+        generator = torch.Generator("cuda").manual_seed(0)
+        outs[graph] = sampler.generate(conds, cfg_scale=3.0, generator=generator).cpu()
+    assert torch.equal(outs[False], outs[True])
+    expected = hf.generate(**{k: v.cuda() for k, v in inputs.items()}, generation_mode="image",
+                           do_sample=False, guidance_scale=3.0).cpu()
+    sampler = Sampler(model, device="cuda", dtype=torch.float32)
+    assert (sampler.generate(conds, cfg_scale=3.0, top_k=1).cpu() == expected).float().mean() > 0.95

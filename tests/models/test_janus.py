@@ -12,28 +12,20 @@ import torch
 from ccalign.conditions import CaptionBatch
 from ccalign.models import families
 from ccalign.models.family import ModelSpec
-from ccalign.models.janus import JanusImageConfig, JanusImageModel, JanusSampler
+from ccalign.models.janus import JanusImageModel
+from ccalign.models.next_token import Sampler
 
 pytest.importorskip("transformers")
 
-from support.janus import BOI, BOS, PAD, save_tiny_janus, tiny_janus, tiny_processor  # noqa: E402
-
-CAPTIONS = ["a red cat on the left", "a dog", "blue bag to the right of a sneaker"]
-
-
-def wrapped(seed: int = 0) -> JanusImageModel:
-    hf = tiny_janus(seed)
-    return JanusImageModel(JanusImageConfig(hf.config.to_dict(), BOS, BOI, PAD), hf)
-
-
-def prompts(captions=CAPTIONS) -> tuple[dict, CaptionBatch]:
-    """transformers' inputs for image generation, and the same prompts as a CaptionBatch."""
-    processor = tiny_processor()
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": c}]}], add_generation_prompt=True)
-        for c in captions]
-    inputs = processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
-    return inputs, CaptionBatch.of(inputs["input_ids"], inputs["attention_mask"])
+from support.janus import (  # noqa: E402
+    BOI,
+    BOS,
+    CAPTIONS,
+    PAD,
+    prompts,
+    save_tiny_janus,
+    wrapped,
+)
 
 
 class CondOnly:
@@ -50,7 +42,7 @@ def test_greedy_cfg_tokens_equal_transformers_generate(scale):
     inputs, conds = prompts()
     expected = model.janus.generate(**inputs, generation_mode="image", do_sample=False,
                                     guidance_scale=scale)
-    got = JanusSampler(model).generate(conds, cfg_scale=scale, top_k=1)
+    got = Sampler(model).generate(conds, cfg_scale=scale, top_k=1)
     assert torch.equal(got, expected)
     assert len(set(got.flatten().tolist())) > 8  # not a degenerate repeat
 
@@ -64,14 +56,67 @@ def test_guidance_free_tokens_equal_transformers_at_guidance_one_on_half_the_row
                                     guidance_scale=1.0,
                                     logits_processor=LogitsProcessorList([CondOnly()]))
     rows = []
-    handle = model.hf.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]),
-        with_kwargs=True)
-    got = JanusSampler(model).generate(conds, cfg_scale=1.0, top_k=1)
+    handle = model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda module, args: rows.append(args[0].shape[0]))
+    got = Sampler(model).generate(conds, cfg_scale=1.0, top_k=1)
     handle.remove()
     assert torch.equal(got, expected)
     assert set(rows) == {len(CAPTIONS)}  # B rows; transformers ran 2B
-    JanusSampler(model).generate(conds, cfg_scale=3.0, top_k=1)
+    Sampler(model).generate(conds, cfg_scale=3.0, top_k=1)
+
+
+def test_one_sampler_serves_prompts_of_any_length_and_batch_size():
+    """The cache grows its prompt room (and rows) as batches need; each batch's tokens equal a
+    fresh sampler's."""
+    model, same = wrapped(), wrapped()  # a model holds one cache: a second for the fresh ones
+    batches = [prompts(["a dog"])[1], prompts()[1],
+               prompts(["blue bag to the right of a sneaker and a red cat on the left of the "
+                        "photo and a dog to the right of a blue cat"])[1], prompts(["a cat"])[1]]
+    assert batches[2].features.shape[1] > 16  # beyond the first batch's room
+    shared = Sampler(model)
+    for conds in batches:
+        for scale in (1.0, 3.0):
+            got = shared.generate(conds, cfg_scale=scale, top_k=1)
+            assert torch.equal(got, Sampler(same).generate(conds, cfg_scale=scale, top_k=1))
+
+
+@pytest.mark.numerics
+def test_cached_decoding_gives_the_teacher_forced_log_likelihoods_in_float64():
+    """prefill + decode through the static cache (prompt slots right-aligned in the room,
+    rotary positions counted from the prompt, as transformers' generate counts them) against
+    the teacher-forced forward: two batches of different prompt lengths and row counts through
+    one cache, null rows included."""
+    model = wrapped().double()
+    model.setup_kv_cache(4, prefix_len=32)
+    positions = []
+    model.hf.language_model.rotary_emb.register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(kwargs["position_ids"].flatten().tolist()),
+        with_kwargs=True)
+    g = torch.Generator().manual_seed(2)
+    for captions, null in ((CAPTIONS + ["a cat"], [False, True, False, True]),
+                           (["a dog"], [False])):
+        _, conds = prompts(captions)
+        conds = CaptionBatch(conds.features, conds.mask, torch.tensor(null))
+        tokens = torch.randint(0, model.vocab_size, (len(captions), model.seq_len), generator=g)
+        with torch.no_grad():
+            logits = [model.prefill(conds)]
+            for t in range(model.seq_len - 1):
+                logits.append(model.decode(tokens[:, t], torch.tensor([model.prefix_len + t])))
+            cached = torch.stack(logits, 1).log_softmax(-1).gather(-1, tokens[..., None])
+            expected = model.token_logprobs(conds, tokens)
+        torch.testing.assert_close(cached.squeeze(-1), expected, rtol=1e-10, atol=1e-10)
+        length = conds.features.shape[1]
+        assert positions[0] == list(range(length))
+        steps = [p[0] for p in positions[1 : model.seq_len]]
+        assert steps == list(range(length, length + model.seq_len - 1))
+        positions.clear()
+
+
+def test_a_prompt_longer_than_the_caches_room_is_refused():
+    model = wrapped()
+    model.setup_kv_cache(3, prefix_len=8)
+    with pytest.raises(ValueError, match="does not fit the cache's 8 prompt slots"):
+        model.prefill(prompts()[1])
 
 
 def reference_logprobs(model: JanusImageModel, conds: CaptionBatch, tokens: torch.Tensor):

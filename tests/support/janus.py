@@ -12,6 +12,7 @@ SPECIAL = ["<pad>", "<bos>", "<eos>", "<image_placeholder>", "<begin_of_image>",
 WORDS = ["a", "an", "red", "blue", "cat", "dog", "sneaker", "bag", "on", "the", "left", "right",
          "of", "and", "to", ":", "photo"]
 PAD, BOS, EOS, IMAGE, BOI = 0, 1, 2, 3, 4
+CAPTIONS = ["a red cat on the left", "a dog", "blue bag to the right of a sneaker"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|User|>: {{ message['content'][0]['text'] }}\n\n"
     "{% endfor %}{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
@@ -87,3 +88,23 @@ def save_tiny_janus(folder: Path, seed: int = 0, **sizes) -> Path:
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     tiny_processor(4 * grid, grid * grid).save_pretrained(folder)
     return Path(folder)
+
+
+def wrapped(seed: int = 0):
+    """The tiny model as ccalign's JanusImageModel."""
+    from ccalign.models.janus import JanusImageConfig, JanusImageModel
+
+    hf = tiny_janus(seed)
+    return JanusImageModel(JanusImageConfig(hf.config.to_dict(), BOS, BOI, PAD), hf)
+
+
+def prompts(captions=CAPTIONS):
+    """transformers' inputs for image generation, and the same prompts as a CaptionBatch."""
+    from ccalign.conditions import CaptionBatch
+
+    processor = tiny_processor()
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": c}]}], add_generation_prompt=True)
+        for c in captions]
+    inputs = processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
+    return inputs, CaptionBatch.of(inputs["input_ids"], inputs["attention_mask"])

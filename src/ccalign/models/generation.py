@@ -50,8 +50,12 @@ class FiniteCheck:
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while sampling; the caller's train/eval flag is restored afterwards."""
+    """Dropout off while sampling; the caller's train/eval flag is restored afterwards.
+    A model already in eval mode is left alone (a transformers model has ~1,000 modules)."""
     was_training = model.training
+    if not any(m.training for m in model.modules()):
+        yield
+        return
     model.eval()
     try:
         yield

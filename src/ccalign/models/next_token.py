@@ -4,7 +4,10 @@ The model offers ``setup_kv_cache(batch, dtype, device)``, ``clear_kv_cache()``,
 ``prefill(conditions) -> logits`` (B, V) of the first token and ``decode(tokens, position) ->
 logits`` of the next (LlamaGen does; so can a family of your own); optionally
 ``condition_kind`` (default: class labels) and ``prefix_len``, the positions the condition fills
-(default 1: a class token; LlamaGen T2I: its 120 caption tokens). On CPU the decode step runs
+(default 1: a class token; LlamaGen T2I: its 120 caption tokens). A model whose conditions vary
+in length (Janus' prompts) also offers ``prefix_len_for(conditions)``, the slots a batch needs,
+and takes ``setup_kv_cache(..., prefix_len=)``; its ``prefix_len`` is then the cache's room, the
+same for every batch the cache holds, so the captured steps stay valid. On CPU the decode step runs
 eagerly. On CUDA the weights are bf16 and each decode step (one per row count) is captured once
 in a CUDA graph, optionally after ``torch.compile`` fuses it; the capture (and compile) time is
 recorded in ``Sampler.setup_seconds``. Guidance-free sampling runs only the B conditional rows.
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ccalign.conditions import CaptionBatch, ClassLabels, ConditionKind
+from ccalign.models.family import SamplingOption
 from ccalign.models.filtering import check_sampling_args, filter_logits, sample_categorical
 from ccalign.models.generation import (
     FiniteCheck,
@@ -34,6 +38,29 @@ from ccalign.models.guidance import (
     last_guided_token,
     mix_guidance,
 )
+from ccalign.settings import number
+
+#: ``ccalign sample`` flags of every family this sampler draws from
+SAMPLING_OPTIONS = (
+    SamplingOption(
+        ("--temperature",), dict(type=number(float, ge=0, le=100), default=1.0, help="0 ~ greedy"),
+        "temperature", True,
+    ),
+    SamplingOption(
+        ("--cfg-interval",),
+        dict(type=number(int, ge=-1, le=10**6), default=-1, help="guide tokens <= this + 1 only"),
+        "cfg_interval", True,
+    ),
+    SamplingOption(("--compile",), dict(action="store_true",
+                                        help="torch.compile the decode step")),
+    SamplingOption(("--no-cuda-graph",), dict(action="store_true",
+                                              help="run the decode step eagerly")),
+)
+
+
+def sampler_options(args) -> dict:
+    """The Sampler's own options from SAMPLING_OPTIONS' flags."""
+    return {"compile": args.compile, "cuda_graph": False if args.no_cuda_graph else None}
 
 
 class _DecodeStep:
@@ -127,7 +154,7 @@ class Sampler:
         self.autocast = autocast
         self.model = _model_for_sampling(model, self.device, self.dtype, inplace)
         self.setup_seconds = 0.0
-        self._cache_rows = 0
+        self._cache_rows = self._cache_room = 0
         self._steps: dict[int, _DecodeStep] = {}
 
     @property
@@ -178,7 +205,7 @@ class Sampler:
     def _sample(self, conditions, scales, temperature, top_k, top_p, generator, beta) -> Tensor:
         batch, n = self.kind.size(conditions), self.seq_len
         last_guided = last_guided_token(scales)
-        self._ensure_cache(2 * batch if last_guided >= 0 else batch)
+        self._ensure_cache(2 * batch if last_guided >= 0 else batch, conditions)
         out = torch.empty(batch, n, dtype=torch.long, device=self.device)
         finite = FiniteCheck(self.device)
 
@@ -208,7 +235,7 @@ class Sampler:
         """Free the KV cache and captured graphs (the next generate allocates them again)."""
         self.model.clear_kv_cache()
         self._steps.clear()
-        self._cache_rows = 0
+        self._cache_rows = self._cache_room = 0
 
     @property
     def kind(self) -> ConditionKind:
@@ -243,11 +270,17 @@ class Sampler:
             )
         return labels
 
-    def _ensure_cache(self, rows: int) -> None:
-        if rows > self._cache_rows:
-            self.model.setup_kv_cache(rows, dtype=self.dtype, device=self.device)
+    def _ensure_cache(self, rows: int, conditions) -> None:
+        """A cache for at least ``rows`` rows; for a model whose conditions vary in length
+        (``prefix_len_for``: Janus' prompts), with room for these conditions too."""
+        measure = getattr(self.model, "prefix_len_for", None)
+        room = {} if measure is None else {"prefix_len": max(measure(conditions),
+                                                             self._cache_room)}
+        if rows > self._cache_rows or room.get("prefix_len", 0) > self._cache_room:
+            rows = max(rows, self._cache_rows)
+            self.model.setup_kv_cache(rows, dtype=self.dtype, device=self.device, **room)
             self._steps.clear()  # graphs captured over the old cache are stale
-            self._cache_rows = rows
+            self._cache_rows, self._cache_room = rows, room.get("prefix_len", 0)
 
     def _step(self, rows: int) -> _DecodeStep:
         step = self._steps.get(rows)

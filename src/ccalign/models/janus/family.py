@@ -10,6 +10,7 @@ config and the special ids in its metadata (the LM head tied to the embedding st
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -29,7 +30,7 @@ from ccalign.models.family import (
     local_file,
 )
 from ccalign.models.janus.model import JanusImageConfig, JanusImageModel
-from ccalign.models.janus.sampler import JanusSampler
+from ccalign.models.next_token import SAMPLING_OPTIONS, Sampler, sampler_options
 
 #: prompt tokens assumed by the memory plan (Janus-Pro's prompts: the chat template + caption)
 PLAN_PROMPT_TOKENS = 64
@@ -58,6 +59,7 @@ class JanusFamily(BaseFamily):
         "beta_embedding": "GFT's beta embedding belongs to the class-conditional LlamaGen",
         "retokenize": "Janus' VQ is not used to re-encode samples here",
     }
+    sampling_options = SAMPLING_OPTIONS
 
     # ---- files ----
     def recognizes(self, path: PathLike) -> bool:
@@ -123,8 +125,11 @@ class JanusFamily(BaseFamily):
     def describe(self, model: nn.Module) -> str:
         return f"({model.seq_len} image tokens)"
 
-    def sampler(self, model: nn.Module, **options: Any) -> JanusSampler:
-        return JanusSampler(model, **options)
+    def sampler(self, model: nn.Module, **options: Any) -> Sampler:
+        return Sampler(model, **options)
+
+    def sampler_options(self, args: argparse.Namespace) -> dict:
+        return sampler_options(args)
 
     def prompt_encoder(self, source: str, *, length: int = 0, **options: Any):
         """Captions to this family's prompts: the checkpoint's own processor."""

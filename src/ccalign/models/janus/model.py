@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ccalign.conditions import CaptionBatch, Captions
 from ccalign.models.family import at_least_float32
+from ccalign.models.janus.decoding import ROOM_STEP, JanusKVCache, room_for, run_layers
 
 #: the parts of JanusForConditionalGeneration's ``model`` that image generation never trains
 FROZEN = ("vision_model", "aligner", "vqmodel")
@@ -71,6 +72,7 @@ class JanusImageModel(nn.Module):
         generation = self.janus.generation_config  # what transformers' generate reads
         generation.bos_token_id, generation.pad_token_id = config.bos_id, config.pad_id
         generation.generation_kwargs = {"boi_token_id": config.boi_id}
+        self._cache: JanusKVCache | None = None
 
     # ---- sizes ----
     @property
@@ -147,13 +149,62 @@ class JanusImageModel(nn.Module):
             return self.hidden_states(prompts, tokens)
         return self.token_logprobs(prompts, tokens).sum(dim=1)
 
-    def _check_inputs(self, prompts: CaptionBatch, tokens: Tensor) -> None:
+    # ---- cached decoding: the shared next-token sampler's interface ----
+    def prefix_len_for(self, prompts: CaptionBatch) -> int:
+        """Cache slots a batch of these prompts needs before its first image token."""
+        return room_for(prompts.features.shape[1])
+
+    @property
+    def prefix_len(self) -> int:
+        """Cache slots before the first image token's input: the cache's prompt room."""
+        return self._require_cache().room
+
+    def setup_kv_cache(self, batch: int, dtype: torch.dtype | None = None,
+                       device: torch.device | None = None, *,
+                       prefix_len: int = ROOM_STEP) -> None:
+        """A static KV cache for ``batch`` rows, prompts of up to ``prefix_len`` tokens and
+        the image tokens."""
+        ref = next(self.parameters())
+        self._cache = JanusKVCache(self.hf.language_model, batch, prefix_len, self.seq_len,
+                                   dtype or ref.dtype, device or ref.device)
+
+    def clear_kv_cache(self) -> None:
+        self._cache = None
+
+    def prefill(self, prompts: CaptionBatch) -> Tensor:
+        """Feed the prompts (null rows as the unconditional prompt) into the cache; logits
+        (B, V) of image token 0."""
+        self._check_prompts(prompts)
+        cache = self._require_cache()
+        slots, mask = cache.start(prompts.mask)
+        hidden = run_layers(self.hf.language_model, cache, self.prompt_embeddings(prompts),
+                            slots, mask)
+        return self.image_logits(hidden[:, -1])
+
+    def decode(self, tokens: Tensor, position: Tensor) -> Tensor:
+        """Feed image tokens (R,) at cache slot ``position`` (a (1,) tensor); logits (R, V) of
+        the next."""
+        cache = self._require_cache()
+        mask = cache.step_mask(tokens.shape[0], position)
+        hidden = run_layers(self.hf.language_model, cache, self.image_embeddings(tokens[:, None]),
+                            position, mask)
+        return self.image_logits(hidden[:, -1])
+
+    def _require_cache(self) -> JanusKVCache:
+        if self._cache is None:
+            raise RuntimeError("call setup_kv_cache(batch) before prefill/decode")
+        return self._cache
+
+    def _check_prompts(self, prompts: CaptionBatch) -> None:
         if prompts.features.dim() != 2 or prompts.features.is_floating_point():
             raise ValueError(
                 "a Janus model takes prompt token ids (B, L), not text-encoder features: encode "
                 "the captions with the model's own processor (ccalign encode-captions "
                 "--text-encoder <the Janus model>)"
             )
+
+    def _check_inputs(self, prompts: CaptionBatch, tokens: Tensor) -> None:
+        self._check_prompts(prompts)
         if tokens.dim() != 2 or tokens.shape[0] != len(prompts) or tokens.shape[1] > self.seq_len:
             raise ValueError(f"expected image tokens (B, <= {self.seq_len}) for {len(prompts)} "
                              f"prompts; got {tuple(tokens.shape)}")

@@ -24,7 +24,7 @@ from ccalign.models.family import (
     unrecorded_architecture,
 )
 from ccalign.models.llamagen.model import PRESETS, LlamaGen, LlamaGenConfig, build
-from ccalign.models.next_token import Sampler
+from ccalign.models.next_token import SAMPLING_OPTIONS, Sampler, sampler_options
 from ccalign.settings import build_table, number
 from ccalign.weights import extract_state_dict, load_weights
 
@@ -61,17 +61,6 @@ class LlamaGenFamily(BaseFamily):
                  help="tokens per side of an official checkpoint (24 at 384 px)"),
         ),
         SamplingOption(
-            ("--temperature",), dict(type=number(float, ge=0, le=100), default=1.0,
-                                    help="0 ~ greedy"),
-            "temperature", True,
-        ),
-        SamplingOption(
-            ("--cfg-interval",),
-            dict(type=number(int, ge=-1, le=10**6), default=-1,
-                 help="guide tokens <= this + 1 only"),
-            "cfg_interval", True,
-        ),
-        SamplingOption(
             ("--gft-beta",),
             dict(type=number(float, gt=0, le=1),
                  help="GFT checkpoints only: the beta input, 1 / s for a CFG-like scale s (the "
@@ -87,10 +76,7 @@ class LlamaGenFamily(BaseFamily):
                  "default: as GFT trains (float32, null rows beta 1)"),
             "gft_numerics",
         ),
-        SamplingOption(("--compile",), dict(action="store_true",
-                                            help="torch.compile the decode step")),
-        SamplingOption(("--no-cuda-graph",), dict(action="store_true",
-                                                  help="run the decode step eagerly")),
+        *SAMPLING_OPTIONS,
     )
 
     # ---- files ----
@@ -175,7 +161,7 @@ class LlamaGenFamily(BaseFamily):
         return Sampler(model, **options)
 
     def sampler_options(self, args: argparse.Namespace) -> dict:
-        return {"compile": args.compile, "cuda_graph": False if args.no_cuda_graph else None}
+        return sampler_options(args)
 
     def check_sampling(self, model: nn.Module | None, settings: dict) -> None:
         from ccalign.models.filtering import check_sampling_args
