@@ -252,3 +252,33 @@ def test_codec_takes_the_cosine_nearest_code_and_decodes_with_the_models_vq():
     with torch.no_grad():
         assert torch.equal(codec.decode(codes), vq.decode(codes).float())
     assert codec.decode(codes).shape == (3, 3, 16, 16)
+
+
+def test_extract_codes_reads_images_through_the_checkpoints_own_vq(tmp_path):
+    """`extract-codes --tokenizer <Janus folder>`: the codes JanusCodec gives the centre crops."""
+    import numpy as np
+    from PIL import Image
+
+    from ccalign.cli import main
+    from ccalign.data.codes import open_codes
+    from ccalign.data.images import views
+    from ccalign.models.janus.codec import JanusCodec
+
+    folder = save_tiny_janus(tmp_path / "tiny")
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("cat", (20, 24)), ("dog", (16, 16)), ("dog", (30, 18))):
+        (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+        paths.append(tmp_path / "images" / name / f"{len(paths)}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    flat = tmp_path / "codes.safetensors"
+    assert main(["extract-codes", str(tmp_path / "images"), "--tokenizer", str(folder),
+                 "--views", "center", "--flat", str(flat), "--workers", "0",
+                 "--no-progress"]) == 0
+    codec = JanusCodec(families.create(ModelSpec(init=str(folder))))
+    crops = np.concatenate([views(Image.open(p).convert("RGB"), 16, "center") for p in paths])
+    x = torch.from_numpy(crops).float().div(255).sub(0.5).div(0.5).permute(0, 3, 1, 2)
+    codes = open_codes(flat)
+    assert codes.vocab_size == 64 and codes.codes.shape == (3, 1, 16)
+    np.testing.assert_array_equal(codes.codes[:, 0].numpy(), codec.encode(x).numpy())
+    np.testing.assert_array_equal(codes.all_labels(), [0, 1, 1])

@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer",
         required=True,
         help="tokenizer file (LlamaGen vq_ds16_c2i.pt, a ccalign .safetensors), fmnist-vq for "
-        "the bundled one, a registry name (llamagen-vq16) or hf://owner/repo/file",
+        "the bundled one, a registry name (llamagen-vq16) or hf://owner/repo/file; or a model "
+        "that carries its own (janus-pro-1B or a Janus transformers folder: its VQ)",
     )
     parser.add_argument(
         "--tokenizer-name",
@@ -290,9 +291,24 @@ def _record_config(folder: Path, config: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
 
 
-def run(args: argparse.Namespace) -> int:
+def open_tokenizer(source: str, name: str | None, image_size: int | None):
+    """A tokenizer file or registry name; or a model whose family carries its own tokenizer
+    (a Janus checkpoint's VQ, a VAR release's VQVAE), by its name or transformers folder."""
+    from ccalign import hub
+    from ccalign.models import families
+    from ccalign.models.family import ModelSpec
     from ccalign.tokenizers import load
 
+    release = hub.find(source)
+    is_model = release.kind == "model" if release is not None else (
+        Path(source).is_dir() and families.of_file(source) is not None)
+    if not is_model:
+        return load(source, name, image_size=image_size)
+    spec = ModelSpec(init=source)
+    return families.identify(spec).codec_for(spec, "--tokenizer")
+
+
+def run(args: argparse.Namespace) -> int:
     if not args.out and not args.flat:
         raise ValueError("give --out (LlamaGen code folder), --flat (one file) or both")
     if args.threads:
@@ -301,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device, local_rank)
     precision = args.precision or ("tf32" if device.type == "cuda" else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    tokenizer = load(args.tokenizer, args.tokenizer_name, image_size=args.image_size).to(device)
+    tokenizer = open_tokenizer(args.tokenizer, args.tokenizer_name, args.image_size).to(device)
     size = args.image_size or tokenizer.image_size
     source = open_source(args.source, args.fashion_mnist_folder)
     if source.skipped_links:

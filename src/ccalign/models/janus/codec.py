@@ -29,6 +29,10 @@ class JanusCodec(nn.Module):
         upsampling = 2 ** (len(self.vq.config.channel_multiplier) - 1)
         self.image_size = self.grid * upsampling
 
+    @property
+    def device(self) -> torch.device:
+        return self.vq.quant_conv.weight.device
+
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         z = self.vq.quant_conv(self.vq.encoder(images.to(self.vq.quant_conv.weight.dtype)))
