@@ -68,7 +68,7 @@ def test_guidance_free_tokens_equal_transformers_at_guidance_one_on_half_the_row
 def test_one_sampler_serves_prompts_of_any_length_and_batch_size():
     """The cache grows its prompt room (and rows) as batches need; each batch's tokens equal a
     fresh sampler's."""
-    model, same = wrapped(), wrapped()  # a model holds one cache: a second for the fresh ones
+    model = wrapped()
     batches = [prompts(["a dog"])[1], prompts()[1],
                prompts(["blue bag to the right of a sneaker and a red cat on the left of the "
                         "photo and a dog to the right of a blue cat"])[1], prompts(["a cat"])[1]]
@@ -77,7 +77,7 @@ def test_one_sampler_serves_prompts_of_any_length_and_batch_size():
     for conds in batches:
         for scale in (1.0, 3.0):
             got = shared.generate(conds, cfg_scale=scale, top_k=1)
-            assert torch.equal(got, Sampler(same).generate(conds, cfg_scale=scale, top_k=1))
+            assert torch.equal(got, Sampler(model).generate(conds, cfg_scale=scale, top_k=1))
 
 
 @pytest.mark.numerics
@@ -282,3 +282,22 @@ def test_extract_codes_reads_images_through_the_checkpoints_own_vq(tmp_path):
     assert codes.vocab_size == 64 and codes.codes.shape == (3, 1, 16)
     np.testing.assert_array_equal(codes.codes[:, 0].numpy(), codec.encode(x).numpy())
     np.testing.assert_array_equal(codes.all_labels(), [0, 1, 1])
+
+
+def test_extract_codes_encodes_in_float32_and_refuses_other_sizes(tmp_path, capsys):
+    from ccalign.cli import main
+    from ccalign.commands.extract_codes import open_tokenizer
+
+    folder = tmp_path / "tiny"
+    save_tiny_janus(folder)
+    model = families.create(ModelSpec(init=str(folder)))
+    model.janus.to(torch.bfloat16).save_pretrained(folder)  # as the Hub stores Janus-Pro
+    assert open_tokenizer(str(folder), None, None).vq.quant_conv.weight.dtype == torch.float32
+    assert open_tokenizer(str(folder), None, 16).image_size == 16
+    for option, message in ((["--image-size", "32"], "codes 16 px images (4 x 4 codes"),
+                            (["--tokenizer-name", "VQ-16"], "decodes with its own VQ")):
+        assert main(["extract-codes", str(tmp_path), "--tokenizer", str(folder), "--flat",
+                     str(tmp_path / "x.safetensors"), *option]) == 1
+        assert message in capsys.readouterr().err
+    with pytest.raises(Exception, match="not a tokenizer"):  # a model without its own tokenizer
+        open_tokenizer("llamagen-B-256", None, None)

@@ -260,6 +260,25 @@ def test_sampler_reuse_matches_fresh_sampler_and_restores_train_mode():
     assert model.training  # dropout was off while sampling, the flag is restored
 
 
+def test_two_samplers_over_one_model_each_set_up_the_cache_they_need():
+    """The model holds one cache: a Sampler whose cache another replaced sets up again (it
+    raised a shape error, and on CUDA would replay graphs over a freed cache)."""
+    model = random_model()
+    first, second = Sampler(model), Sampler(model)
+
+    def draw(sampler, labels, scale):
+        return sampler.generate(labels, cfg_scale=scale, generator=torch.Generator().manual_seed(3))
+
+    expected = [draw(Sampler(random_model()), [1, 2, 3], 2.0),
+                draw(Sampler(random_model()), [4], 1.0)]
+    for _ in range(2):
+        assert torch.equal(draw(first, [1, 2, 3], 2.0), expected[0])
+        assert torch.equal(draw(second, [4], 1.0), expected[1])
+    second.release()  # not its cache any more: the first keeps its own
+    first.release()
+    assert torch.equal(draw(first, [1, 2, 3], 2.0), expected[0])
+
+
 def test_bad_labels_and_generator_are_named():
     model = random_model()
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 9\]"):

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="tokenizer file (LlamaGen vq_ds16_c2i.pt, a ccalign .safetensors), fmnist-vq for "
         "the bundled one, a registry name (llamagen-vq16) or hf://owner/repo/file; or a model "
-        "that carries its own (janus-pro-1B or a Janus transformers folder: its VQ)",
+        "that carries its own (janus-pro-1B or a Janus transformers folder: its VQ, in float32)",
     )
     parser.add_argument(
         "--tokenizer-name",
@@ -292,20 +292,29 @@ def _record_config(folder: Path, config: dict) -> None:
 
 
 def open_tokenizer(source: str, name: str | None, image_size: int | None):
-    """A tokenizer file or registry name; or a model whose family carries its own tokenizer
-    (a Janus checkpoint's VQ, a VAR release's VQVAE), by its name or transformers folder."""
+    """A tokenizer file or registry name; or a model whose checkpoint carries its own tokenizer
+    (a Janus model's VQ: family capability "own_tokenizer"), by name or folder, in float32."""
     from ccalign import hub
     from ccalign.models import families
     from ccalign.models.family import ModelSpec
     from ccalign.tokenizers import load
 
     release = hub.find(source)
-    is_model = release.kind == "model" if release is not None else (
-        Path(source).is_dir() and families.of_file(source) is not None)
-    if not is_model:
+    family = None
+    if release is not None and release.kind == "model":
+        family = families.identify(ModelSpec(init=source))
+    elif release is None and Path(source).is_dir():
+        family = families.of_file(source)
+    if family is None or "own_tokenizer" not in family.capabilities:
         return load(source, name, image_size=image_size)
-    spec = ModelSpec(init=source)
-    return families.identify(spec).codec_for(spec, "--tokenizer")
+    if name is not None:
+        raise ValueError(f"--tokenizer-name: {source} decodes with its own VQ; leave it out")
+    codec = family.codec_for(ModelSpec(init=source), "--tokenizer").float()
+    if image_size not in (None, codec.image_size):
+        raise ValueError(f"--image-size {image_size}: {source}'s VQ codes {codec.image_size} px "
+                         f"images ({codec.grid} x {codec.grid} codes, as its model reads them); "
+                         "leave it out")
+    return codec
 
 
 def run(args: argparse.Namespace) -> int:

@@ -181,7 +181,7 @@ class ModelFamily(Protocol):
     presets: Mapping[str, Mapping[str, Any]]
     official_suffix: str  # the official layout's file suffix (".pt", ".pth")
     options: tuple[str, ...]  # the ModelSpec.options keys it reads ("grid", "vae")
-    capabilities: frozenset[str]  # what methods may require ("beta_embedding", "retokenize")
+    capabilities: frozenset[str]  # what it offers ("beta_embedding", "retokenize", "own_tokenizer")
     lora_targets: tuple[str, ...]  # default LoRA target layers
     lora_excluded: tuple[str, ...]  # linear layers the forward applies by weight
     sampling_options: tuple[SamplingOption, ...]  # its own flags of ``ccalign sample``

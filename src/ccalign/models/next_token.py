@@ -156,6 +156,7 @@ class Sampler:
         self.setup_seconds = 0.0
         self._cache_rows = self._cache_room = 0
         self._steps: dict[int, _DecodeStep] = {}
+        self._token = object()  # marks the model's cache as this Sampler's
 
     @property
     def seq_len(self) -> int:
@@ -233,7 +234,8 @@ class Sampler:
 
     def release(self) -> None:
         """Free the KV cache and captured graphs (the next generate allocates them again)."""
-        self.model.clear_kv_cache()
+        if getattr(self.model, "kv_cache_owner", None) is self._token:
+            self.model.clear_kv_cache()
         self._steps.clear()
         self._cache_rows = self._cache_room = 0
 
@@ -272,15 +274,23 @@ class Sampler:
 
     def _ensure_cache(self, rows: int, conditions) -> None:
         """A cache for at least ``rows`` rows; for a model whose conditions vary in length
-        (``prefix_len_for``: Janus' prompts), with room for these conditions too."""
+        (``prefix_len_for``: Janus' prompts), with room for these conditions too. A model holds
+        one cache: if another Sampler over the same model set up its own since, this one sets
+        up again rather than replaying steps over a cache of other sizes."""
+        if getattr(self.model, "kv_cache_owner", None) is not self._token:
+            self._steps.clear()
+            self._cache_rows = self._cache_room = 0
         measure = getattr(self.model, "prefix_len_for", None)
-        room = {} if measure is None else {"prefix_len": max(measure(conditions),
-                                                             self._cache_room)}
-        if rows > self._cache_rows or room.get("prefix_len", 0) > self._cache_room:
-            rows = max(rows, self._cache_rows)
-            self.model.setup_kv_cache(rows, dtype=self.dtype, device=self.device, **room)
-            self._steps.clear()  # graphs captured over the old cache are stale
-            self._cache_rows, self._cache_room = rows, room.get("prefix_len", 0)
+        needed = 0 if measure is None else measure(conditions)
+        if rows <= self._cache_rows and needed <= self._cache_room:
+            return
+        self._steps.clear()  # graphs captured over the old cache are stale; free both first
+        self.model.clear_kv_cache()
+        rows, room = max(rows, self._cache_rows), max(needed, self._cache_room)
+        options = {} if measure is None else {"prefix_len": room}
+        self.model.setup_kv_cache(rows, dtype=self.dtype, device=self.device, **options)
+        self.model.kv_cache_owner = self._token
+        self._cache_rows, self._cache_room = rows, room
 
     def _step(self, rows: int) -> _DecodeStep:
         step = self._steps.get(rows)

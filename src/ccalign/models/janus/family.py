@@ -55,6 +55,7 @@ class JanusFamily(BaseFamily):
                "Janus-Pro-7B": _preset(4096, 30, 32, 11008)}
     # every attention and MLP projection of the language model (LoRA through peft)
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    capabilities = frozenset({"own_tokenizer"})  # the VQ inside the checkpoint (extract-codes)
     lacks = {
         "beta_embedding": "GFT's beta embedding belongs to the class-conditional LlamaGen",
         "retokenize": "Janus' VQ is not used to re-encode samples here",
