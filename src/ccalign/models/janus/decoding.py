@@ -40,10 +40,6 @@ class JanusKVCache:
         self.slots = torch.arange(room + image_tokens, device=device)
         self.shift = torch.zeros(1, dtype=torch.long, device=device)  # room - L of this batch
 
-    @property
-    def rows(self) -> int:
-        return self.visible.shape[0]
-
     def start(self, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Place a batch of prompts (their (B, L) mask); returns their slots (L,) and the
         prefill's attention mask (B, 1, L, room): causal, pads hidden, each query sees itself
