@@ -215,23 +215,3 @@ def test_blocks_without_autograd_give_the_same_values_in_place_and_leave_the_inp
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(mixed, block(x, cond).detach())
 
-
-def test_the_cpu_sampler_keeps_its_cache_between_batches_and_release_frees_it():
-    from ccalign.models.var.sampler import VarSampler
-
-    model = tiny()
-    sampler = VarSampler(model)
-    sampler.generate([0, 1, 2], official_cfg=1.5)  # 6 rows
-    cache = model.blocks[0].attn.kv_cache
-    assert cache is not None and cache.k.shape[0] == 6
-    g = torch.Generator().manual_seed(4)
-    reused = sampler.generate([2], generator=g)
-    assert model.blocks[0].attn.kv_cache is cache  # fits: no new memory
-    assert torch.equal(reused, var_sample.generate(tiny(), [2],
-                                                   generator=torch.Generator().manual_seed(4)))
-    sampler.generate(list(range(4)), official_cfg=1.5)  # 8 rows: a larger one
-    assert model.blocks[0].attn.kv_cache.k.shape[0] == 8
-    sampler.release()
-    assert model.blocks[0].attn.kv_cache is None
-    var_sample.generate(model, [1])  # the function alone leaves no cache behind
-    assert model.blocks[0].attn.kv_cache is None

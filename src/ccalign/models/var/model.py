@@ -501,20 +501,6 @@ class VAR(ConfigSizes, nn.Module):
                 batch, self.config.n_head, self.seq_len, self.config.head_dim, dtype, device
             )
 
-    def reserve_kv_cache(
-        self, batch: int, dtype: torch.dtype | None = None, device: torch.device | None = None
-    ) -> None:
-        """A KV cache for at least ``batch`` rows: the current one when it fits (its memory is
-        already touched: a fresh one costs the kernel's page faults again), else a new one."""
-        ref = self.head.weight
-        dtype, device = dtype or ref.dtype, torch.device(device or ref.device)
-        cache = self.blocks[0].attn.kv_cache
-        if cache is not None and cache.k.shape[0] >= batch and cache.k.dtype == dtype and \
-                cache.k.device == device:
-            return
-        self.clear_kv_cache()  # the old one is freed before the new one is allocated
-        self.setup_kv_cache(batch, dtype, device)
-
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None

@@ -134,7 +134,6 @@ def generate(
     double_batch: bool = False,
     return_fhat: bool = False,
     exact_inputs: bool = False,
-    keep_cache: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Sample every scale's codes for each label: (B, L) int64 (and f_hat when asked).
 
@@ -147,8 +146,6 @@ def generate(
     quantiser steps run in float32. ``exact_inputs``: the class embedding, the draws and every
     scale's input (quantiser steps, word embedding) run outside any autocast, as the
     teacher-forced forward builds them, so only the blocks take an enclosing autocast.
-    ``keep_cache``: leave the KV cache on the model for the next call (``clear_kv_cache`` frees
-    it); a cache already there is reused when it is large enough.
     """
     cfg = model.config
     labels = _check_labels(model, labels)
@@ -159,7 +156,7 @@ def generate(
     batch = labels.shape[0]
     rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     quantizer, last = model.quantizer, len(cfg.patch_nums) - 1
-    model.reserve_kv_cache(rows.shape[0], device=labels.device)
+    model.setup_kv_cache(rows.shape[0], device=labels.device)
     device_type = labels.device.type
 
     def inputs():  # the steps the teacher-forced forward runs outside autocast
@@ -192,8 +189,7 @@ def generate(
                         x = model.scale_input(si + 1, quantizer.next_scale_input(si, f_hat))
                         x = x.repeat(2, 1, 1) if guided else x
     finally:
-        if not keep_cache:
-            model.clear_kv_cache()
+        model.clear_kv_cache()
     tokens = torch.cat(codes, dim=1)
     return (tokens, f_hat) if return_fhat else tokens
 
@@ -269,21 +265,16 @@ class VarSampler:
             )
         labels = torch.as_tensor(labels).to(self.device)
         exact = self.autocast_scope == "blocks"
-        # on the CPU a fresh cache per batch costs its page faults again (CUDA's caching
-        # allocator reuses the memory anyway, so there the cache goes with each batch)
-        keep = self.device.type == "cpu"
         with autocast_to(self.device.type, self.autocast):
             if self.vae is None:
-                return generate(self.model, labels, exact_inputs=exact, keep_cache=keep,
-                                **settings)
+                return generate(self.model, labels, exact_inputs=exact, **settings)
             _, f_hat = generate(self.model, labels, return_fhat=True, exact_inputs=exact,
-                                keep_cache=keep, **settings)
+                                **settings)
             with autocast_to(self.device.type, None) if exact else nullcontext():
                 return retokenize(self.vae, f_hat)
 
     def release(self) -> None:
-        """Free the KV cache kept between batches (on the CPU)."""
-        self.model.clear_kv_cache()
+        """Nothing to free: ``generate`` drops its KV cache after every batch."""
 
 
 #: images decoded and re-encoded at once by :func:`retokenize` (a constant: part of the result)
