@@ -214,4 +214,9 @@ def test_blocks_without_autograd_give_the_same_values_in_place_and_leave_the_inp
         mixed = block(x, cond)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(mixed, block(x, cond).detach())
+    mods = block.modulation(cond).detach()  # float32 gates given to a block under autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        given = block(x, None, mods=mods)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(given, block(x, None, mods=mods).detach())
 

@@ -272,7 +272,7 @@ class Block(nn.Module):
     ) -> Tensor:
         """``cond`` as :meth:`modulation` takes it; ``mods``: its result, when already known."""
         mods = self.modulation(cond) if mods is None else mods
-        if not torch.is_grad_enabled() and x.dtype == mods.dtype:
+        if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             return self._forward_in_place(x, attn_bias, cache_start, mods)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
         h = self.attn(self.norm(x) * (scale1 + 1) + shift1, attn_bias, cache_start)
@@ -284,8 +284,8 @@ class Block(nn.Module):
                           mods: Tensor) -> Tensor:
         """The same values as :meth:`forward` with the modulation and gates applied in place
         (as VAR's own block does): half the large temporaries, which on the CPU each cost the
-        kernel's page faults. Only without autograd and with one dtype throughout (in place, a
-        wider gate would be rounded to the narrower activation)."""
+        kernel's page faults. Only without autograd and outside autocast (in place, a float32
+        gate would be rounded to autocast's narrower activation)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
         h = self.attn(self.norm(x).mul_(scale1 + 1).add_(shift1), attn_bias, cache_start)
         x = x + self.drop_path(h.mul_(gamma1))
