@@ -8,6 +8,7 @@ import torch
 
 from ccalign.models import var
 from ccalign.models.var import sampler as var_sample
+from support.tiny_var import SAMPLER_TINY
 from support.tiny_var import random_var as tiny
 
 
@@ -15,8 +16,8 @@ def recording(model: var.VAR) -> list[torch.Tensor]:
     """Record the raw logits (rows, pn^2, V) of every cached scale forward."""
     seen, forward = [], model.forward_scale
 
-    def wrapped(si, x, cond):
-        out = forward(si, x, cond)
+    def wrapped(si, x, mods, chunk_tokens=0):
+        out = forward(si, x, mods, chunk_tokens)
         seen.append(out.clone())
         return out
 
@@ -65,6 +66,43 @@ def test_guidance_free_never_runs_unconditional_rows(kwargs):
     seen.clear()
     var_sample.generate(model, [0, 1, 2, 3], double_batch=True, **kwargs)  # VAR's own behaviour
     assert [s.shape[0] for s in seen] == [8] * 4
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("shared_aln", [False, True])
+def test_rows_run_in_chunks_give_each_rows_values_and_the_same_draws(shared_aln):
+    """Chunks of rows through the blocks (the CPU's default at large batches) against the whole
+    batch at once, in float64: each chunk writes and reads its own rows of the KV cache."""
+    torch.manual_seed(0)
+    model = var.build("custom", **{**SAMPLER_TINY, "shared_aln": shared_aln}).double().eval()
+    labels = torch.tensor([0, 3, 4, 1, 2])
+    outs = {}
+    for chunk_tokens in (0, 1, 9, 20):  # whole batch; a row per chunk; 1 or 2 rows per chunk
+        seen = recording(model)
+        tokens = var_sample.generate(model, labels, official_cfg=1.5, top_k=8, top_p=0.9,
+                                     chunk_tokens=chunk_tokens,
+                                     generator=torch.Generator().manual_seed(5))
+        outs[chunk_tokens] = tokens, torch.cat([s.flatten(1) for s in seen], 1)
+        del model.forward_scale
+    whole_tokens, whole_logits = outs.pop(0)
+    assert whole_logits.shape[0] == 10  # CFG: the 5 null-class rows ran too
+    for tokens, logits in outs.values():
+        assert torch.equal(tokens, whole_tokens)
+        torch.testing.assert_close(logits, whole_logits, rtol=0, atol=1e-12)
+
+
+def test_cpu_default_chunks_rows_and_zero_runs_whole_batches():
+    model = tiny()
+    asked = []
+    forward = model.forward_scale
+    model.forward_scale = lambda si, x, mods, chunk: asked.append(chunk) or forward(si, x, mods,
+                                                                                  chunk)
+    var_sample.generate(model, [0, 1])
+    var_sample.generate(model, [0, 1], chunk_tokens=0)
+    assert asked == [var_sample.cpu_chunk_tokens(model)] * 4 + [0] * 4
+    d16_width = var.build("custom", depth=1, dim=1024, n_head=16)  # MLP 4096 wide
+    assert var_sample.cpu_chunk_tokens(d16_width) == 1024  # 16 MiB of float32
+    assert var_sample.cpu_chunk_tokens(d16_width.bfloat16()) == 2048
 
 
 def test_official_cfg_is_a_ramp_from_one_to_one_plus_cfg():

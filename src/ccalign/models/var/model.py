@@ -177,11 +177,13 @@ class ScaleKVCache(nn.Module):
         self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        batch, end = k.shape[0], start + k.shape[2]
-        self.k[:batch, :, start:end] = k
-        self.v[:batch, :, start:end] = v
-        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+    def update(self, start: int, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
+        """Write k, v (b, H, n, hd) at positions start.. of rows row..row + b; return those
+        rows' keys and values up to the end of the write."""
+        rows, end = slice(row, row + k.shape[0]), start + k.shape[2]
+        self.k[rows, :, start:end] = k
+        self.v[rows, :, start:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 class SelfAttention(nn.Module):
@@ -208,8 +210,11 @@ class SelfAttention(nn.Module):
         self.kv_cache: ScaleKVCache | None = None
 
     def forward(
-        self, x: Tensor, attn_bias: Tensor | None, cache_start: int | None = None
+        self, x: Tensor, attn_bias: Tensor | None, cache_start: int | None = None,
+        cache_row: int = 0,
     ) -> Tensor:
+        """``cache_start``: the cached path (x holds positions cache_start.., of the cache's
+        rows cache_row..); None: x is the whole sequence."""
         b, n, c = x.shape
         zero = self.zero_k_bias.to(self.q_bias.dtype)  # a float32 buffer: bf16 weights need bf16
         bias = torch.cat((self.q_bias, zero, self.v_bias))
@@ -220,7 +225,7 @@ class SelfAttention(nn.Module):
             q = F.normalize(q, dim=-1).mul(scale_mul)
             k = F.normalize(k, dim=-1)
         if cache_start is not None:
-            k, v = self.kv_cache.update(cache_start, k, v)
+            k, v = self.kv_cache.update(cache_start, k, v, cache_row)
         dropout = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, dropout_p=dropout, scale=self.scale
@@ -269,25 +274,28 @@ class Block(nn.Module):
         attn_bias: Tensor | None = None,
         cache_start: int | None = None,
         mods: Tensor | None = None,
+        cache_row: int = 0,
     ) -> Tensor:
-        """``cond`` as :meth:`modulation` takes it; ``mods``: its result, when already known."""
+        """``cond`` as :meth:`modulation` takes it; ``mods``: its result, when already known;
+        ``cache_start`` and ``cache_row`` as :class:`SelfAttention` takes them."""
         mods = self.modulation(cond) if mods is None else mods
+        cache = (cache_start, cache_row)
         if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            return self._forward_in_place(x, attn_bias, cache_start, mods)
+            return self._forward_in_place(x, attn_bias, cache, mods)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
-        h = self.attn(self.norm(x) * (scale1 + 1) + shift1, attn_bias, cache_start)
+        h = self.attn(self.norm(x) * (scale1 + 1) + shift1, attn_bias, *cache)
         x = x + self.drop_path(h * gamma1)
         h = self.ffn(self.norm(x) * (scale2 + 1) + shift2)
         return x + self.drop_path(h * gamma2)
 
-    def _forward_in_place(self, x: Tensor, attn_bias: Tensor | None, cache_start: int | None,
-                          mods: Tensor) -> Tensor:
+    def _forward_in_place(self, x: Tensor, attn_bias: Tensor | None,
+                          cache: tuple[int | None, int], mods: Tensor) -> Tensor:
         """The same values as :meth:`forward` with the modulation and gates applied in place
         (as VAR's own block does): half the large temporaries, which on the CPU each cost the
         kernel's page faults. Only without autograd and outside autocast (in place, a float32
         gate would be rounded to autocast's narrower activation)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
-        h = self.attn(self.norm(x).mul_(scale1 + 1).add_(shift1), attn_bias, cache_start)
+        h = self.attn(self.norm(x).mul_(scale1 + 1).add_(shift1), attn_bias, *cache)
         x = x + self.drop_path(h.mul_(gamma1))
         h = self.ffn(self.norm(x).mul_(scale2 + 1).add_(shift2))
         return x + self.drop_path(h.mul_(gamma2))
@@ -531,20 +539,37 @@ class VAR(ConfigSizes, nn.Module):
         blocks = [block.modulation(block_cond) for block in self.blocks]
         return blocks, self.head_nm.modulation(cond)
 
-    def forward_scale(self, si: int, x: Tensor, mods: tuple[list[Tensor], Tensor]) -> Tensor:
+    def forward_scale(
+        self, si: int, x: Tensor, mods: tuple[list[Tensor], Tensor], chunk_tokens: int = 0
+    ) -> Tensor:
         """Run scale ``si``'s inputs x (B, pn^2, D) through the cache with the batch's
         :meth:`modulations`; float32 logits (B, pn^2, V).
 
         Scales must come in order from 0; each attends to itself and the cached earlier scales.
+        ``chunk_tokens`` > 0 runs the blocks on chunks of whole rows holding about that many
+        positions, one chunk after the other: each row's values are the same, and on the CPU
+        small chunks stay in the caches and reuse freed memory (``sampler.CPU_CHUNK_BYTES``).
         """
         if self.blocks[0].attn.kv_cache is None:
             raise RuntimeError("call setup_kv_cache(batch) before forward_scale")
-        start = self.config.scale_starts()[si]
         block_mods, head_mods = mods
-        for block, block_mod in zip(self.blocks, block_mods, strict=True):
-            x = block(x, None, None, start, block_mod)
+        rows = max(1, chunk_tokens // x.shape[1]) if chunk_tokens > 0 else x.shape[0]
+        if rows < x.shape[0]:
+            x = torch.cat([
+                self._scale_blocks(si, x[r : r + rows], [m[r : r + rows] for m in block_mods], r)
+                for r in range(0, x.shape[0], rows)
+            ])
+        else:
+            x = self._scale_blocks(si, x, block_mods, 0)
         hidden = self.head_nm(x.to(at_least_float32(x.dtype)), None, head_mods)
         return self._head(hidden)
+
+    def _scale_blocks(self, si: int, x: Tensor, block_mods: list[Tensor], row: int) -> Tensor:
+        """Scale ``si`` through every block for the cache's rows row..row + len(x)."""
+        start = self.config.scale_starts()[si]
+        for block, block_mod in zip(self.blocks, block_mods, strict=True):
+            x = block(x, None, None, start, block_mod, row)
+        return x
 
 
 def scale_levels(patch_nums: tuple[int, ...]) -> Tensor:
