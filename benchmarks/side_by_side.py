@@ -300,7 +300,8 @@ class VarPair:
         return self._last_fhat
 
     def _keep_fhat(self, f_hat: torch.Tensor) -> torch.Tensor:
-        self._last_fhat = f_hat
+        """Keep a copy: VAR's sampler maps what ``fhat_to_img`` returns to [0, 1] in place."""
+        self._last_fhat = f_hat.clone()
         return f_hat
 
     def ccalign_codes(self, labels: torch.Tensor, guided: bool) -> torch.Tensor:
