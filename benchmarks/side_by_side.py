@@ -7,7 +7,8 @@ The official model code is imported from the user's own checkouts of FoundationV
 and FoundationVision/VAR (nothing of it ships with ccalign). Each family runs in a process of
 its own (the two checkouts both have a top-level ``utils``): the official model is built at the
 given size with random weights, saved in its released file format, and ccalign loads that file
-through its family interface (``load_with_tokenizer``), so both hold the same weights.
+through its family interface (``load_with_tokenizer``), so both hold the same weights. On the
+CPU the VAR run first checks that both samplers, seeded alike, build the same f_hat bit for bit.
 
 Rows, each timed interleaved (official and ccalign alternate, the first to run alternating by
 round), reported as median [min, max] seconds. Each code path is warmed up once, untimed: on the
@@ -56,6 +57,7 @@ VAR_CFG = 1.5  # VAR's own cfg number (a ramp over the scales), its paper's sett
 VAR_TOP_K, VAR_TOP_P = 900, 0.96
 CCA = dict(beta=0.02, lam=1.0, uncond_ratio=0.1)
 MAX_ROUNDS = 15
+SAME_IMAGES_SEED = 11
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -285,19 +287,31 @@ class VarPair:
         self.seq_len, self.vocab = self.model.seq_len, 4096
         self._last_fhat: torch.Tensor | None = None
 
-    def official_codes(self, labels: torch.Tensor, guided: bool) -> torch.Tensor:
+    def official_codes(
+        self, labels: torch.Tensor, guided: bool, seed: int | None = None
+    ) -> torch.Tensor:
         """VAR's sampler until f_hat: its final ``fhat_to_img`` is swapped for keeping f_hat."""
         keep = types.SimpleNamespace(fhat_to_img=self._keep_fhat)
         real, self.official.vae_proxy = self.official.vae_proxy, (keep,)
         try:
             with torch.no_grad():
                 self.official.autoregressive_infer_cfg(
-                    labels.shape[0], labels, cfg=VAR_CFG if guided else 0.0,
+                    labels.shape[0], labels, g_seed=seed, cfg=VAR_CFG if guided else 0.0,
                     top_k=VAR_TOP_K, top_p=VAR_TOP_P,
                 )
         finally:
             self.official.vae_proxy = real
         return self._last_fhat
+
+    def same_images(self) -> bool:
+        """Whether both samplers, seeded alike, build the same f_hat bit for bit (2 images with
+        CFG; float32 on both sides, so the CPU only: ccalign samples in bf16 on CUDA)."""
+        labels = torch.tensor([3, 207], device=self.device)
+        official = self.official_codes(labels, True, seed=SAME_IMAGES_SEED)
+        generator = torch.Generator(self.device).manual_seed(SAME_IMAGES_SEED)
+        codes = self.sampler.generate(labels, official_cfg=VAR_CFG, top_k=VAR_TOP_K,
+                                      top_p=VAR_TOP_P, generator=generator)
+        return torch.equal(official, self.model.quantizer.codes_to_fhat(codes))
 
     def _keep_fhat(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Keep a copy: VAR's sampler maps what ``fhat_to_img`` returns to [0, 1] in place."""
@@ -431,6 +445,11 @@ def run_family(args: argparse.Namespace) -> list[dict]:
     rows, outputs = [], {}
     with tempfile.TemporaryDirectory() as work:
         pair = PAIRS[args.family](args, Path(work), device)
+        same_images = getattr(pair, "same_images", None)
+        if same_images is not None and device.type == "cpu":
+            verdict = "yes" if same_images() else "NO: the timings compare different samplers"
+            print(f"  {args.family}: same images as the official sampler at one seed: {verdict}",
+                  flush=True)
         for index, batch in enumerate(sizes):
             labels = torch.arange(batch, device=device) * 37 % 1000
             # CUDA: warm up at every batch size (a CUDA graph each); the CPU: once, at batch 1
