@@ -5,6 +5,7 @@ prompt as transformers builds it, the family's files and prompts."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,7 +237,7 @@ def test_codec_takes_the_cosine_nearest_code_and_decodes_with_the_models_vq():
     from ccalign.models.janus.codec import JanusCodec
 
     model = wrapped()
-    codec = JanusCodec(model)
+    codec = JanusCodec.of_model(model)
     assert (codec.grid, codec.image_size, codec.vocab_size) == (4, 16, 64)
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     codes = codec.encode(images)
@@ -275,13 +276,61 @@ def test_extract_codes_reads_images_through_the_checkpoints_own_vq(tmp_path):
     assert main(["extract-codes", str(tmp_path / "images"), "--tokenizer", str(folder),
                  "--views", "center", "--flat", str(flat), "--workers", "0",
                  "--no-progress"]) == 0
-    codec = JanusCodec(families.create(ModelSpec(init=str(folder))))
+    codec = JanusCodec.of_model(families.create(ModelSpec(init=str(folder))))
     crops = np.concatenate([views(Image.open(p).convert("RGB"), 16, "center") for p in paths])
     x = torch.from_numpy(crops).float().div(255).sub(0.5).div(0.5).permute(0, 3, 1, 2)
     codes = open_codes(flat)
     assert codes.vocab_size == 64 and codes.codes.shape == (3, 1, 16)
     np.testing.assert_array_equal(codes.codes[:, 0].numpy(), codec.encode(x).numpy())
     np.testing.assert_array_equal(codes.all_labels(), [0, 1, 1])
+
+
+def shard_apart(folder, prefix: str) -> set[str]:
+    """Rewrite a one-file checkpoint as shards (and an index) that keep the tensors named
+    ``prefix``* apart from the others, as a large sharded checkpoint does; their shards' names."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    weight_map, shards = {}, {}
+    for name, tensor in tensors.items():
+        file = f"model-0000{2 if name.startswith(prefix) else 1}-of-00002.safetensors"
+        weight_map[name] = file
+        shards.setdefault(file, {})[name] = tensor
+    for file, part in shards.items():
+        save_file(part, folder / file, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return {"model-00002-of-00002.safetensors"}
+
+
+def test_the_vq_alone_is_read_from_the_shards_that_hold_it(tmp_path, monkeypatch):
+    """extract-codes' codec: the VQ's tensors only (not the language model), the same codes and
+    images as the whole model's VQ; a checkpoint naming them otherwise loads the whole model."""
+    import safetensors
+
+    from ccalign.models.janus import codec as janus_codec
+    from ccalign.models.janus.codec import JanusCodec
+
+    folder = tmp_path / "tiny"
+    save_tiny_janus(folder)
+    model = families.create(ModelSpec(init=str(folder)))
+    vq_files = shard_apart(folder, janus_codec.VQ_PREFIX)
+    opened, real_open = [], safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open",
+                        lambda path, **kw: opened.append(Path(path).name) or real_open(path, **kw))
+    alone = families.get("janus").codec_for(ModelSpec(init=str(folder)), "--tokenizer")
+    assert set(opened) == vq_files
+    whole = JanusCodec.of_model(model)
+    assert (alone.grid, alone.image_size, alone.vocab_size) == (whole.grid, whole.image_size,
+                                                                 whole.vocab_size)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    codes = whole.encode(images)
+    assert torch.equal(alone.encode(images), codes)
+    assert torch.equal(alone.decode(codes), whole.decode(codes))
+    monkeypatch.setattr(janus_codec, "VQ_PREFIX", "model.elsewhere.")
+    fallback = families.get("janus").codec_for(ModelSpec(init=str(folder)), "--tokenizer")
+    assert torch.equal(fallback.encode(images), codes)
 
 
 def test_extract_codes_encodes_in_float32_and_refuses_other_sizes(tmp_path, capsys):

@@ -9,25 +9,36 @@ give other codes than those the models were trained on.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: where a transformers Janus checkpoint keeps its VQ's tensors
+VQ_PREFIX = "model.vqmodel."
+
 
 class JanusCodec(nn.Module):
-    """Images (B, 3, S, S) in [-1, 1] <-> codes (B, grid * grid) of a Janus model's VQ."""
+    """Images (B, 3, S, S) in [-1, 1] <-> codes (B, grid * grid) of a Janus model's VQ
+    (transformers' ``JanusVQVAE``), for ``image_tokens`` codes per image."""
 
     channels = 3
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, vq: nn.Module, image_tokens: int):
         super().__init__()
-        self.vq = model.hf.vqmodel
-        self.vocab_size = model.vocab_size
-        self.grid = math.isqrt(model.seq_len)
+        self.vq = vq
+        self.vocab_size = vq.config.num_embeddings
+        self.grid = math.isqrt(image_tokens)
         upsampling = 2 ** (len(self.vq.config.channel_multiplier) - 1)
         self.image_size = self.grid * upsampling
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> JanusCodec:
+        """The VQ of a loaded ``JanusImageModel``."""
+        return cls(model.hf.vqmodel, model.seq_len)
 
     @property
     def device(self) -> torch.device:
@@ -43,3 +54,43 @@ class JanusCodec(nn.Module):
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         return self.vq.decode(codes).float()
+
+
+def load_vq(source: str) -> JanusCodec | None:
+    """The VQ of a transformers Janus checkpoint (folder or Hub name) alone: its config and the
+    ``model.vqmodel.*`` tensors, read from the shards that hold them, so encoding images does not
+    load the language model (Janus-Pro-7B: ~14 GB in bf16). None when the checkpoint names its
+    tensors otherwise (then load the whole model)."""
+    from transformers import JanusConfig
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    config = JanusConfig.from_pretrained(source)
+    state = _prefixed_tensors(source, VQ_PREFIX)
+    if not state:
+        return None
+    with torch.device("meta"):
+        vq = JanusVQVAE(config.vq_config)
+    vq.load_state_dict(state, strict=True, assign=True)
+    return JanusCodec(vq.eval(), config.vision_config.num_image_tokens)
+
+
+def _prefixed_tensors(source: str, prefix: str) -> dict[str, Tensor]:
+    """The tensors whose names start with ``prefix`` (the prefix dropped), from the checkpoint's
+    safetensors files that hold any (its index says which, when it is sharded)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(source, "model.safetensors.index.json",
+                        _raise_exceptions_for_missing_entries=False)
+    if index is None:
+        files = ["model.safetensors"]
+    else:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        files = sorted({file for key, file in weight_map.items() if key.startswith(prefix)})
+    state = {}
+    for file in files:
+        with safe_open(cached_file(source, file), framework="pt") as tensors:
+            for key in tensors.keys():
+                if key.startswith(prefix):
+                    state[key[len(prefix):]] = tensors.get_tensor(key)
+    return state

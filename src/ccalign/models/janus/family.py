@@ -145,12 +145,22 @@ class JanusFamily(BaseFamily):
         if tokenizer is not None:
             raise ValueError("--tokenizer: a Janus model decodes with its own VQ; leave it out")
         model = self.load(spec)
-        return model, JanusCodec(model)
+        return model, JanusCodec.of_model(model)
 
     def codec_for(self, spec: ModelSpec, purpose: str) -> Any:
-        from ccalign.models.janus.codec import JanusCodec
+        """The checkpoint's VQ; from a transformers checkpoint without the language model."""
+        from ccalign.models.janus.codec import JanusCodec, load_vq
 
-        return JanusCodec(self.load(spec))
+        folder = self._folder(spec.init)
+        if folder is not None:
+            try:
+                codec = load_vq(folder)
+            except OSError as exc:
+                raise UserError(f"Janus model {folder!r} could not be read "
+                                f"({str(exc).splitlines()[0]})") from None
+            if codec is not None:
+                return codec
+        return JanusCodec.of_model(self.load(spec))
 
     # ---- memory ----
     def activations(self, model: nn.Module, rows: int, dtypes: Dtypes,
