@@ -325,3 +325,33 @@ def test_non_finite_logits_are_refused_not_sampled():
     with pytest.raises(ValueError, match="weights may be damaged"):
         generate(broken, [1, 2])
     assert generate(model, [1, 2], cfg_scale=3.0).shape == (2, 16)  # large but finite: fine
+
+
+# ---- compiled decode steps ----
+
+
+def test_a_compiled_sampler_compiles_every_row_count_past_dynamos_default_limit(monkeypatch):
+    """Each row count is a recompile of the one decode function: with dynamo's default limit (8)
+    the ninth would run eagerly without a word. Dynamo's "eager" backend, counted, stands in
+    for inductor (the same recompiles, without kernel builds)."""
+    import torch._dynamo
+
+    from ccalign.models import next_token
+
+    compiled_graphs, real_compile = [], torch.compile
+
+    def counting(graph, inputs):
+        compiled_graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, restored
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, **kw))
+    torch._dynamo.reset()
+    try:
+        sampler = Sampler(random_model(), compile=True)
+        assert torch._dynamo.config.recompile_limit == next_token.COMPILED_SHAPES
+        for rows in range(10, 0, -1):
+            sampler.generate(torch.arange(rows) % 10, generator=torch.Generator().manual_seed(0))
+        assert len(compiled_graphs) == 10
+    finally:
+        torch._dynamo.reset()

@@ -41,6 +41,11 @@ from ccalign.models.guidance import (
 from ccalign.settings import number
 
 #: ``ccalign sample`` flags of every family this sampler draws from
+#: decode-step shapes (rows, cache size) that one process's compiled Samplers may meet: each is
+#: a recompile of the one decode function, and past dynamo's default limit (8) the rest would
+#: silently run eagerly
+COMPILED_SHAPES = 64
+
 SAMPLING_OPTIONS = (
     SamplingOption(
         ("--temperature",), dict(type=number(float, ge=0, le=100), default=1.0, help="0 ~ greedy"),
@@ -151,6 +156,8 @@ class Sampler:
             raise ValueError("eager=True runs the decode step as it is: drop cuda_graph/compile")
         self.cuda_graph = (on_cuda and not eager) if cuda_graph is None else cuda_graph
         self.compile = compile
+        if compile:
+            _allow_recompiles(COMPILED_SHAPES)
         self.autocast = autocast
         self.model = _model_for_sampling(model, self.device, self.dtype, inplace)
         self.setup_seconds = 0.0
@@ -313,6 +320,12 @@ class Sampler:
         if self.cuda_graph:
             torch.cuda.synchronize(self.device)
         return step
+
+
+def _allow_recompiles(shapes: int) -> None:
+    """Let dynamo compile the decode step for up to ``shapes`` shapes (a process-wide limit)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, shapes)
 
 
 def check_gft_beta(beta: float | None, model: nn.Module | None = None) -> None:
