@@ -275,6 +275,8 @@ class VarPair:
             attn_l2_norm=True, flash_if_available=True, fused_if_available=True,
         )
         self.official.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02)
+        # its seeded draws use this generator, made on CUDA whenever CUDA exists
+        self.official.rng = torch.Generator(device)
         torch.save(self.official.state_dict(), work / "var.pth")
         torch.save(self.official_vae.state_dict(), work / "vae.pth")
         family = families.get(self.family)

@@ -350,3 +350,17 @@ def test_extract_codes_encodes_in_float32_and_refuses_other_sizes(tmp_path, caps
         assert message in capsys.readouterr().err
     with pytest.raises(Exception, match="not a tokenizer"):  # a model without its own tokenizer
         open_tokenizer("llamagen-B-256", None, None)
+
+
+def test_a_checkpoint_without_safetensors_files_falls_back_to_the_whole_model(tmp_path):
+    from ccalign.models.janus.codec import JanusCodec, load_vq
+
+    folder = tmp_path / "tiny"
+    save_tiny_janus(folder)
+    model = families.create(ModelSpec(init=str(folder)))
+    (folder / "model.safetensors").unlink()
+    torch.save(model.janus.state_dict(), folder / "pytorch_model.bin")
+    assert load_vq(str(folder)) is None
+    codec = families.get("janus").codec_for(ModelSpec(init=str(folder)), "--tokenizer")
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert torch.equal(codec.encode(images), JanusCodec.of_model(model).encode(images))

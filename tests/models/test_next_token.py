@@ -344,12 +344,13 @@ def test_a_compiled_sampler_compiles_every_row_count_past_dynamos_default_limit(
         compiled_graphs.append(graph)
         return graph.forward
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, restored
+    limit = next_token.recompile_limit_name()
+    monkeypatch.setattr(torch._dynamo.config, limit, 8)  # the default, restored
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, **kw))
     torch._dynamo.reset()
     try:
         sampler = Sampler(random_model(), compile=True)
-        assert torch._dynamo.config.recompile_limit == next_token.COMPILED_SHAPES
+        assert getattr(torch._dynamo.config, limit) == next_token.COMPILED_SHAPES
         for rows in range(10, 0, -1):
             sampler.generate(torch.arange(rows) % 10, generator=torch.Generator().manual_seed(0))
         assert len(compiled_graphs) == 10

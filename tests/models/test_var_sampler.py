@@ -77,7 +77,7 @@ def test_rows_run_in_chunks_give_each_rows_values_and_the_same_draws(shared_aln)
     model = var.build("custom", **{**SAMPLER_TINY, "shared_aln": shared_aln}).double().eval()
     labels = torch.tensor([0, 3, 4, 1, 2])
     outs = {}
-    for chunk_tokens in (0, 1, 9, 20):  # whole batch; a row per chunk; 1 or 2 rows per chunk
+    for chunk_tokens in (0, 1, 9, 20):  # the whole batch; one row per chunk; uneven chunks
         seen = recording(model)
         tokens = var_sample.generate(model, labels, official_cfg=1.5, top_k=8, top_p=0.9,
                                      chunk_tokens=chunk_tokens,

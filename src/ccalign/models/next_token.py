@@ -40,12 +40,12 @@ from ccalign.models.guidance import (
 )
 from ccalign.settings import number
 
-#: ``ccalign sample`` flags of every family this sampler draws from
 #: decode-step shapes (rows, cache size) that one process's compiled Samplers may meet: each is
 #: a recompile of the one decode function, and past dynamo's default limit (8) the rest would
-#: silently run eagerly
+#: run eagerly, with one log warning
 COMPILED_SHAPES = 64
 
+#: ``ccalign sample`` flags of every family this sampler draws from
 SAMPLING_OPTIONS = (
     SamplingOption(
         ("--temperature",), dict(type=number(float, ge=0, le=100), default=1.0, help="0 ~ greedy"),
@@ -325,7 +325,14 @@ class Sampler:
 def _allow_recompiles(shapes: int) -> None:
     """Let dynamo compile the decode step for up to ``shapes`` shapes (a process-wide limit)."""
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, shapes)
+    name = recompile_limit_name()
+    setattr(config, name, max(getattr(config, name), shapes))
+
+
+def recompile_limit_name() -> str:
+    """dynamo's option for it: ``recompile_limit`` since torch 2.7, ``cache_size_limit`` before."""
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else (
+        "cache_size_limit")
 
 
 def check_gft_beta(beta: float | None, model: nn.Module | None = None) -> None:

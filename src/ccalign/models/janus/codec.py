@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ccalign.errors import UserError
+
 #: where a transformers Janus checkpoint keeps its VQ's tensors
 VQ_PREFIX = "model.vqmodel."
 
@@ -58,35 +60,41 @@ class JanusCodec(nn.Module):
 
 def load_vq(source: str) -> JanusCodec | None:
     """The VQ of a transformers Janus checkpoint (folder or Hub name) alone: its config and the
-    ``model.vqmodel.*`` tensors, read from the shards that hold them, so encoding images does not
-    load the language model (Janus-Pro-7B: ~14 GB in bf16). None when the checkpoint names its
-    tensors otherwise (then load the whole model)."""
-    from transformers import JanusConfig
-    from transformers.models.janus.modeling_janus import JanusVQVAE
-
+    ``model.vqmodel.*`` tensors, read from the safetensors shards that hold them, so encoding
+    images does not load the language model (Janus-Pro-7B: ~14 GB in bf16). The tensors keep
+    their stored dtype. None when the checkpoint has no safetensors file or lacks some of the
+    VQ's tensors under that name (then load the whole model)."""
+    try:
+        from transformers import JanusConfig
+        from transformers.models.janus.modeling_janus import JanusVQVAE
+    except ImportError:
+        raise UserError("Janus models need transformers: pip install 'ccalign[text]'") from None
     config = JanusConfig.from_pretrained(source)
     state = _prefixed_tensors(source, VQ_PREFIX)
-    if not state:
-        return None
     with torch.device("meta"):
         vq = JanusVQVAE(config.vq_config)
-    vq.load_state_dict(state, strict=True, assign=True)
-    return JanusCodec(vq.eval(), config.vision_config.num_image_tokens)
+    if not state or set(vq.state_dict()) - set(state):
+        return None
+    vq.load_state_dict(state, strict=False, assign=True)  # extra entries ignored, as transformers
+    return JanusCodec(vq.eval().requires_grad_(False), config.vision_config.num_image_tokens)
 
 
 def _prefixed_tensors(source: str, prefix: str) -> dict[str, Tensor]:
     """The tensors whose names start with ``prefix`` (the prefix dropped), from the checkpoint's
-    safetensors files that hold any (its index says which, when it is sharded)."""
+    safetensors files that hold any (its index says which, when it is sharded); none without a
+    safetensors file."""
     from safetensors import safe_open
     from transformers.utils import cached_file
 
-    index = cached_file(source, "model.safetensors.index.json",
-                        _raise_exceptions_for_missing_entries=False)
-    if index is None:
-        files = ["model.safetensors"]
-    else:
+    def find(name: str) -> str | None:
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+
+    index = find("model.safetensors.index.json")
+    if index is not None:
         weight_map = json.loads(Path(index).read_text())["weight_map"]
         files = sorted({file for key, file in weight_map.items() if key.startswith(prefix)})
+    else:
+        files = ["model.safetensors"] if find("model.safetensors") is not None else []
     state = {}
     for file in files:
         with safe_open(cached_file(source, file), framework="pt") as tensors:

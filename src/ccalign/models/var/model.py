@@ -547,8 +547,10 @@ class VAR(ConfigSizes, nn.Module):
 
         Scales must come in order from 0; each attends to itself and the cached earlier scales.
         ``chunk_tokens`` > 0 runs the blocks on chunks of whole rows holding about that many
-        positions, one chunk after the other: each row's values are the same, and on the CPU
-        small chunks stay in the caches and reuse freed memory (``sampler.CPU_CHUNK_BYTES``).
+        positions, one chunk after the other: each row's computation is the same (in float32
+        the matrix products may round differently for very small chunks, which pick other
+        kernels), and on the CPU small chunks stay in the caches and reuse freed memory
+        (``sampler.CPU_CHUNK_BYTES``).
         """
         if self.blocks[0].attn.kv_cache is None:
             raise RuntimeError("call setup_kv_cache(batch) before forward_scale")
