@@ -495,3 +495,17 @@ def test_gpu_report_joins_stages_with_the_official_figures(tmp_path):
     assert len(report["plans"]) == 10
     text = (tmp_path / "gpu_check.md").read_text()
     assert "| train_GPT-L_mb8 | 0 | 12 |" in text and "test GPU" in text
+
+
+def test_the_saved_bytes_probe_skips_tensors_without_a_real_storage():
+    """Fake tensors left alive by a torch.compile elsewhere in the process (a test before this
+    one) have no data pointer: the probe's scan of live tensors must pass them by."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ccalign.train.memory import _live_tensors
+
+    with FakeTensorMode():
+        fake = torch.empty(3)
+    real = torch.zeros(2)
+    live = _live_tensors()
+    assert any(t is real for t in live) and not any(t is fake for t in live)

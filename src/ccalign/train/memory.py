@@ -434,10 +434,25 @@ def saved_activation_bytes(forward: Callable[[], Tensor], keep_out: Iterable[Ten
 
 
 def _live_tensors() -> list[Tensor]:
-    """Every tensor Python can reach (looking at each object's type only, quietly)."""
+    """Every tensor with a real storage that Python can reach, looking at each object's type
+    only (not through weak proxies), quietly: not the fake tensors that a torch.compile
+    elsewhere in the process may leave."""
     with warnings.catch_warnings():  # deprecated torch attributes warn when inspected
         warnings.simplefilter("ignore", FutureWarning)
-        return [o for o in gc.get_objects() if isinstance(o, Tensor)]
+        return [o for o in gc.get_objects() if issubclass(type(o), Tensor) and _has_storage(o)]
+
+
+def _has_storage(t: Tensor) -> bool:
+    """False for fake, functional and meta tensors (no memory of their own)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(t, FakeTensor) or t.is_meta:
+        return False
+    try:
+        t.untyped_storage().data_ptr()
+    except RuntimeError:  # a functional tensor, or a fake one under another wrapper
+        return False
+    return True
 
 
 def _storage_key(t: Tensor) -> int:
