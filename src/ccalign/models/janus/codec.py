@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ccalign.errors import UserError
+from ccalign.io import open_safetensors
 
 #: where a transformers Janus checkpoint keeps its VQ's tensors
 VQ_PREFIX = "model.vqmodel."
@@ -83,7 +84,6 @@ def _prefixed_tensors(source: str, prefix: str) -> dict[str, Tensor]:
     """The tensors whose names start with ``prefix`` (the prefix dropped), from the checkpoint's
     safetensors files that hold any (its index says which, when it is sharded); none without a
     safetensors file."""
-    from safetensors import safe_open
     from transformers.utils import cached_file
 
     def find(name: str) -> str | None:
@@ -97,7 +97,7 @@ def _prefixed_tensors(source: str, prefix: str) -> dict[str, Tensor]:
         files = ["model.safetensors"] if find("model.safetensors") is not None else []
     state = {}
     for file in files:
-        with safe_open(cached_file(source, file), framework="pt") as tensors:
+        with open_safetensors(cached_file(source, file)) as tensors:
             for key in tensors.keys():
                 if key.startswith(prefix):
                     state[key[len(prefix):]] = tensors.get_tensor(key)

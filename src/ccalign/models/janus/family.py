@@ -156,8 +156,7 @@ class JanusFamily(BaseFamily):
             try:
                 codec = load_vq(folder)
             except OSError as exc:
-                raise UserError(f"Janus model {folder!r} could not be read "
-                                f"({str(exc).splitlines()[0]})") from None
+                raise unreadable(folder, exc) from None
             if codec is not None:
                 return codec
         return JanusCodec.of_model(self.load(spec))
@@ -220,8 +219,13 @@ def load_hf(source: str, meta: bool = False):
             return model
         return JanusForConditionalGeneration.from_pretrained(source)
     except OSError as exc:
-        raise UserError(f"Janus model {source!r} could not be loaded ({str(exc).splitlines()[0]}):"
-                        " give a transformers folder, or a Hub name that is cached here") from None
+        raise unreadable(source, exc) from None
+
+
+def unreadable(source: str, exc: OSError) -> UserError:
+    """The error for a Janus checkpoint that transformers or the Hub cache could not read."""
+    return UserError(f"Janus model {source!r} could not be loaded ({str(exc).splitlines()[0]}): "
+                     "give a transformers folder, or a Hub name that is cached here")
 
 
 def _generation_config(source: str):

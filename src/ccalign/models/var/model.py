@@ -555,20 +555,20 @@ class VAR(ConfigSizes, nn.Module):
         if self.blocks[0].attn.kv_cache is None:
             raise RuntimeError("call setup_kv_cache(batch) before forward_scale")
         block_mods, head_mods = mods
+        start = self.config.scale_starts()[si]
         rows = max(1, chunk_tokens // x.shape[1]) if chunk_tokens > 0 else x.shape[0]
         if rows < x.shape[0]:
             x = torch.cat([
-                self._scale_blocks(si, x[r : r + rows], [m[r : r + rows] for m in block_mods], r)
+                self._blocks(x[r : r + rows], start, [m[r : r + rows] for m in block_mods], r)
                 for r in range(0, x.shape[0], rows)
             ])
         else:
-            x = self._scale_blocks(si, x, block_mods, 0)
+            x = self._blocks(x, start, block_mods, 0)
         hidden = self.head_nm(x.to(at_least_float32(x.dtype)), None, head_mods)
         return self._head(hidden)
 
-    def _scale_blocks(self, si: int, x: Tensor, block_mods: list[Tensor], row: int) -> Tensor:
-        """Scale ``si`` through every block for the cache's rows row..row + len(x)."""
-        start = self.config.scale_starts()[si]
+    def _blocks(self, x: Tensor, start: int, block_mods: list[Tensor], row: int) -> Tensor:
+        """Positions start.. of the cache's rows row..row + len(x) through every block."""
         for block, block_mod in zip(self.blocks, block_mods, strict=True):
             x = block(x, None, None, start, block_mod, row)
         return x
